@@ -1,0 +1,1 @@
+"""The memkern command line (ships as memkern.cli)."""

@@ -1,0 +1,1 @@
+"""Triton kernels, their plain-torch references and autograd Functions (ships as memkern.kernels)."""
