@@ -1,0 +1,30 @@
+"""The in-memory form every dataset loader returns."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class RawSplits:
+    """A dataset's standard train and test splits, as loaded from its published files.
+
+    Images are uint8 ``[N, C, H, W]`` (channels first, whatever the file's layout); labels are
+    int64 ``[N]`` in ``0 .. num_classes - 1``. Normalization and label noise are applied later.
+    """
+
+    name: str
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    test_images: torch.Tensor
+    test_labels: torch.Tensor
+    num_classes: int
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[-1])
