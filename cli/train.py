@@ -1,0 +1,87 @@
+"""``memkern train``."""
+from __future__ import annotations
+
+import dataclasses
+
+import click
+
+from memkern.cli.options import data_dir_option, device_option
+from memkern.config import PRESETS, TrainConfig, preset_for
+from memkern.data import DATASETS
+from memkern.errors import ConfigError
+from memkern.models import MODELS
+from memkern.runs import RunDir
+
+# CLI option name -> TrainConfig field, one to one (STYLE.md item 7).
+CONFIG_OPTIONS = {"dataset": "dataset", "model": "model", "norm": "norm", "noise": "noise",
+                  "seed": "seed", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
+                  "weight_decay": "weight_decay", "warmup": "warmup", "augment": "augment",
+                  "tied_dropout": "tied_dropout", "p_gen": "p_gen", "p_mem": "p_mem",
+                  "sites": "dropout_sites"}
+
+
+def _explicit(ctx: click.Context) -> dict:
+    """The config fields the user set on the command line (not defaults)."""
+    out = {}
+    for option, field in CONFIG_OPTIONS.items():
+        if ctx.get_parameter_source(option) == click.core.ParameterSource.COMMANDLINE:
+            value = ctx.params[option]
+            out[field] = tuple(s for v in value for s in v.split(",") if s) if option == "sites" else value
+    return out
+
+
+@click.command()
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
+@click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Start from a named preset.")
+@click.option("--dataset", type=click.Choice(DATASETS), default="digits", show_default=True)
+@click.option("--model", type=click.Choice(sorted(MODELS)), default="cnn", show_default=True)
+@click.option("--norm", type=click.Choice(["batch", "group"]), default="batch", show_default=True)
+@click.option("--noise", type=float, default=0.1, show_default=True,
+              help="Fraction of training labels flipped, in [0, 1).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=int, help="[default: preset's, 30 for digits]")
+@click.option("--batch-size", type=int, help="[default: preset's, 64 for digits]")
+@click.option("--lr", type=float, help="Peak learning rate. [default: preset's]")
+@click.option("--weight-decay", type=float)
+@click.option("--warmup", type=float, help="Fraction of steps of linear warm-up.")
+@click.option("--augment/--no-augment", default=False, help="Crop (+flip) for cifar10/svhn.")
+@click.option("--tied-dropout/--no-tied-dropout", default=False,
+              help="Example-tied dropout at channel sites (PAPER.md Experiment 5).")
+@click.option("--p-gen", type=float, default=0.2, show_default=True,
+              help="Fraction of generalization channels (always on).")
+@click.option("--p-mem", type=float, default=0.1, show_default=True,
+              help="Probability an example keeps a memorization channel.")
+@click.option("--sites", multiple=True, help="Tied-dropout site names (comma-separated or "
+              "repeated); default: the model's. See `memkern sites`.")
+@data_dir_option
+@click.option("--download", is_flag=True, help="Fetch missing dataset files (checksum-verified).")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint.")
+@device_option
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@click.pass_context
+def train(ctx: click.Context, out, preset, resume, device, data_dir, download, progress, **_):
+    """Train a model with label noise, checkpointing every epoch into a run directory.
+
+    \b
+    Example:
+      memkern train --dataset digits --model cnn --noise 0.1 --epochs 30 --out runs/digits
+      memkern train --out runs/digits --resume
+    """
+    from memkern.train import train as run_training
+
+    explicit = _explicit(ctx)
+    if resume:
+        saved = RunDir(out).load_config() if RunDir(out).config_path.is_file() else None
+        differing = sorted(k for k, v in explicit.items() if saved and getattr(saved, k) != v)
+        if differing:
+            raise ConfigError(f"--resume continues {out} with its saved config; these options "
+                              f"differ from it: {', '.join(differing)}")
+        config = None
+    else:
+        base = (TrainConfig.from_name(preset) if preset
+                else preset_for(explicit.get("model", "cnn"), explicit.get("dataset", "digits")))
+        config = dataclasses.replace(base, data_dir=data_dir, **explicit)
+    run = run_training(config, out=out, resume=resume, device=device, data_dir=data_dir,
+                       download=download, progress=progress)
+    click.echo(f"run saved to {run.root} (checkpoints: {len(run.epochs())}, "
+               f"metrics: {run.metrics_path})")

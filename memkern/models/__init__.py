@@ -1,0 +1,34 @@
+"""The paper's models, each with named channel sites and layer groups.
+
+``build_model(name, num_classes=..., in_channels=..., image_size=...)`` builds one;
+``layer_groups(model)`` and ``memkern.sites.site_infos(model)`` describe it.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from memkern.errors import ConfigError
+from memkern.models.blocks import NORMS
+from memkern.models.groups import LayerGroup, layer_groups
+from memkern.models.resnet9 import ResNet9
+from memkern.models.resnet50 import ResNet50
+from memkern.models.small import MLP, SmallCNN
+from memkern.models.vit import ViT
+from memkern.sites import name_sites
+
+MODELS = {"cnn": SmallCNN, "mlp": MLP, "resnet9": ResNet9, "resnet50": ResNet50, "vit": ViT}
+
+__all__ = ["MODELS", "LayerGroup", "build_model", "layer_groups"]
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int,
+                norm: str = "batch") -> nn.Module:
+    """A freshly initialized model; its sites are named after their module paths."""
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}")
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    model = MODELS[name](num_classes=num_classes, in_channels=in_channels,
+                         image_size=image_size, norm=norm)
+    name_sites(model)
+    return model

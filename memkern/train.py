@@ -1,0 +1,126 @@
+"""Checkpointed, resumable training (PAPER.md "Training").
+
+SGD with momentum and weight decay, linear warm-up then cosine decay, one checkpoint per epoch
+plus the initialization. Everything random is derived from (seed, epoch), and SGD momentum is
+checkpointed, so a run killed at any point and resumed ends with bit-identical weights.
+"""
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from memkern.atomic import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
+from memkern.checkpoints import load_checkpoint, load_model_state, restore_momentum, save_checkpoint
+from memkern.config import TrainConfig
+from memkern.data import PreparedData
+from memkern.data.prepared import NATURAL_IMAGES, augment_batch, iterate_batches
+from memkern.errors import RunDirError
+from memkern.evaluate import split_accuracies
+from memkern.experiment import load_data, model_for, resolve_device
+from memkern.runs import RunDir
+from memkern.sites import example_indices
+
+
+def learning_rate(step: int, *, total_steps: int, base_lr: float, warmup: float) -> float:
+    """Linear warm-up over the first ``warmup`` fraction of steps, then cosine decay to zero."""
+    warm = max(1, round(warmup * total_steps))
+    if step < warm:
+        return base_lr * (step + 1) / warm
+    progress = (step - warm) / max(1, total_steps - warm)
+    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The RNG of one epoch's shuffling and augmentation: a function of (seed, epoch) alone."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def noise_record(config: TrainConfig, data: PreparedData) -> dict:
+    noise = data.noise
+    return {"rate": config.noise, "seed": config.seed, "num_train": len(data.train_labels),
+            "noisy_indices": noise.noisy_indices.tolist(),
+            "original_labels": noise.original_labels.tolist(),
+            "noisy_labels": noise.labels[noise.noisy_indices].tolist()}
+
+
+def _start(run: RunDir, config: TrainConfig, data: PreparedData, model) -> None:
+    atomic_write_json(run.noise_path, noise_record(config, data))
+    atomic_write_text(run.config_path, config.to_json() + "\n")
+    save_checkpoint(run.checkpoint_path(0), model, config=config, epoch=0)
+
+
+def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
+          device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
+          progress: bool = True) -> RunDir:
+    """Train into run directory ``out`` (or continue it with ``resume``, where ``config`` may be
+    None: the run's own config is used). Returns the run directory."""
+    run = RunDir(out)
+    if resume:
+        if not run.config_path.is_file():
+            raise RunDirError(f"cannot resume: {run.root} is not a memkern run (no config.json)")
+        config = run.load_config()
+    elif run.has_content():
+        raise RunDirError(f"run directory {run.root} already exists; pass --resume to continue "
+                          f"it, or choose another --out")
+    dev = resolve_device(device)
+    data = load_data(config, data_dir=data_dir, download=download)
+    torch.manual_seed(config.seed)
+    model = model_for(config, data).to(dev)
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    first_epoch = 1
+    if resume and run.epochs():
+        ckpt = load_checkpoint(run.checkpoint_path(run.epochs()[-1]))
+        load_model_state(model, ckpt)
+        restore_momentum(model, optimizer, ckpt)
+        first_epoch = ckpt.epoch + 1
+        # Lines for epochs after the last checkpoint were written before a kill: redo them.
+        rewrite_jsonl(run.metrics_path,
+                      [r for r in read_jsonl(run.metrics_path) if r["epoch"] <= ckpt.epoch])
+    else:
+        run.root.mkdir(parents=True, exist_ok=True)
+        _start(run, config, data, model)
+
+    steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    train_x, train_y = data.train_images.to(dev), data.train_labels.to(dev)
+    flip = data.name == "cifar10"
+    augment = config.augment and data.name in NATURAL_IMAGES
+    bar = tqdm(total=total_steps, initial=(first_epoch - 1) * steps_per_epoch, unit="step",
+               desc=f"train {run.root.name}", disable=not progress, dynamic_ncols=True)
+    for epoch in range(first_epoch, config.epochs + 1):
+        started = time.perf_counter()
+        model.train()
+        gen = epoch_generator(config.seed, epoch)
+        loss_sum, seen = 0.0, 0
+        for i, (x, y, idx) in enumerate(iterate_batches(train_x, train_y, config.batch_size,
+                                                         generator=gen)):
+            step = (epoch - 1) * steps_per_epoch + i
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(step, total_steps=total_steps, base_lr=config.lr,
+                                            warmup=config.warmup)
+            if augment:
+                x = augment_batch(x, gen, flip=flip)
+            with example_indices(idx.to(dev)):
+                loss = F.cross_entropy(model(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_sum += float(loss.detach()) * len(y)
+            seen += len(y)
+            bar.update(1)
+        metrics = {"epoch": epoch, "train_loss": loss_sum / seen,
+                   "lr": optimizer.param_groups[0]["lr"], **split_accuracies(model, data)}
+        metrics["seconds"] = time.perf_counter() - started
+        append_jsonl(run.metrics_path, metrics)
+        save_checkpoint(run.checkpoint_path(epoch), model, config=config, epoch=epoch,
+                        optimizer=optimizer)
+        bar.set_postfix(epoch=epoch, noisy=f"{metrics['noisy_acc']:.3f}",
+                        test=f"{metrics['test_acc']:.3f}")
+    bar.close()
+    return run
