@@ -3,9 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from memkern.data.cifar10 import load_cifar10
 from memkern.data.digits import load_digits_splits
+from memkern.data.mnist import load_mnist
 from memkern.data.prepared import PreparedData, iterate_batches, prepare
 from memkern.data.splits import RawSplits
+from memkern.data.svhn import load_svhn
 from memkern.errors import ConfigError
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10", "svhn")
@@ -23,5 +26,8 @@ def load_dataset(name: str, *, data_dir: str | Path | None = None,
     if data_dir is None:
         raise ConfigError(f"dataset {name!r} is read from files: pass --data-dir DIR "
                           f"(with --download to fetch them)")
-    from memkern.data import files
-    return files.LOADERS[name](Path(data_dir), download=download)
+    if name in ("mnist", "fashion-mnist"):
+        return load_mnist(data_dir, download=download, variant=name)
+    if name == "cifar10":
+        return load_cifar10(data_dir, download=download)
+    return load_svhn(data_dir, download=download)
