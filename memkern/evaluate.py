@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memkern.data import PreparedData, iterate_batches
+from memkern.data import PreparedData
 from memkern.sites import example_indices
 
 EVAL_BATCH = 1024

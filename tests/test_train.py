@@ -1,0 +1,86 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from formats import random_mnist, write_mnist
+from safetensors.torch import load_file
+
+from memkern.atomic import read_jsonl
+from memkern.checkpoints import load_checkpoint
+from memkern.config import TrainConfig
+from memkern.runs import RunDir
+from memkern.train import learning_rate, train
+
+# Small batches make an epoch long enough (~90 steps) to be killed in the middle of.
+KILL_ARGS = ["--dataset", "digits", "--model", "mlp", "--noise", "0.1", "--epochs", "3",
+             "--batch-size", "16", "--seed", "5", "--no-progress"]
+
+
+def memkern(*args, **kw):
+    return subprocess.run([sys.executable, "-m", "memkern.cli", *args], capture_output=True,
+                          text=True, **kw)
+
+
+def test_run_directory_contract(tmp_path):
+    run = train(TrainConfig(model="mlp", epochs=2, seed=1), out=tmp_path / "r", progress=False)
+    assert run.epochs() == [0, 1, 2]
+    rows = read_jsonl(run.metrics_path)
+    assert [r["epoch"] for r in rows] == [1, 2]
+    for key in ("train_loss", "clean_acc", "noisy_acc", "test_acc"):
+        assert all(0 <= r[key] for r in rows) and all(np.isfinite(r[key]) for r in rows)
+    noise = json.loads(run.noise_path.read_text())
+    assert len(noise["noisy_indices"]) == round(0.1 * 1437) == noise["num_train"] // 10 + 1
+    assert all(a != b for a, b in zip(noise["original_labels"], noise["noisy_labels"]))
+    ckpt = load_checkpoint(run.checkpoint_path(2))
+    assert ckpt.epoch == 2 and ckpt.config == run.load_config() and ckpt.momentum
+    assert not load_checkpoint(run.checkpoint_path(0)).momentum
+
+
+def test_schedule_warms_up_then_decays_to_zero():
+    lrs = [learning_rate(s, total_steps=100, base_lr=0.1, warmup=0.1) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.01) and lrs[9] == pytest.approx(0.1)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3
+
+
+def test_kill_mid_epoch_and_resume_is_bit_identical(tmp_path):
+    killed, clean = tmp_path / "killed", tmp_path / "clean"
+    proc = subprocess.Popen([sys.executable, "-m", "memkern.cli", "train", *KILL_ARGS,
+                             "--out", str(killed)], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    first = RunDir(killed).checkpoint_path(1)
+    deadline = time.monotonic() + 120
+    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.02)
+    assert first.exists() and proc.poll() is None, "run ended before it could be killed"
+    time.sleep(0.3)  # into epoch 2
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert RunDir(killed).epochs()[-1] < 3
+    resumed = memkern("train", "--out", str(killed), "--resume", "--no-progress")
+    assert resumed.returncode == 0, resumed.stderr
+    full = memkern("train", *KILL_ARGS, "--out", str(clean))
+    assert full.returncode == 0, full.stderr
+    a = load_file(RunDir(killed).checkpoint_path(3))
+    b = load_file(RunDir(clean).checkpoint_path(3))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert [r["epoch"] for r in read_jsonl(RunDir(killed).metrics_path)] == [1, 2, 3]
+
+
+def test_train_on_mnist_idx_files(tmp_path):
+    rng = np.random.default_rng(11)
+    write_mnist(tmp_path / "data", random_mnist(rng, n_train=120, n_test=30), gz=True)
+    out = tmp_path / "run"
+    result = memkern("train", "--dataset", "mnist", "--data-dir", str(tmp_path / "data"),
+                     "--model", "mlp", "--epochs", "1", "--out", str(out), "--no-progress")
+    assert result.returncode == 0, result.stderr
+    ckpt = load_checkpoint(RunDir(out).checkpoint_path(1))
+    assert ckpt.config.dataset == "mnist" and ckpt.model_state["hidden1.linear.weight"].shape[1] == 784
+    assert len(json.loads(RunDir(out).noise_path.read_text())["noisy_indices"]) == 12
