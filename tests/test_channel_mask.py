@@ -6,6 +6,7 @@ do one multiply of identical operands. grad_mask is a sum over the channel's ele
 float32 it must be within 1e-6 * sum|grad_y * x| of the float64 reference.
 """
 import math
+import os
 
 import pytest
 import torch
@@ -21,6 +22,10 @@ TIED = dict(seed=12345, p_gen=0.4, p_mem=0.3)
 SPATIALS = [(), (3,), (5, 7)]
 SHAPES = [(n, c, sp) for n in (1, 7, 33) for c in (1, 5, 64) for sp in SPATIALS]
 MODES = ["train", "own", "keep", "drop"]
+# Kernels on CPU tensors need the interpreter; on a CUDA machine test_cuda_* covers the kernels.
+needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                       reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+BACKENDS = [pytest.param("triton", marks=needs_interpreter), "torch"]
 
 
 def make_x(n, c, spatial, channel_dim, dtype=torch.float32, seed=0):
@@ -54,6 +59,7 @@ def test_lowbias32_equals_uint32_arithmetic():
     assert got == [python_lowbias32(v) for v in values]
 
 
+@needs_interpreter
 @pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, -3])
 def test_triton_mask_bit_identical(seed):
     # x = 1 turns the op into its mask; 9 rows x 1024 channels = 9 programs, 9216 hashes.
@@ -67,6 +73,7 @@ def test_triton_mask_bit_identical(seed):
 
 # ---------------------------------------------------------------- kernels vs reference
 
+@needs_interpreter
 @pytest.mark.parametrize("channel_dim", [1, -1])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_tied_triton_equals_reference(shape, channel_dim):
@@ -85,6 +92,7 @@ def test_tied_triton_equals_reference(shape, channel_dim):
     torch.testing.assert_close(outs[0][1], outs[1][1], **EXACT)
 
 
+@needs_interpreter
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("channel_dim", [1, -1])
@@ -119,6 +127,7 @@ def _gathered_grads(x, mask, g, channel_dim, backend):
     return y.detach(), x.grad, mask.grad
 
 
+@needs_interpreter
 @pytest.mark.parametrize("channel_dim", [1, -1])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_gathered_triton_equals_reference(shape, channel_dim):
@@ -133,6 +142,7 @@ def test_gathered_triton_equals_reference(shape, channel_dim):
     assert_grad_mask_close(gm, x, g, channel_dim)
 
 
+@needs_interpreter
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_gathered_other_dtypes(dtype):
     x = make_x(7, 5, (5, 7), 1, dtype)
@@ -148,7 +158,7 @@ def test_gathered_other_dtypes(dtype):
     assert_grad_mask_close(gm, x, g, 1)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gathered_bool_mask(backend):
     x = make_x(7, 5, (3,), 1)
     mask = torch.rand(7, 5, generator=torch.Generator().manual_seed(3)) < 0.5
@@ -156,7 +166,7 @@ def test_gathered_bool_mask(backend):
     torch.testing.assert_close(y, x * mask[:, :, None].float(), **EXACT)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_channels_last_memory_format(backend):
     x = make_x(7, 5, (5, 7), 1).contiguous(memory_format=torch.channels_last)
     mask = torch.rand(7, 5, generator=torch.Generator().manual_seed(3))
@@ -167,7 +177,7 @@ def test_channels_last_memory_format(backend):
                                                     backend="torch", **TIED), **EXACT)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_grad(backend):
     # y.sum() hands backward an expanded (stride 0) gradient.
     x = make_x(7, 5, (3,), -1).requires_grad_()
@@ -177,7 +187,7 @@ def test_non_contiguous_grad(backend):
     torch.testing.assert_close(mask.grad, x.detach().sum(1), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_empty_batch(backend):
     x = torch.randn(0, 5, 3, requires_grad=True)
     mask = torch.rand(0, 5, requires_grad=True)
@@ -189,7 +199,7 @@ def test_empty_batch(backend):
     assert t.shape == (0, 5, 3)
 
 
-@pytest.mark.parametrize("backend", ["triton", "torch"])
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_gradcheck_float64(backend):
     x = make_x(3, 4, (2,), 1, torch.float64).requires_grad_()
     mask = torch.rand(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
@@ -201,8 +211,30 @@ def test_gradcheck_float64(backend):
             lambda a: tied_channel_mask(a, row_ids(3), mode=mode, backend=backend, **TIED), (x,))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("channel_dim", [1, -1])
+def test_cuda_kernels_equal_cpu_reference(dtype, channel_dim):
+    x = make_x(33, 64, (5, 7), channel_dim, dtype)
+    g = make_x(33, 64, (5, 7), channel_dim, dtype, seed=2)
+    ids = row_ids(33)
+    for mode in MODES:
+        got = tied_channel_mask(x.cuda(), ids.cuda(), mode=mode, channel_dim=channel_dim, **TIED)
+        want = tied_channel_mask(x, ids, mode=mode, channel_dim=channel_dim, **TIED)
+        torch.testing.assert_close(got.cpu(), want, **EXACT)
+    mask = torch.rand(33, 64, generator=torch.Generator().manual_seed(3))
+    y, gx, gm = (t.cpu() for t in _gathered_grads(x.cuda(), mask.cuda(), g.cuda(), channel_dim,
+                                                  "auto"))
+    y_ref, gx_ref, _ = _gathered_grads(x, mask, g, channel_dim, "torch")
+    torch.testing.assert_close(y, y_ref, **EXACT)
+    torch.testing.assert_close(gx, gx_ref, **EXACT)
+    if dtype == torch.float32:
+        assert_grad_mask_close(gm, x, g, channel_dim)
+
+
 # ---------------------------------------------------------------- the tied mask's semantics
 
+@needs_interpreter
 def test_same_index_same_channels_whatever_batch_position_dtype_device_path():
     ids = row_ids(33)
     full = tied_mask_values(ids, channels=64, mode="train", **TIED)
