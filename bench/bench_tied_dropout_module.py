@@ -1,0 +1,117 @@
+"""Example-tied dropout at one site: memkern's hashed mask vs no dropout vs the paper's cached masks.
+
+The paper's reference code seeds torch with each example's index, draws that example's mask with
+``torch.rand`` and keeps it, activation-shaped (``[C, H, W]``), in a per-example store; later
+epochs gather from the store. :class:`PaperCachedDropout` re-implements that approach (our code,
+same behaviour). memkern stores nothing: the mask is a hash of (index, site seed, channel).
+
+Groups: "tied-dropout-forward" and "tied-dropout-forward-backward"; in each, memkern, identity,
+the cache's first pass (masks generated, cache emptied before every round) and its later passes
+(masks gathered). Run: ``pytest bench/bench_tied_dropout_module.py --benchmark-json=out.json``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from memkern.kernels.channel_mask_reference import generalization_channels
+from memkern.sites import example_indices
+from memkern.tied_dropout import ExampleTiedDropout
+
+from conftest import QUICK, rounds
+
+P_GEN, P_MEM = 0.2, 0.1  # the reference code's defaults
+SHAPE = (16, 128, 16, 16) if QUICK else (128, 128, 16, 16)
+SITES = 2
+DATASETS = {"cifar10_mnist_60k": 60_000, "1M": 1_000_000}
+
+
+class PaperCachedDropout(nn.Module):
+    """Per-example ``torch.manual_seed(index)`` + ``torch.rand`` masks in a dense per-example dict."""
+
+    def __init__(self, channels: int, p_gen: float, p_mem: float):
+        super().__init__()
+        self.n_gen = generalization_channels(p_gen, channels)
+        self.channels, self.p_mem = channels, p_mem
+        self.cache: dict[int, torch.Tensor] = {}
+
+    def mask_for(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
+        if index not in self.cache:
+            torch.manual_seed(index)
+            keep = (torch.rand(self.channels - self.n_gen) < self.p_mem).float()
+            per_channel = torch.cat([torch.ones(self.n_gen), keep])
+            self.cache[index] = per_channel[:, None, None].expand(shape).clone()
+        return self.cache[index]
+
+    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+        mask = torch.stack([self.mask_for(i, tuple(x.shape[1:])) for i in indices.tolist()])
+        return x * mask
+
+    def cache_bytes(self) -> int:
+        return sum(m.numel() * m.element_size() for m in self.cache.values())
+
+
+def _activation() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(SHAPE, generator=g).relu_().requires_grad_()
+    return x, torch.randn(SHAPE, generator=g), torch.randperm(50_000, generator=g)[:SHAPE[0]]
+
+
+def _step(module_call, x, grad, backward):
+    x.grad = None
+    y = module_call(x)
+    if backward:
+        y.backward(grad)
+    return y
+
+
+@pytest.fixture(params=[False, True], ids=["forward", "forward-backward"])
+def backward(request):
+    return request.param
+
+
+def _record(benchmark, context_info, backward, variant, **extra):
+    benchmark.group = "tied-dropout-forward-backward" if backward else "tied-dropout-forward"
+    benchmark.extra_info.update(context_info, shape=list(SHAPE), dtype="float32", device="cpu",
+                                variant=variant, p_gen=P_GEN, p_mem=P_MEM, **extra)
+
+
+def test_memkern_tied_dropout(benchmark, context_info, backward):
+    x, grad, ids = _activation()
+    module = ExampleTiedDropout(SHAPE[1], seed=1, p_gen=P_GEN, p_mem=P_MEM)
+
+    def call(a):
+        with example_indices(ids):
+            return module(a)
+
+    _record(benchmark, context_info, backward, "memkern-hash", mask_bytes=0,
+            **{f"mask_bytes_{k}_x{SITES}_sites": 0 for k in DATASETS})
+    benchmark.pedantic(_step, args=(call, x, grad, backward), rounds=rounds(20),
+                       warmup_rounds=1)
+
+
+def test_no_dropout(benchmark, context_info, backward):
+    x, grad, _ = _activation()
+    _record(benchmark, context_info, backward, "identity")
+    benchmark.pedantic(_step, args=(lambda a: a.view_as(a), x, grad, backward),
+                       rounds=rounds(20), warmup_rounds=1)
+
+
+@pytest.mark.parametrize("phase", ["first-pass", "cached"])
+def test_paper_cached_masks(benchmark, context_info, backward, phase):
+    x, grad, ids = _activation()
+    module = PaperCachedDropout(SHAPE[1], P_GEN, P_MEM)
+    module(x.detach(), ids)  # fill the cache, to measure it (and for the "cached" phase)
+    per_example = module.cache_bytes() // SHAPE[0]
+
+    def setup():
+        if phase == "first-pass":
+            module.cache.clear()
+        return (lambda a: module(a, ids), x, grad, backward), {}
+
+    _record(benchmark, context_info, backward, f"paper-cache-{phase}",
+            cache_bytes=per_example * SHAPE[0], cache_bytes_per_example=per_example,
+            **{f"cache_bytes_{k}_x{SITES}_sites": per_example * n * SITES
+               for k, n in DATASETS.items()})
+    benchmark.pedantic(_step, setup=setup, rounds=rounds(10), warmup_rounds=1)
