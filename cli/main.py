@@ -16,6 +16,10 @@ class MemkernGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except click.UsageError as e:  # one line instead of click's usage block
+            where = f"memkern {e.ctx.info_name}" if e.ctx and e.ctx.parent else "memkern"
+            click.echo(f"memkern: error: {e.format_message()} (see `{where} --help`)", err=True)
+            sys.exit(2)
         except MemkernError as e:
             click.echo(f"memkern: error: {e}", err=True)
             sys.exit(2)

@@ -1,0 +1,38 @@
+"""One training epoch on the embedded digits dataset: examples per second."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import rounds
+
+from memkern.config import TrainConfig
+from memkern.data.prepared import iterate_batches
+from memkern.experiment import load_data, model_for
+from memkern.sites import example_indices
+
+
+@pytest.mark.parametrize("model_name", ["cnn", "mlp"])
+def test_digits_epoch(benchmark, model_name, quick, context_info):
+    config = TrainConfig(model=model_name)
+    data = load_data(config)
+    limit = 256 if quick else len(data.train_labels)
+    images, labels = data.train_images[:limit], data.train_labels[:limit]
+    torch.manual_seed(0)
+    model = model_for(config, data).train()
+    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                          weight_decay=config.weight_decay)
+
+    def epoch():
+        gen = torch.Generator().manual_seed(0)
+        for x, y, idx in iterate_batches(images, labels, config.batch_size, generator=gen):
+            with example_indices(idx):
+                loss = F.cross_entropy(model(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    benchmark.group = "train epoch (digits)"
+    benchmark.pedantic(epoch, rounds=rounds(5), warmup_rounds=1)
+    seconds = benchmark.stats.stats.median
+    benchmark.extra_info.update(context_info, model=model_name, examples=limit,
+                                batch_size=config.batch_size,
+                                examples_per_second=round(limit / seconds, 1))
