@@ -42,10 +42,11 @@ def main() -> None:
 
 def _register() -> None:
     from memkern.cli.env import env
+    from memkern.cli.report import report
     from memkern.cli.sites import sites
     from memkern.cli.train import train
 
-    for command in (train, sites, env):
+    for command in (train, sites, env, report):
         main.add_command(command)
 
 

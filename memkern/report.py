@@ -1,0 +1,72 @@
+"""``memkern report``: one page over a run directory — training curves plus every figure and
+table the other commands left there."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from memkern.atomic import atomic_write, atomic_write_text, read_jsonl
+from memkern.errors import RunDirError
+from memkern.runs import RunDir
+
+CURVES = (("clean_acc", "clean train"), ("noisy_acc", "noisy train (noisy labels)"),
+          ("test_acc", "test"))
+
+
+def plot_training_curves(rows: list[dict], path: Path) -> None:
+    """Accuracy of the three sets per epoch (plus keep/drop modes for tied-dropout runs)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for key, label in CURVES:
+        line, = ax.plot(epochs, [r[key] for r in rows], label=label)
+        for mode, style in (("keep", "--"), ("drop", ":")):
+            if f"{key}_{mode}" in rows[0]:
+                ax.plot(epochs, [r[f"{key}_{mode}"] for r in rows], style, color=line.get_color(),
+                        label=f"{label}, {mode}")
+    ax.set(xlabel="epoch", ylabel="accuracy", ylim=(-0.02, 1.02), title="training")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120))
+    plt.close(fig)
+
+
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report/training.png`` and ``report/index.md``; returns the index path."""
+    run = RunDir(run_dir)
+    config = run.load_config()
+    rows = read_jsonl(run.metrics_path)
+    if not rows:
+        raise RunDirError(f"{run.root} has no completed epoch in metrics.jsonl yet")
+    out = run.root / "report"
+    plot_training_curves(rows, out / "training.png")
+    last = rows[-1]
+    noise = run.load_noise()
+    lines = [f"# memkern report: {run.root.name}", "",
+             f"{config.model} on {config.dataset}, {len(noise['noisy_indices'])} of "
+             f"{noise['num_train']} training labels flipped (rate {config.noise}, seed "
+             f"{config.seed}), {config.epochs} epochs" +
+             (f", example-tied dropout p_gen={config.p_gen} p_mem={config.p_mem}"
+              if config.tied_dropout else "") + ".", "",
+             "## Training", "", "![training](training.png)", "",
+             "| metric | last epoch |", "|---|---|"]
+    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(last.items())
+              if isinstance(v, float) and k not in ("lr", "seconds")]
+    figures = sorted(p for p in run.root.rglob("*.png") if out not in p.parents)
+    tables = sorted(p for p in run.root.rglob("*") if p.suffix in (".csv", ".jsonl", ".json")
+                    and out not in p.parents and p.parent == run.root)
+    if figures:
+        lines += ["", "## Experiments", ""]
+        lines += [f"### {p.stem}\n\n![{p.stem}](../{p.relative_to(run.root)})\n" for p in figures]
+    if tables:
+        lines += ["", "## Tables", ""]
+        lines += [f"- [{p.name}](../{p.name})" for p in tables]
+    lines += ["", "## Config", "", "```json", json.dumps(json.loads(config.to_json()), indent=2),
+              "```", ""]
+    index = out / "index.md"
+    atomic_write_text(index, "\n".join(lines))
+    return index
