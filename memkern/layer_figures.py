@@ -37,8 +37,9 @@ def plot_rewind(rows: list[dict], path: str | Path, *, title: str) -> None:
     groups = _ordered(r["group"] for r in configs)
     epochs = sorted({r["epoch"] for r in configs})
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(2.2 + 0.9 * max(len(epochs), 2) * 2,
-                                            1.4 + 0.5 * max(len(groups), 2)), squeeze=False)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * (2.0 + 0.55 * max(len(epochs), 2)),
+                                            1.4 + 0.45 * max(len(groups), 2)), squeeze=False,
+                             layout="constrained")
     for ax, (key, label) in zip(axes[0], (SPLITS[1], SPLITS[2])):
         grid = [[math.nan] * len(epochs) for _ in groups]
         for r in configs:
@@ -53,7 +54,7 @@ def plot_rewind(rows: list[dict], path: str | Path, *, title: str) -> None:
         ax.set_yticks(range(len(groups)), groups)
         ax.set_xlabel("rewound to epoch")
         ax.set_title(f"{label}\n(final model: {base[key]:.3f})", fontsize=10)
-        fig.colorbar(image, ax=ax, fraction=0.046)
+        fig.colorbar(image, ax=ax)
     axes[0][0].set_ylabel("layer group")
     fig.suptitle(title)
     _save(fig, path)
@@ -66,14 +67,15 @@ def plot_retrain(rows: list[dict], path: str | Path, *, title: str) -> None:
     nrows = max(1, math.ceil(len(groups) / cols))
     plt = _pyplot()
     fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False,
-                             sharey=True)
+                             sharey=True, layout="constrained")
     for ax, group in zip(axes.flat, groups):
         mine = sorted((r for r in rows if r["group"] == group), key=lambda r: r["epoch"])
         for key, label in SPLITS:
             ax.plot([r["epoch"] for r in mine], [r[key] for r in mine], marker=".", label=label)
         ax.set_title(group, fontsize=10)
         ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("retraining epoch (0 = reset)")
+        ax.set_xlabel("retraining epoch (0 = reset)", fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)

@@ -148,6 +148,8 @@ def retrain(*, run: str | Path, groups: list[str] | None = None,
     settings = _settings(config, final_epoch=run.epochs()[-1], from_epoch=from_epoch,
                          epochs=epochs, lr=lr)
     rows = _resumable_rows(run, settings, overwrite=overwrite)
+    # Table first, then settings: a kill between the two leaves no rows under foreign settings.
+    write_table(run.root / "retrain.csv", rows)
     atomic_write_json(run.root / "retrain.json", settings)
 
     dev = resolve_device(device)
