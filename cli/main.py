@@ -43,10 +43,12 @@ def main() -> None:
 def _register() -> None:
     from memkern.cli.env import env
     from memkern.cli.report import report
+    from memkern.cli.retrain import retrain
+    from memkern.cli.rewind import rewind
     from memkern.cli.sites import sites
     from memkern.cli.train import train
 
-    for command in (train, sites, env, report):
+    for command in (train, rewind, retrain, report, sites, env):
         main.add_command(command)
 
 

@@ -9,10 +9,9 @@ from safetensors.torch import save_file
 
 from memkern.checkpoints import load_checkpoint, load_model_state
 from memkern.cli.main import main
-from memkern.config import TrainConfig
 from memkern.errors import CheckpointError
 from memkern.models import build_model
-from memkern.train import train
+from memkern.runs import RunDir
 
 
 def run_cli(*args):
@@ -74,14 +73,8 @@ def test_resume_of_a_non_run(tmp_path):
     assert_one_line_error(run_cli("train", "--out", str(tmp_path), "--resume"), "not a memkern run")
 
 
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    return train(TrainConfig(model="mlp", epochs=1), out=tmp_path_factory.mktemp("r") / "run",
-                 progress=False)
-
-
 def test_checkpoint_round_trip(tiny_run):
-    ckpt = load_checkpoint(tiny_run.checkpoint_path(1))
+    ckpt = load_checkpoint(RunDir(tiny_run).checkpoint_path(1))
     model = build_model("mlp", num_classes=10, in_channels=1, image_size=8)
     load_model_state(model, ckpt)
     assert all(torch.equal(v, ckpt.model_state[k]) for k, v in model.state_dict().items())
@@ -90,7 +83,7 @@ def test_checkpoint_round_trip(tiny_run):
 @pytest.mark.parametrize("damage", ["truncate", "garbage", "empty", "foreign", "pickle"])
 def test_corrupt_or_foreign_checkpoint(tiny_run, tmp_path, damage):
     path = tmp_path / "bad.safetensors"
-    good = tiny_run.checkpoint_path(1).read_bytes()
+    good = RunDir(tiny_run).checkpoint_path(1).read_bytes()
     if damage == "truncate":
         path.write_bytes(good[: len(good) // 2])
     elif damage == "garbage":
@@ -107,7 +100,7 @@ def test_corrupt_or_foreign_checkpoint(tiny_run, tmp_path, damage):
 
 
 def test_checkpoint_of_another_architecture(tiny_run):
-    ckpt = load_checkpoint(tiny_run.checkpoint_path(1))
+    ckpt = load_checkpoint(RunDir(tiny_run).checkpoint_path(1))
     with pytest.raises(CheckpointError, match="another architecture"):
         load_model_state(build_model("cnn", num_classes=10, in_channels=1, image_size=8), ckpt)
 

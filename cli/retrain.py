@@ -1,0 +1,42 @@
+"""``memkern retrain``."""
+from __future__ import annotations
+
+import click
+
+from memkern.cli.options import data_dir_option, device_option
+from memkern.cli.rewind import groups_option, split_names
+from memkern.retrain import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
+
+
+@click.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory written by `memkern train`.")
+@groups_option
+@click.option("--from-epoch", type=int, default=DEFAULT_FROM_EPOCH, show_default=True,
+              help="Checkpoint the retrained group is reset to (0: the initialization).")
+@click.option("--epochs", type=int, default=DEFAULT_EPOCHS, show_default=True,
+              help="Fine-tuning epochs over the clean examples.")
+@click.option("--lr", type=float, help="Peak learning rate of the cosine schedule "
+              "[default: the run's].")
+@click.option("--overwrite", is_flag=True,
+              help="Start over instead of resuming an earlier retrain.csv.")
+@data_dir_option
+@device_option
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def retrain(run_dir, groups, from_epoch, epochs, lr, overwrite, data_dir, device, progress):
+    """Reset one layer group at a time to an early checkpoint, freeze the rest, fine-tune the
+    group on clean examples only; write retrain.csv and retrain.png into the run directory.
+    A killed call resumes: groups already in retrain.csv are skipped.
+
+    \b
+    Example:
+      memkern retrain --run runs/digits
+      memkern retrain --run runs/digits --groups block2,hidden --from-epoch 3 --epochs 5
+    """
+    from memkern.retrain import retrain as run_retrain
+
+    rows = run_retrain(run=run_dir, groups=split_names(groups), from_epoch=from_epoch,
+                       epochs=epochs, lr=lr, device=device, data_dir=data_dir,
+                       overwrite=overwrite, progress=progress)
+    click.echo(f"{len({r['group'] for r in rows})} groups retrained; wrote {run_dir}/retrain.csv "
+               f"and {run_dir}/retrain.png")

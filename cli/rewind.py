@@ -1,0 +1,53 @@
+"""``memkern rewind``."""
+from __future__ import annotations
+
+import click
+
+from memkern.cli.options import data_dir_option, device_option
+from memkern.errors import ConfigError
+
+
+def parse_epochs(text: str | None) -> list[int] | None:
+    """``"0,10,20"`` -> ``[0, 10, 20]``; None stays None (the command's default)."""
+    if text is None:
+        return None
+    try:
+        return sorted({int(e) for e in text.split(",") if e.strip()})
+    except ValueError:
+        raise ConfigError(f"--epochs takes comma-separated integers such as 0,10,20, got {text!r}")
+
+
+def split_names(values: tuple[str, ...]) -> list[str]:
+    """Repeated and/or comma-separated option values, flattened."""
+    return [n for v in values for n in v.split(",") if n]
+
+
+groups_option = click.option("--groups", multiple=True,
+                             help="Layer groups (comma-separated or repeated); default: all. "
+                                  "See `memkern sites`.")
+
+
+@click.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory written by `memkern train`.")
+@click.option("--epochs", help="Comma-separated checkpoint epochs to rewind to "
+              "[default: 0 and about every 10% of the run].")
+@groups_option
+@data_dir_option
+@device_option
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def rewind(run_dir, epochs, groups, data_dir, device, progress):
+    """Rewind each layer group (weights and BatchNorm statistics) of a run's final model to
+    earlier checkpoints; write rewind.csv and rewind.png into the run directory.
+
+    \b
+    Example:
+      memkern rewind --run runs/digits
+      memkern rewind --run runs/digits --epochs 0,10,20 --groups block1,head
+    """
+    from memkern.rewind import rewind as run_rewind
+
+    rows = run_rewind(run=run_dir, epochs=parse_epochs(epochs), groups=split_names(groups),
+                      device=device, data_dir=data_dir, progress=progress)
+    click.echo(f"{len(rows) - 1} configurations evaluated; wrote {run_dir}/rewind.csv and "
+               f"{run_dir}/rewind.png")
