@@ -3,7 +3,7 @@
 The paper's reference code seeds torch with each example's index, draws that example's mask with
 ``torch.rand`` and keeps it, activation-shaped (``[C, H, W]``), in a per-example store; later
 epochs gather from the store. :class:`PaperCachedDropout` re-implements that approach (our code,
-same behaviour). memkern stores nothing: the mask is a hash of (index, site seed, channel).
+same behaviour; bench/paper_cached_dropout.py). memkern stores nothing: the mask is a hash of (index, site seed, channel).
 
 Groups: "tied-dropout-forward" and "tied-dropout-forward-backward"; in each, memkern, identity,
 the cache's first pass (masks generated, cache emptied before every round) and its later passes
@@ -13,43 +13,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 
-from memkern.kernels.channel_mask_reference import generalization_channels
 from memkern.sites import example_indices
 from memkern.tied_dropout import ExampleTiedDropout
 
 from conftest import QUICK, rounds
+from paper_cached_dropout import PaperCachedDropout
 
 P_GEN, P_MEM = 0.2, 0.1  # the reference code's defaults
 SHAPE = (16, 128, 16, 16) if QUICK else (128, 128, 16, 16)
 SITES = 2
 DATASETS = {"cifar10_mnist_60k": 60_000, "1M": 1_000_000}
-
-
-class PaperCachedDropout(nn.Module):
-    """Per-example ``torch.manual_seed(index)`` + ``torch.rand`` masks in a dense per-example dict."""
-
-    def __init__(self, channels: int, p_gen: float, p_mem: float):
-        super().__init__()
-        self.n_gen = generalization_channels(p_gen, channels)
-        self.channels, self.p_mem = channels, p_mem
-        self.cache: dict[int, torch.Tensor] = {}
-
-    def mask_for(self, index: int, shape: tuple[int, ...]) -> torch.Tensor:
-        if index not in self.cache:
-            torch.manual_seed(index)
-            keep = (torch.rand(self.channels - self.n_gen) < self.p_mem).float()
-            per_channel = torch.cat([torch.ones(self.n_gen), keep])
-            self.cache[index] = per_channel[:, None, None].expand(shape).clone()
-        return self.cache[index]
-
-    def forward(self, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
-        mask = torch.stack([self.mask_for(i, tuple(x.shape[1:])) for i in indices.tolist()])
-        return x * mask
-
-    def cache_bytes(self) -> int:
-        return sum(m.numel() * m.element_size() for m in self.cache.values())
 
 
 def _activation() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -1,14 +1,30 @@
-"""Accuracy on the paper's three sets: clean train, noisy train (against noisy labels), test."""
+"""Accuracy on the paper's three sets: clean train, noisy train (against noisy labels), test.
+
+For a model with example-tied dropout (PAPER.md Experiment 5) the mode decides the masks:
+"own" gives every training example its own tied mask; "keep" (the paper's test mode) scales
+memorization channels by p_mem; "drop" removes them. Test examples have no tied mask of their
+own, so in modes "train"/"own" ``test_acc`` is measured in mode "keep".
+"""
 from __future__ import annotations
+
+import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
+from memkern.atomic import atomic_write_json
 from memkern.data import PreparedData
+from memkern.errors import ConfigError
+from memkern.experiment import load_trained
+from memkern.runs import RunDir
 from memkern.sites import example_indices
+from memkern.tied_dropout import has_tied_dropout, needs_example_indices, tied_dropout_mode
 
 EVAL_BATCH = 1024
+EVAL_MODES = ("own", "keep", "drop")
+SPLITS = ("clean_acc", "noisy_acc", "test_acc")
 
 
 @torch.no_grad()
@@ -38,12 +54,59 @@ def split_accuracies(model: nn.Module, data: PreparedData, *,
                      state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
     """``clean_acc``, ``noisy_acc`` (against the noisy labels: memorization) and ``test_acc``,
     in eval mode, of ``model`` or of ``model`` under ``state`` (see :func:`predictions`).
-    Train rows carry their dataset indices; test rows carry none."""
+    Train rows carry their dataset indices; test rows carry none, so a tied dropout model whose
+    masks need indices is tested in mode "keep"."""
     model.eval()
     train_idx = torch.arange(len(data.train_labels))
     pred = predictions(model, data.train_images, indices=train_idx, state=state)
     hits = pred == data.train_labels
     noisy = data.noisy_mask
-    test_pred = predictions(model, data.test_images, state=state)
+    test_mode = (tied_dropout_mode(model, "keep") if needs_example_indices(model)
+                 else contextlib.nullcontext())
+    with test_mode:
+        test_pred = predictions(model, data.test_images, state=state)
     return {"clean_acc": _mean(hits[~noisy]), "noisy_acc": _mean(hits[noisy]),
             "test_acc": _mean(test_pred == data.test_labels)}
+
+
+def mode_accuracies(model: nn.Module, data: PreparedData, *, mode: str) -> dict[str, float]:
+    """:func:`split_accuracies` with every tied dropout module in ``mode`` (one of
+    ``EVAL_MODES``); a model without tied dropout takes only "own" (= plain evaluation)."""
+    if mode not in EVAL_MODES:
+        raise ConfigError(f"evaluation mode {mode!r} is unknown: use one of {EVAL_MODES}")
+    if not has_tied_dropout(model):
+        if mode != "own":
+            raise ConfigError(f"mode {mode!r} needs a model trained with tied dropout (memkern "
+                              f"train --tied-dropout); this one has none: use --mode own")
+        return split_accuracies(model, data)
+    with tied_dropout_mode(model, mode):
+        return split_accuracies(model, data)
+
+
+def epoch_accuracies(model: nn.Module, data: PreparedData) -> dict[str, float]:
+    """The accuracies of one ``metrics.jsonl`` line: :func:`split_accuracies` in mode "own"
+    and, for a tied dropout model, also ``{clean,noisy,test}_acc_{keep,drop}``."""
+    out = mode_accuracies(model, data, mode="own")
+    if has_tied_dropout(model):
+        for mode in ("keep", "drop"):
+            out.update({f"{k}_{mode}": v for k, v in mode_accuracies(model, data, mode=mode).items()})
+    return out
+
+
+def evaluate_checkpoint(*, ckpt: str | Path, mode: str, device: str = "auto",
+                        data_dir: str | Path | None = None) -> tuple[dict, Path]:
+    """Accuracies of checkpoint ``ckpt`` in ``mode``, written atomically to
+    ``<run>/evaluate_<epoch>_<mode>.json``; returns (the record, its path).
+
+    The record: ``checkpoint``, ``epoch``, ``mode``, ``tied_dropout`` and the three accuracies of
+    :func:`mode_accuracies`. The masks come from the checkpoint's config alone.
+    """
+    if mode not in EVAL_MODES:
+        raise ConfigError(f"evaluation mode {mode!r} is unknown: use one of {EVAL_MODES}")
+    trained = load_trained(ckpt, device=device, data_dir=data_dir)
+    record = {"checkpoint": str(trained.checkpoint.path), "epoch": trained.checkpoint.epoch,
+              "mode": mode, "tied_dropout": trained.checkpoint.config.tied_dropout,
+              **mode_accuracies(trained.model, trained.data, mode=mode)}
+    path = RunDir.of_checkpoint(trained.checkpoint.path).evaluation_path(record["epoch"], mode)
+    atomic_write_json(path, record)
+    return record, path

@@ -11,6 +11,7 @@ from memkern.checkpoints import Checkpoint, load_checkpoint, load_model_state
 from memkern.config import TrainConfig
 from memkern.data import PreparedData, load_dataset, prepare
 from memkern.models import build_model
+from memkern.tied_dropout import attach_tied_dropout
 
 
 def resolve_device(device: str) -> torch.device:
@@ -28,8 +29,20 @@ def load_data(config: TrainConfig, *, data_dir: str | Path | None = None,
 
 
 def model_for(config: TrainConfig, data: PreparedData) -> nn.Module:
-    return build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                       image_size=data.image_size, norm=config.norm)
+    """The config's model for ``data``; with ``config.tied_dropout``, example-tied dropout (mode
+    "train", seeded by ``config.seed``) at ``config.dropout_sites`` or the model's default sites,
+    so a checkpoint's config alone rebuilds the exact masks."""
+    model = build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
+                        image_size=data.image_size, norm=config.norm)
+    if config.tied_dropout:
+        attach_tied_dropout(model, sites=list(dropout_sites(config, model)), p_gen=config.p_gen,
+                            p_mem=config.p_mem, seed=config.seed)
+    return model
+
+
+def dropout_sites(config: TrainConfig, model: nn.Module) -> tuple[str, ...]:
+    """The tied-dropout sites a config names: its own, or the model's default placement."""
+    return config.dropout_sites or tuple(model.default_dropout_sites)
 
 
 @dataclass

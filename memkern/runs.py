@@ -17,6 +17,13 @@ class RunDir:
     def __init__(self, root: str | Path):
         self.root = Path(root)
 
+    @classmethod
+    def of_checkpoint(cls, path: str | Path) -> "RunDir":
+        """The run holding ``path`` (``<run>/checkpoints/epoch_NNN.safetensors``); a checkpoint
+        kept elsewhere counts its own folder as the run."""
+        parent = Path(path).parent
+        return cls(parent.parent if parent.name == "checkpoints" else parent)
+
     @property
     def config_path(self) -> Path:
         return self.root / "config.json"
@@ -35,6 +42,9 @@ class RunDir:
 
     def checkpoint_path(self, epoch: int) -> Path:
         return self.checkpoints / f"epoch_{epoch:03d}.safetensors"
+
+    def evaluation_path(self, epoch: int, mode: str) -> Path:
+        return self.root / f"evaluate_{epoch:03d}_{mode}.json"
 
     def epochs(self) -> list[int]:
         """Epochs with a complete checkpoint, ascending (0 is the initialization)."""

@@ -92,6 +92,15 @@ def _tied_modules(model: nn.Module) -> list[ExampleTiedDropout]:
     return [m for m in model.modules() if isinstance(m, ExampleTiedDropout)]
 
 
+def has_tied_dropout(model: nn.Module) -> bool:
+    return bool(_tied_modules(model))
+
+
+def needs_example_indices(model: nn.Module) -> bool:
+    """True when some tied dropout module is in a mode that reads each row's dataset index."""
+    return any(m.mode in HASHED_MODES for m in _tied_modules(model))
+
+
 def attach_tied_dropout(model: nn.Module, *, sites: list[str], p_gen: float, p_mem: float,
                         seed: int, backend: str = "auto") -> None:
     """Attach one :class:`ExampleTiedDropout` to each named site, the i-th with

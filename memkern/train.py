@@ -20,7 +20,7 @@ from memkern.config import TrainConfig
 from memkern.data import PreparedData
 from memkern.data.prepared import NATURAL_IMAGES, augment_batch, iterate_batches
 from memkern.errors import RunDirError
-from memkern.evaluate import split_accuracies
+from memkern.evaluate import epoch_accuracies
 from memkern.experiment import load_data, model_for, resolve_device
 from memkern.runs import RunDir
 from memkern.sites import example_indices
@@ -115,7 +115,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
             seen += len(y)
             bar.update(1)
         metrics = {"epoch": epoch, "train_loss": loss_sum / seen,
-                   "lr": optimizer.param_groups[0]["lr"], **split_accuracies(model, data)}
+                   "lr": optimizer.param_groups[0]["lr"], **epoch_accuracies(model, data)}
         metrics["seconds"] = time.perf_counter() - started
         append_jsonl(run.metrics_path, metrics)
         save_checkpoint(run.checkpoint_path(epoch), model, config=config, epoch=epoch,
