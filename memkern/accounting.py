@@ -11,7 +11,8 @@ Per chosen epoch, with the checkpoint in eval mode (the same model the per-examp
 The summed gradients take the whole training set as the batch: loss terms
 ``(1/N) sum_clean CE`` and ``(1/N) sum_noisy CE``, accumulated over chunks, so clean + noisy is
 the full-data mean-loss gradient. An epoch is complete once both files hold it; a rerun skips
-complete epochs. Every file is written atomically.
+complete epochs. Every file is written atomically. A run trained with ``--track-grads`` also
+gets ``live_summed_norms.png`` and ``live_cosine.png`` from the real training steps.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from memkern.atomic import atomic_write_text
+from memkern.atomic import atomic_write_text, read_jsonl
 from memkern.checkpoints import load_checkpoint, load_model_state
 from memkern.data import PreparedData, iterate_batches
 from memkern.errors import ConfigError, RunDirError
@@ -150,4 +151,7 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
         atomic_write_text(summary_path(run), _csv_text(summary, list(summary[-1])))
     from memkern.accounting_plots import plot_accounting
     plot_accounting(run, summary)
+    live = read_jsonl(run.grads / "live.jsonl")
+    if live:
+        plot_accounting(run, live, prefix="live_", source="training steps")
     return run

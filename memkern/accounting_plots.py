@@ -1,5 +1,6 @@
 """Figures of gradient accounting (matplotlib, Agg backend): ``grads/summed_norms.png`` and
-``grads/cosine.png``."""
+``grads/cosine.png`` from the checkpoints, ``grads/live_*.png`` from the training steps
+(``live.jsonl`` of ``memkern train --track-grads``) when the run has them."""
 from __future__ import annotations
 
 import math
@@ -25,8 +26,10 @@ def _table(summary: list[dict], column: str, epochs: list[int], groups: list[str
     return np.array([[cell[(e, g)] for g in groups] for e in epochs])
 
 
-def plot_accounting(run: RunDir, summary: list[dict]) -> None:
-    """Per-group clean vs noisy summed-gradient norms over epochs, and the cosine heatmap."""
+def plot_accounting(run: RunDir, summary: list[dict], *, prefix: str = "",
+                    source: str = "checkpoints") -> None:
+    """Per-group clean vs noisy summed-gradient norms over epochs, and the cosine heatmap.
+    ``summary``: rows with ``epoch, group, clean_norm, noisy_norm, cosine``."""
     if not summary:
         return
     epochs = sorted({int(r["epoch"]) for r in summary})
@@ -48,9 +51,9 @@ def plot_accounting(run: RunDir, summary: list[dict]) -> None:
         ax.tick_params(labelsize=7)
     axes.flat[0].set_ylabel("norm of summed gradient", fontsize=8)
     axes.flat[0].legend(fontsize=7)
-    fig.suptitle(f"{run.root.name}: summed gradient of clean vs noisy examples, per layer")
+    fig.suptitle(f"{run.root.name} ({source}): summed gradient of clean vs noisy examples")
     fig.tight_layout()
-    _save(fig, run.grads / "summed_norms.png")
+    _save(fig, run.grads / f"{prefix}summed_norms.png")
 
     fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(groups), 1.2 + 0.3 * len(epochs)))
     image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
@@ -61,6 +64,6 @@ def plot_accounting(run: RunDir, summary: list[dict]) -> None:
         for (r, c), v in np.ndenumerate(cosine):
             ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6)
     fig.colorbar(image, ax=ax, label="cosine(clean, noisy)")
-    ax.set_title(f"{run.root.name}: cosine of summed clean and noisy gradients")
+    ax.set_title(f"{run.root.name} ({source}): cosine(clean, noisy)")
     fig.tight_layout()
-    _save(fig, run.grads / "cosine.png")
+    _save(fig, run.grads / f"{prefix}cosine.png")
