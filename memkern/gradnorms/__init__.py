@@ -34,7 +34,7 @@ from memkern.gradnorms.loop import loop_sq_norms
 from memkern.models.groups import LayerGroup, layer_groups
 
 MODES = ("auto", "ghost", "func", "loop")
-DEFAULT_MEMORY_BUDGET = 1 << 30  # bytes of temporaries per chunk
+DEFAULT_MEMORY_BUDGET = 64 << 20  # bytes of temporaries per chunk
 
 __all__ = ["DEFAULT_MEMORY_BUDGET", "MODES", "default_groups", "per_example_grad_norms",
            "per_example_sq_norms"]

@@ -23,6 +23,7 @@ class _Capture:
     module: nn.Module
     rule: Rule
     budget: int
+    keep_output: bool  # only integer inputs need the outputs as ends of the backward
     calls: int = 0
     activation: torch.Tensor | None = None
     output: torch.Tensor | None = None
@@ -34,7 +35,10 @@ class _Capture:
             self.activation = self.output = None
             return
         if output.requires_grad:
-            self.activation, self.output = args[0].detach(), output
+            # Holding every output would keep tensors alive that autograd frees (BatchNorm
+            # outputs): ResNet-9 batch 32's peak growth was 319 MB with them, 253 MB without.
+            self.activation = args[0].detach()
+            self.output = output if self.keep_output else None
             output.register_hook(self.on_grad)
 
     @torch.no_grad()
@@ -48,12 +52,12 @@ class _Capture:
         self.norms = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
 
-def _captures(model: nn.Module, budget: int) -> list[_Capture]:
+def _captures(model: nn.Module, budget: int, keep_output: bool) -> list[_Capture]:
     out = []
     for prefix, module in model.named_modules():
         rule = rule_for(module)
         if rule is not None and covered_parameters(module):
-            out.append(_Capture(prefix, module, rule, budget))
+            out.append(_Capture(prefix, module, rule, budget, keep_output))
     return out
 
 
@@ -61,7 +65,7 @@ def ghost_sq_norms(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
                    memory_budget: int) -> dict[str, torch.Tensor]:
     """``{parameter name: float [B] squared norm}`` for the parameters of every ruled layer
     called once; the caller computes the rest (see :func:`uncovered_parameters`)."""
-    captures = _captures(model, memory_budget)
+    captures = _captures(model, memory_budget, keep_output=not inputs.is_floating_point())
     handles = [c.module.register_forward_hook(c.on_forward) for c in captures]
     try:
         with torch.enable_grad():
