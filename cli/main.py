@@ -43,13 +43,14 @@ def main() -> None:
 def _register() -> None:
     from memkern.cli.env import env
     from memkern.cli.evaluate import evaluate
+    from memkern.cli.grads import grads
     from memkern.cli.report import report
     from memkern.cli.retrain import retrain
     from memkern.cli.rewind import rewind
     from memkern.cli.sites import sites
     from memkern.cli.train import train
 
-    for command in (train, evaluate, rewind, retrain, report, sites, env):
+    for command in (train, evaluate, grads, rewind, retrain, report, sites, env):
         main.add_command(command)
 
 

@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import data_dir_option, device_option
-from memkern.cli.rewind import groups_option, split_names
+from memkern.cli.options import split_names
+from memkern.cli.rewind import groups_option
 from memkern.retrain import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
 
 

@@ -3,23 +3,7 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option
-from memkern.errors import ConfigError
-
-
-def parse_epochs(text: str | None) -> list[int] | None:
-    """``"0,10,20"`` -> ``[0, 10, 20]``; None stays None (the command's default)."""
-    if text is None:
-        return None
-    try:
-        return sorted({int(e) for e in text.split(",") if e.strip()})
-    except ValueError:
-        raise ConfigError(f"--epochs takes comma-separated integers such as 0,10,20, got {text!r}")
-
-
-def split_names(values: tuple[str, ...]) -> list[str]:
-    """Repeated and/or comma-separated option values, flattened."""
-    return [n for v in values for n in v.split(",") if n]
+from memkern.cli.options import data_dir_option, device_option, parse_epochs, split_names
 
 
 groups_option = click.option("--groups", multiple=True,

@@ -5,7 +5,7 @@ import dataclasses
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option
+from memkern.cli.options import data_dir_option, device_option, split_names
 from memkern.config import PRESETS, TrainConfig, preset_for
 from memkern.data import DATASETS
 from memkern.errors import ConfigError
@@ -26,7 +26,7 @@ def _explicit(ctx: click.Context) -> dict:
     for option, field in CONFIG_OPTIONS.items():
         if ctx.get_parameter_source(option) == click.core.ParameterSource.COMMANDLINE:
             value = ctx.params[option]
-            out[field] = tuple(s for v in value for s in v.split(",") if s) if option == "sites" else value
+            out[field] = tuple(split_names(value)) if option == "sites" else value
     return out
 
 
@@ -57,15 +57,19 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--download", is_flag=True, help="Fetch missing dataset files (checksum-verified).")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint.")
 @device_option
+@click.option("--track-grads", is_flag=True, help="Record each epoch's summed clean and noisy "
+              "gradient norms and cosine per layer group in OUT/grads/live.jsonl.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @click.pass_context
-def train(ctx: click.Context, out, preset, resume, device, data_dir, download, progress, **_):
+def train(ctx: click.Context, out, preset, resume, device, data_dir, download, progress,
+          track_grads, **_):
     """Train a model with label noise, checkpointing every epoch into a run directory.
 
     \b
     Example:
       memkern train --dataset digits --model cnn --noise 0.1 --epochs 30 --out runs/digits
       memkern train --out runs/digits --resume
+      memkern train --out runs/digits-tracked --track-grads
     """
     from memkern.train import train as run_training
 
@@ -82,6 +86,6 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
                 else preset_for(explicit.get("model", "cnn"), explicit.get("dataset", "digits")))
         config = dataclasses.replace(base, data_dir=data_dir, **explicit)
     run = run_training(config, out=out, resume=resume, device=device, data_dir=data_dir,
-                       download=download, progress=progress)
+                       download=download, progress=progress, track_grads=track_grads)
     click.echo(f"run saved to {run.root} (checkpoints: {len(run.epochs())}, "
                f"metrics: {run.metrics_path})")

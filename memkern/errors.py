@@ -19,3 +19,7 @@ class CheckpointError(MemkernError, RuntimeError):
 
 class RunDirError(MemkernError, RuntimeError):
     """A run directory is missing pieces, or exists where a fresh one was asked for."""
+
+
+class UnsupportedLayerError(ConfigError):
+    """A layer has no per-example gradient rule for the mode asked for."""

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from memkern.accuracy_tables import read_table, write_table
+from memkern.tables import read_table, write_table
 from memkern.atomic import atomic_write_json
 from memkern.checkpoints import load_checkpoint, load_model_state
 from memkern.config import TrainConfig

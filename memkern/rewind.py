@@ -13,7 +13,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from memkern.accuracy_tables import write_table
+from memkern.tables import write_table
 from memkern.checkpoints import load_checkpoint, load_model_state
 from memkern.errors import CheckpointError, ConfigError
 from memkern.evaluate import split_accuracies

@@ -37,6 +37,11 @@ class RunDir:
         return self.root / "metrics.jsonl"
 
     @property
+    def grads(self) -> Path:
+        """Gradient accounting outputs (``memkern grads``, ``memkern train --track-grads``)."""
+        return self.root / "grads"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

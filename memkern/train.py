@@ -24,6 +24,7 @@ from memkern.evaluate import epoch_accuracies
 from memkern.experiment import load_data, model_for, resolve_device
 from memkern.runs import RunDir
 from memkern.sites import example_indices
+from memkern.subset_grads import LiveSubsetTracker
 
 
 def learning_rate(step: int, *, total_steps: int, base_lr: float, warmup: float) -> float:
@@ -56,9 +57,13 @@ def _start(run: RunDir, config: TrainConfig, data: PreparedData, model) -> None:
 
 def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
           device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
-          progress: bool = True) -> RunDir:
+          progress: bool = True, track_grads: bool = False) -> RunDir:
     """Train into run directory ``out`` (or continue it with ``resume``, where ``config`` may be
-    None: the run's own config is used). Returns the run directory."""
+    None: the run's own config is used). Returns the run directory.
+
+    ``track_grads``: record every epoch's summed clean and noisy gradients of the real steps in
+    ``grads/live.jsonl`` (:class:`memkern.subset_grads.LiveSubsetTracker`; one more backward
+    per step, the weights stay bit-identical)."""
     run = RunDir(out)
     if resume:
         if not run.config_path.is_file():
@@ -91,6 +96,8 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     train_x, train_y = data.train_images.to(dev), data.train_labels.to(dev)
     flip = data.name == "cifar10"
     augment = config.augment and data.name in NATURAL_IMAGES
+    tracker = (LiveSubsetTracker(model, run.grads / "live.jsonl", data.noisy_mask.to(dev),
+                                 first_epoch=first_epoch) if track_grads else None)
     bar = tqdm(total=total_steps, initial=(first_epoch - 1) * steps_per_epoch, unit="step",
                desc=f"train {run.root.name}", disable=not progress, dynamic_ncols=True)
     for epoch in range(first_epoch, config.epochs + 1):
@@ -107,13 +114,18 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
             if augment:
                 x = augment_batch(x, gen, flip=flip)
             with example_indices(idx.to(dev)):
-                loss = F.cross_entropy(model(x), y)
+                logits = model(x)
+                loss = F.cross_entropy(logits, y)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward(retain_graph=tracker is not None)
+            if tracker is not None:
+                tracker.add_step(logits, y, idx)
             optimizer.step()
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
             bar.update(1)
+        if tracker is not None:
+            tracker.finish_epoch(epoch)
         metrics = {"epoch": epoch, "train_loss": loss_sum / seen,
                    "lr": optimizer.param_groups[0]["lr"], **epoch_accuracies(model, data)}
         metrics["seconds"] = time.perf_counter() - started

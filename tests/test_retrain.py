@@ -6,7 +6,7 @@ import torch
 from click.testing import CliRunner
 
 import memkern.retrain as retrain_module
-from memkern.accuracy_tables import read_table
+from memkern.tables import read_table
 from memkern.checkpoints import load_checkpoint
 from memkern.cli.main import main
 from memkern.errors import ConfigError

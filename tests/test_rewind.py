@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from memkern.accuracy_tables import COLUMNS, read_table
+from memkern.tables import COLUMNS, read_table
 from memkern.checkpoints import load_checkpoint
 from memkern.cli.main import main
 from memkern.errors import ConfigError, RunDirError

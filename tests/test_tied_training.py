@@ -10,7 +10,6 @@ from safetensors.torch import save_file
 from memkern.atomic import read_jsonl
 from memkern.cli.main import main
 from memkern.config import TrainConfig
-from memkern.runs import RunDir
 from memkern.train import train
 
 TIED_KEYS = {f"{split}_acc_{mode}" for split in ("clean", "noisy", "test")

@@ -1,0 +1,37 @@
+"""``memkern grads``."""
+from __future__ import annotations
+
+import click
+
+from memkern.cli.options import data_dir_option, device_option
+
+
+@click.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory written by `memkern train`.")
+@click.option("--epochs", help="Comma-separated epochs, e.g. 0,5,10. [default: all checkpoints]")
+@click.option("--mode", type=click.Choice(["auto", "ghost", "func", "loop"]), default="auto",
+              show_default=True, help="How per-example norms are computed (loop: reference).")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@data_dir_option
+@device_option
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def grads(run_dir, epochs, mode, batch_size, data_dir, device, progress):
+    """Per-example, per-layer gradient norms and clean/noisy gradient accounting of a run.
+
+    Writes RUN/grads/: summary.csv (per epoch x layer group: summed clean and noisy gradient
+    norms, their cosine, per-example norm statistics), per_example_epoch_NNN.csv (every
+    example's per-group norms), summed_norms.png and cosine.png. Complete epochs are skipped
+    on a rerun.
+
+    \b
+    Example:
+      memkern grads --run runs/digits --epochs 0,10,20,30
+    """
+    from memkern.accounting import gradient_accounting
+    from memkern.cli.options import parse_epochs
+
+    run = gradient_accounting(run=run_dir, epochs=parse_epochs(epochs), mode=mode,
+                              batch_size=batch_size, device=device, data_dir=data_dir,
+                              progress=progress)
+    click.echo(f"gradient accounting saved to {run.grads}")
