@@ -38,10 +38,11 @@ def main() -> None:
 
 def _register() -> None:
     from memkern.cli.env import env
+    from memkern.cli.localize import localize
     from memkern.cli.sites import sites
     from memkern.cli.train import train
 
-    for command in (train, sites, env):
+    for command in (train, sites, localize, env):
         main.add_command(command)
 
 
