@@ -26,7 +26,7 @@ def _state(model, objective, space, x, target, on, need_grad: bool):
         with torch.set_grad_enabled(need_grad):
             loss, clean = objective(model(x)[None], target[None])
         grad = torch.autograd.grad(loss.sum(), m)[0][0] if need_grad else None
-    return float(loss[0]), int(clean[0].argmax()), grad
+    return float(loss[0].detach()), int(clean[0].argmax()), grad
 
 
 def exhaustive_localize(model: nn.Module, objective: LocalizationObjective, targets: torch.Tensor,
