@@ -106,7 +106,7 @@ def plot_summary(summary: dict, path: str | Path, *, max_channels: int | None = 
                            label="unedited" if i == 0 else None)
     axes[2].set_xticks(range(3), ["clean train", "noisy train", "test"])
     axes[2].set(ylabel="accuracy", ylim=(0, 1.05), title="accuracy of the edited model")
-    axes[2].legend(fontsize=8)
+    axes[2].legend(fontsize=8, loc="lower center")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
