@@ -42,15 +42,17 @@ def main() -> None:
 
 def _register() -> None:
     from memkern.cli.env import env
+    from memkern.cli.demo import demo
     from memkern.cli.evaluate import evaluate
     from memkern.cli.grads import grads
+    from memkern.cli.localize import localize
     from memkern.cli.report import report
     from memkern.cli.retrain import retrain
     from memkern.cli.rewind import rewind
     from memkern.cli.sites import sites
     from memkern.cli.train import train
 
-    for command in (train, evaluate, grads, rewind, retrain, report, sites, env):
+    for command in (train, evaluate, grads, rewind, retrain, localize, report, demo, sites, env):
         main.add_command(command)
 
 

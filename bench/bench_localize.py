@@ -1,0 +1,189 @@
+"""Localization benchmarks (CPU), each peer measured side by side in one run.
+
+(a) single-channel ablation scan of every pre-norm channel of ResNet-9 (1,344 channels, BN in
+    eval mode, one 32x32x3 example): naive loop of full forwards, captum LayerFeatureAblation
+    (64 perturbations per forward), memkern's batched scan. Quick mode: two late sites, 12x12.
+(b) greedy localization on the digits cnn: targets per second, all targets batched vs the same
+    code one target at a time (same results, tests/test_localize.py) vs the paper's loop
+    (model copy per target, weight gradients, w * dL/dw filter scores).
+Peak memory: the process's resident high-water mark after each method (ru_maxrss), so only
+increases are attributable to the method run last.
+"""
+import copy
+import resource
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import QUICK, rounds
+from memkern.data import load_dataset, prepare
+from memkern.localize import (LocalizationObjective, ablation_scan, channel_space,
+                              greedy_localize, naive_ablation_scan, reference_indices)
+from memkern.models import build_model
+from memkern.sites import channel_sites
+
+_TIMES: dict[str, dict[str, float]] = {"scan": {}, "greedy": {}}
+
+
+def _peak_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _record(benchmark, group: str, name: str, info: dict, work: int, unit: str) -> None:
+    mean = benchmark.stats.stats.mean
+    _TIMES[group][name] = mean
+    benchmark.extra_info.update(info)
+    benchmark.extra_info.update({"peak_rss_mib": _peak_mib(), f"{unit}_per_s": work / mean})
+    for other, t in _TIMES[group].items():
+        if other != name:
+            benchmark.extra_info[f"speedup_vs_{other}"] = t / mean
+
+
+@pytest.fixture(scope="module")
+def resnet9_case():
+    torch.manual_seed(0)
+    size = 12 if QUICK else 32
+    model = build_model("resnet9", num_classes=10, in_channels=3, image_size=size).eval()
+    for m in model.modules():  # non-trivial running statistics, as after training
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.normal_(0, 0.1)
+            m.running_var.uniform_(0.5, 2.0)
+    sites = ["res2.body.1.pre", "conv4.pre"] if QUICK else None
+    space = channel_space(model, sites)
+    x = torch.randn(1, 3, size, size)
+    y = torch.tensor([3])
+    return model, space, x, y
+
+
+def _scan_info(context_info, space, x):
+    return {**context_info, "channels": space.total, "input": list(x.shape), "dtype": "float32"}
+
+
+def test_scan_naive(benchmark, resnet9_case, context_info):
+    model, space, x, y = resnet9_case
+    benchmark.group = "ablation-scan-resnet9"
+    with torch.no_grad():
+        benchmark.pedantic(naive_ablation_scan, args=(model, x, y), kwargs={"sites": space},
+                           rounds=rounds(2), warmup_rounds=1 if rounds(2) > 1 else 0)
+    _record(benchmark, "scan", "naive", _scan_info(context_info, space, x), space.total, "channels")
+
+
+def test_scan_captum(benchmark, resnet9_case, context_info):
+    captum = pytest.importorskip("captum.attr")
+    model, space, x, y = resnet9_case
+    benchmark.group = "ablation-scan-resnet9"
+    sites = channel_sites(model)
+    modules = dict(model.named_modules())
+    # the pre-norm activation is the output of the conv just before the site
+    convs = {s: modules[s.rpartition(".")[0] + (".conv" if s.endswith(".pre") else "")]
+             for s in space.names}
+
+    def forward(inp):
+        return F.log_softmax(model(inp), dim=1)
+
+    def scan():
+        with torch.no_grad():
+            for s in space.names:
+                lfa = captum.LayerFeatureAblation(forward, convs[s])
+                mask = torch.arange(sites[s].channels).view(1, -1, 1, 1)
+                lfa.attribute(x, target=y, layer_mask=mask, perturbations_per_eval=64)
+
+    benchmark.pedantic(scan, rounds=rounds(2), warmup_rounds=1 if rounds(2) > 1 else 0)
+    _record(benchmark, "scan", "captum", _scan_info(context_info, space, x), space.total, "channels")
+
+
+def test_scan_memkern(benchmark, resnet9_case, context_info):
+    model, space, x, y = resnet9_case
+    benchmark.group = "ablation-scan-resnet9"
+    got = benchmark.pedantic(ablation_scan, args=(model, x, y), kwargs={"sites": space},
+                             rounds=rounds(3), warmup_rounds=1 if rounds(3) > 1 else 0)
+    sample = torch.randperm(space.total)[:16]
+    want = naive_ablation_scan(model, x, y, sites=space, candidates=sample)
+    benchmark.extra_info["max_abs_err_vs_naive"] = float((got[sample] - want[sample]).abs().max())
+    _record(benchmark, "scan", "memkern", _scan_info(context_info, space, x), space.total,
+            "channels")
+
+
+@pytest.fixture(scope="module")
+def digits_case():
+    """Digits cnn at a fixed random init; labels = its own predictions, so every target starts
+    fitted and greedy has channels to zero."""
+    torch.manual_seed(0)
+    data = prepare(load_dataset("digits"), noise_rate=0.0, seed=0)
+    model = build_model("cnn", num_classes=10, in_channels=1, image_size=8).eval()
+    with torch.no_grad():
+        labels = model(data.train_images).argmax(1)
+    refs = reference_indices(len(labels), 16 if QUICK else 128, seed=0)
+    objective = LocalizationObjective(data.train_images, labels, refs)
+    targets = torch.arange(4 if QUICK else 32)
+    return model, channel_space(model), objective, targets, 3 if QUICK else 10
+
+
+def _greedy_info(context_info, objective, targets, max_channels):
+    return {**context_info, "targets": len(targets), "ref_batch": len(objective.ref),
+            "max_channels": max_channels, "model": "cnn", "dataset": "digits"}
+
+
+def _paper_loop(model, objective, targets, cap):
+    """The paper's procedure as its reference code runs it: per target, a model copy, a full
+    backward (weight gradients), score = sum over each filter of w * dL/dw, the best filter's
+    weights set to zero. Same objective, refs and stop rule as memkern's greedy."""
+    names = ("block1", "block2", "block3", "hidden")
+    out = []
+    for t in targets:
+        edited = copy.deepcopy(model).eval()
+        weights = [dict(edited.named_modules())[n + (".linear" if n == "hidden" else ".conv")].weight
+                   for n in names]
+        x = objective.inputs(t[None])
+        zeroed = [torch.zeros(w.shape[0], dtype=torch.bool) for w in weights]
+        for _ in range(cap + 1):
+            loss, clean = objective(edited(x)[None], t[None])
+            if int(clean.argmax()) != int(objective.labels[t]) or sum(int(z.sum()) for z in zeroed) >= cap:
+                break
+            grads = torch.autograd.grad(loss.sum(), weights)
+            scores = [(w * g).flatten(1).sum(1).masked_fill(z, float("-inf"))
+                      for w, g, z in zip(weights, grads, zeroed)]
+            best = max(range(len(scores)), key=lambda i: float(scores[i].max()))
+            c = int(scores[best].argmax())
+            with torch.no_grad():
+                weights[best][c] = 0
+            zeroed[best][c] = True
+        out.append(zeroed)
+    return out
+
+
+def test_greedy_paper_loop(benchmark, digits_case, context_info):
+    model, space, objective, targets, cap = digits_case
+    benchmark.group = "greedy-digits-cnn"
+    benchmark.pedantic(_paper_loop, args=(model, objective, targets, cap), rounds=rounds(2),
+                       warmup_rounds=0)
+    _record(benchmark, "greedy", "paper_loop", _greedy_info(context_info, objective, targets, cap),
+            len(targets), "targets")
+
+
+def test_greedy_one_at_a_time(benchmark, digits_case, context_info):
+    model, space, objective, targets, cap = digits_case
+    benchmark.group = "greedy-digits-cnn"
+
+    def loop():
+        return [greedy_localize(model, objective, t[None], space=space, max_channels=cap)[0]
+                for t in targets]
+
+    benchmark.pedantic(loop, rounds=rounds(2), warmup_rounds=0)
+    _record(benchmark, "greedy", "one_at_a_time", _greedy_info(context_info, objective, targets, cap),
+            len(targets), "targets")
+
+
+def test_greedy_batched(benchmark, digits_case, context_info):
+    model, space, objective, targets, cap = digits_case
+    benchmark.group = "greedy-digits-cnn"
+    started = time.perf_counter()
+    res = benchmark.pedantic(greedy_localize, args=(model, objective, targets),
+                             kwargs={"space": space, "max_channels": cap},
+                             rounds=rounds(2), warmup_rounds=0)
+    benchmark.extra_info["mean_channels"] = sum(len(r.channels) for r in res) / len(res)
+    benchmark.extra_info["wall_s_all_rounds"] = time.perf_counter() - started
+    _record(benchmark, "greedy", "batched", _greedy_info(context_info, objective, targets, cap),
+            len(targets), "targets")

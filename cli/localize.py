@@ -1,0 +1,57 @@
+"""``memkern localize``."""
+from __future__ import annotations
+
+import click
+
+from memkern.cli.options import data_dir_option, device_option
+
+
+@click.command()
+@click.option("--ckpt", required=True, type=click.Path(dir_okay=False),
+              help="Checkpoint (its run's config rebuilds model, data and noise).")
+@click.option("--examples", default="noisy", show_default=True,
+              help="noisy | clean | all (noisy and clean interleaved) | FILE of indices.")
+@click.option("--limit", type=int, help="Localize at most N of the selected examples.")
+@click.option("--method", type=click.Choice(["greedy", "exhaustive"]), default="greedy",
+              show_default=True, help="greedy: gradient score (the paper's); exhaustive: exact.")
+@click.option("--max-channels", type=int, default=50, show_default=True,
+              help="Give up (flipped: false) after zeroing this many channels.")
+@click.option("--eot", type=int, default=0, show_default=True,
+              help="Gaussian-noised copies of the target averaged in the objective.")
+@click.option("--ref-batch", type=int, default=512, show_default=True,
+              help="Other training examples kept right by the objective.")
+@click.option("--candidates", type=int, help="Exhaustive: scan only the top K channels by "
+              "gradient score at each step (default: all).")
+@click.option("--sites", multiple=True, help="Site names (comma-separated or repeated); "
+              "default: every pre-norm site. See `memkern sites`.")
+@click.option("--out", type=click.Path(dir_okay=False),
+              help="JSON-lines output. [default: <run dir>/localize.jsonl]")
+@click.option("--chunk", type=int, default=32, show_default=True,
+              help="Targets localized together (and saved) at a time.")
+@click.option("--seed", type=int, default=0, show_default=True,
+              help="Seed of the reference batch and the EoT noise.")
+@device_option
+@data_dir_option
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def localize(ckpt, examples, limit, method, max_channels, eot, ref_batch, candidates, sites, out,
+             chunk, seed, device, data_dir, progress):
+    """Find the channels whose zeroing flips each example's prediction (PAPER.md Exp. 4).
+
+    Appends one line per example to the output (a killed run resumes where it stopped),
+    then writes localize_summary.json and localize.png beside it and prints a table.
+
+    \b
+    Example:
+      memkern localize --ckpt runs/digits/checkpoints/epoch_030.safetensors \\
+          --examples all --limit 288
+    """
+    from memkern.localize import format_table, localize as run_localize
+
+    result = run_localize(
+        ckpt=ckpt, examples=examples, limit=limit, method=method, max_channels=max_channels,
+        eot=eot, ref_batch=ref_batch, candidates=candidates,
+        sites=[s for v in sites for s in v.split(",") if s] or None, out=out, chunk=chunk,
+        seed=seed, device=device, data_dir=data_dir, progress=progress)
+    click.echo(format_table(result.summary))
+    click.echo(f"results: {result.path}; summary: {result.path.parent / 'localize_summary.json'}"
+               f", figure: {result.path.parent / 'localize.png'}")

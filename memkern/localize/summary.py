@@ -1,0 +1,122 @@
+"""Summary of a localize output: channels needed (noisy vs clean), where the critical channels
+sit (per site), and what the edits cost in accuracy. Works on any existing ``localize.jsonl``.
+"""
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Sequence
+
+from memkern.atomic import atomic_write, atomic_write_json
+
+GROUPS = ("noisy", "clean")
+ACCS = ("clean_acc", "noisy_acc", "test_acc")
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(rows: list[dict], *, site_order: Sequence[str] | None = None,
+              base: dict[str, float] | None = None) -> dict:
+    """Per group (noisy / clean targets): count, flip rate, median and mean channels of the
+    flipped ones, mean edited accuracies; per site: the fraction of each group's zeroed
+    channels that sit there. ``base``: the unedited model's accuracies, for the cost."""
+    seen = [s for r in rows for s, _ in r["channels"]]
+    sites = list(site_order) if site_order else sorted(set(seen))
+    out: dict = {"examples": len(rows), "sites": sites, "base": base, "groups": {}}
+    for g in GROUPS:
+        rs = [r for r in rows if r["noisy"] == (g == "noisy")]
+        flipped = [r["n_channels"] for r in rs if r["flipped"]]
+        zeroed = [s for r in rs for s, _ in r["channels"]]
+        entry = {
+            "count": len(rs),
+            "flip_rate": _mean([float(r["flipped"]) for r in rs]),
+            "median_channels_flipped": statistics.median(flipped) if flipped else None,
+            "mean_channels_flipped": _mean([float(v) for v in flipped]),
+            "n_channels": [r["n_channels"] for r in rs],
+            "flipped": [r["flipped"] for r in rs],
+            "site_fraction": {s: (zeroed.count(s) / len(zeroed) if zeroed else 0.0) for s in sites},
+            "mean_sites_per_example": _mean([float(len({s for s, _ in r["channels"]})) for r in rs
+                                             if r["channels"]]),
+        }
+        for a in ACCS:
+            entry[f"edited_{a}"] = _mean([r[a] for r in rs])
+        out["groups"][g] = entry
+    return out
+
+
+def format_table(summary: dict) -> str:
+    """A plain-text table of :func:`summarize`'s result."""
+    def f(v, spec=".3f"):
+        return "-" if v is None else format(v, spec)
+
+    base = summary.get("base") or {}
+    lines = [f"{'targets':<8}{'count':>6}{'flipped':>9}{'median ch':>11}{'mean ch':>9}"
+             f"{'sites/ex':>9}{'clean acc':>11}{'noisy acc':>11}{'test acc':>10}"]
+    for g, e in summary["groups"].items():
+        lines.append(f"{g:<8}{e['count']:>6}{f(e['flip_rate']):>9}"
+                     f"{f(e['median_channels_flipped'], 'g'):>11}{f(e['mean_channels_flipped'], '.1f'):>9}"
+                     f"{f(e['mean_sites_per_example'], '.1f'):>9}{f(e['edited_clean_acc']):>11}"
+                     f"{f(e['edited_noisy_acc']):>11}{f(e['edited_test_acc']):>10}")
+    if base:
+        lines.append(f"{'unedited':<8}{'':>6}{'':>9}{'':>11}{'':>9}{'':>9}{f(base['clean_acc']):>11}"
+                     f"{f(base['noisy_acc']):>11}{f(base['test_acc']):>10}")
+    lines.append("share of zeroed channels per site (noisy / clean):")
+    for s in summary["sites"]:
+        lines.append(f"  {s:<24}{summary['groups']['noisy']['site_fraction'][s]:>7.3f}"
+                     f"{summary['groups']['clean']['site_fraction'][s]:>8.3f}")
+    return "\n".join(lines)
+
+
+def plot_summary(summary: dict, path: str | Path, *, max_channels: int | None = None) -> None:
+    """Three panels: histogram of channels needed (unflipped counted at the cap), share of
+    zeroed channels per site, mean accuracies of the edited models (dashed: unedited)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = summary["groups"]
+    colors = {"noisy": "tab:red", "clean": "tab:blue"}
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    top = max([max(e["n_channels"], default=0) for e in groups.values()] + [max_channels or 1])
+    bins = range(0, top + 2)
+    for g, e in groups.items():
+        axes[0].hist(e["n_channels"], bins=bins, alpha=0.6, color=colors[g],
+                     label=f"{g} (n={e['count']}, flipped {0 if e['flip_rate'] is None else e['flip_rate']:.0%})")
+    axes[0].set(xlabel="channels zeroed (unflipped: at the cap)", ylabel="examples",
+                title="channels needed to flip an example")
+    axes[0].legend()
+    sites = summary["sites"]
+    width = 0.4
+    for k, (g, e) in enumerate(groups.items()):
+        axes[1].bar([i + (k - 0.5) * width for i in range(len(sites))],
+                    [e["site_fraction"][s] for s in sites], width, color=colors[g], label=g)
+    axes[1].set_xticks(range(len(sites)), sites, rotation=45, ha="right", fontsize=8)
+    axes[1].set(ylabel="share of zeroed channels", title="where the critical channels sit")
+    axes[1].legend()
+    for k, (g, e) in enumerate(groups.items()):
+        axes[2].bar([i + (k - 0.5) * width for i in range(3)],
+                    [e[f"edited_{a}"] or 0.0 for a in ACCS], width, color=colors[g],
+                    label=f"edits of {g} targets")
+    base = summary.get("base")
+    if base:
+        for i, a in enumerate(ACCS):
+            axes[2].hlines(base[a], i - 0.45, i + 0.45, colors="k", linestyles="dashed",
+                           label="unedited" if i == 0 else None)
+    axes[2].set_xticks(range(3), ["clean train", "noisy train", "test"])
+    axes[2].set(ylabel="accuracy", ylim=(0, 1.05), title="accuracy of the edited model")
+    axes[2].legend(fontsize=8, loc="lower center")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+
+
+def write_summary(rows: list[dict], out_dir: str | Path, *, site_order: Sequence[str] | None = None,
+                  base: dict[str, float] | None = None, max_channels: int | None = None) -> dict:
+    """``localize_summary.json`` and ``localize.png`` in ``out_dir``; returns the summary."""
+    summary = summarize(rows, site_order=site_order, base=base)
+    out_dir = Path(out_dir)
+    atomic_write_json(out_dir / "localize_summary.json", summary)
+    plot_summary(summary, out_dir / "localize.png", max_channels=max_channels)
+    return summary
