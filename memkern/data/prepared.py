@@ -8,13 +8,13 @@ import torch
 from torch.utils.data import Dataset
 
 from memkern.data.noise import LabelNoise, apply_label_noise
-from memkern.data.splits import RawSplits
+from memkern.data.splits import ImageShape, RawSplits
 
 NATURAL_IMAGES = ("cifar10", "svhn")  # datasets where crop (+ flip for cifar10) augmentation fits
 
 
 @dataclass
-class PreparedData:
+class PreparedData(ImageShape):
     """float32 images ``[N, C, S, S]`` normalized by the train split's per-channel mean/std;
     ``train_labels`` are the (noisy) labels the model is trained on; ``noise.noisy_mask`` marks
     the noisy ("memorized") set."""
@@ -26,14 +26,6 @@ class PreparedData:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     noise: LabelNoise
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.train_images.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train_images.shape[-1])
 
     @property
     def noisy_mask(self) -> torch.Tensor:

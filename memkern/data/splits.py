@@ -6,8 +6,22 @@ from dataclasses import dataclass
 import torch
 
 
+class ImageShape:
+    """Shape facts of a dataclass holding ``train_images`` ``[N, C, S, S]``."""
+
+    train_images: torch.Tensor
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_images.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_images.shape[-1])
+
+
 @dataclass(frozen=True)
-class RawSplits:
+class RawSplits(ImageShape):
     """A dataset's standard train and test splits, as loaded from its published files.
 
     Images are uint8 ``[N, C, H, W]`` (channels first, whatever the file's layout); labels are
@@ -20,11 +34,3 @@ class RawSplits:
     test_images: torch.Tensor
     test_labels: torch.Tensor
     num_classes: int
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.train_images.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train_images.shape[-1])
