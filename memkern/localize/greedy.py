@@ -1,11 +1,17 @@
 """Greedy localization (PAPER.md Experiment 4), many targets at once.
 
-Each target's zeroed set is one row of a flat channel mask; its rows of the batch (clean target,
-EoT copies, reference batch) run under that mask, so T targets need no model copies and no
-Python loop over targets. Score of channel c = dL/dm_c at m = 1: zeroing c changes L by about
--dL/dm_c (for a bias-free filter before its norm this equals the paper's sum over the filter of
-w * dL/dw), so the channel with the largest score is zeroed. A target stops when its clean
-prediction leaves its training label ("flipped") or at ``max_channels`` zeroed.
+Each target's zeroed set is one row of a flat channel mask; its rows run under that mask, so T
+targets need no model copies and no Python loop over targets. Score of channel c = dL/dm_c at
+m = 1: zeroing c changes L by about -dL/dm_c (for a bias-free filter before its norm this equals
+the paper's sum over the filter of w * dL/dw), so the channel with the largest score is zeroed.
+A target stops when its clean prediction leaves its training label ("flipped") or at
+``max_channels`` zeroed.
+
+Work sharing, exact: the reference batch (B rows, nearly all the work when B >> 1) depends on a
+target only through its mask (:mod:`memkern.localize.objective`), so each step runs it once per
+distinct mask among the running targets, not once per target: every target shares it at step 0,
+and targets whose greedy paths coincide keep sharing. Targets that stop at a step need the
+reference rows forward only (their trace value), never backward.
 """
 from __future__ import annotations
 
@@ -52,52 +58,111 @@ def greedy_localize(model: nn.Module, objective: LocalizationObjective, targets:
                     space: ChannelSpace, max_channels: int = 50, max_rows: int = MAX_ROWS,
                     on_step: Callable[[int], None] | None = None) -> list[Localization]:
     """Localize every target of ``targets`` (int64 ``[T]`` dataset indices) together; finished
-    targets drop out of the batch. ``on_step(n)`` is told how many targets finished."""
+    targets drop out. ``on_step(n)`` is told how many targets finished."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
-    p = objective.rows_per_target
-    inputs = objective.inputs(targets).to(device=device, dtype=dtype).view(len(targets), p, -1)
-    shape = objective.images.shape[1:]
+    passes = _Passes(model, objective, space, targets, device, dtype, max_rows)
     on = torch.ones(len(targets), space.total, dtype=torch.bool, device=device)
     results = [Localization(int(i)) for i in targets]
+    counts = torch.zeros(len(targets), dtype=torch.long)
     active = torch.arange(len(targets))
-    group = max(1, max_rows // p)
-    with frozen(model), row_masks(model, space) as ops:
+    cap = min(max_channels, space.total)
+    with frozen(model), row_masks(model, space) as passes.ops:
         while len(active):
-            still = []
-            for start in range(0, len(active), group):
-                ids = active[start:start + group]
-                still.append(ids[_step(model, objective, ops, space, inputs[ids].view(-1, *shape),
-                                       targets[ids], on, ids, results, max_channels)])
-            active = torch.cat(still)
+            part, clean = passes.targets(on, active)
+            flipped = clean.argmax(1).cpu() != objective.labels[targets[active]]
+            cont = ~flipped & (counts[active] < cap)
+            loss, grad = passes.references(on, active, cont, part)
+            for j, i in enumerate(active.tolist()):
+                results[i].trace.append(float(loss[j]))
+                if not cont[j]:
+                    results[i].flipped = bool(flipped[j])
+                    results[i].zeroed = ~on[i].cpu()
+            if cont.any():
+                score = grad.masked_fill(~on[active[cont]], float("-inf"))
+                for i, c in zip(active[cont].tolist(), score.argmax(1).tolist()):
+                    on[i, c] = False
+                    results[i].channels.append(space.locate(c))
+                    counts[i] += 1
+            active = active[cont]
             if on_step is not None:
-                on_step(sum(r.zeroed is not None for r in results))
-        set_masks(ops, space, None)
+                on_step(len(targets) - len(active))
+        set_masks(passes.ops, space, None)
     return results
 
 
-def _step(model, objective, ops, space, x, targets, on, ids, results, max_channels) -> torch.Tensor:
-    """One forward (+ backward for those continuing) of targets ``ids``; zeroes one channel
-    each. Returns the bool mask of ``ids`` still running."""
-    m = on[ids].to(x.dtype).requires_grad_(True)
-    set_masks(ops, space, m.repeat_interleave(objective.rows_per_target, dim=0))
-    logits = model(x).view(len(ids), objective.rows_per_target, -1)
-    loss, clean = objective(logits, targets)
-    flipped = (clean.argmax(1).cpu() != objective.labels[targets])
-    counts = torch.tensor([len(results[i].channels) for i in ids.tolist()])
-    cont = ~flipped & (counts < min(max_channels, space.total))
-    for j, i in enumerate(ids.tolist()):
-        results[i].trace.append(float(loss[j].detach()))
-        if not cont[j]:
-            results[i].flipped = bool(flipped[j])
-            results[i].zeroed = ~on[i].cpu()
-    if cont.any():
-        (grad,) = torch.autograd.grad(loss[cont.to(loss.device)].sum(), m)
-        score = grad.detach().masked_fill(~on[ids], float("-inf"))
-        pick = score.argmax(1).cpu()
-        for j in torch.nonzero(cont).flatten().tolist():
-            i, c = int(ids[j]), int(pick[j])
-            on[i, c] = False
-            results[i].channels.append(space.locate(c))
-    return cont
+class _Passes:
+    """The two kinds of forward/backward pass of one greedy step, chunked to ``max_rows``."""
+
+    def __init__(self, model, objective, space, targets, device, dtype, max_rows):
+        self.model, self.objective, self.space, self.ids = model, objective, space, targets
+        self.max_rows = max_rows
+        self.x_targets = objective.target_inputs(targets).to(device=device, dtype=dtype)
+        self.x_ref = objective.ref_inputs().to(device=device, dtype=dtype)
+        self.ops: dict = {}
+        self._graphs: list = []
+
+    def targets(self, on: torch.Tensor, active: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward of the target rows of ``active``, graphs kept for the backward: (target part
+        of the objective ``[A]``, clean logits ``[A, classes]``)."""
+        r = self.objective.target_rows
+        shape = self.x_targets.shape[1:]
+        x = self.x_targets.view(len(self.ids), r, *shape)
+        self._graphs, parts, cleans = [], [], []
+        for chunk in torch.split(active, max(1, self.max_rows // r)):
+            m = on[chunk].to(x.dtype).requires_grad_(True)
+            set_masks(self.ops, self.space, m.repeat_interleave(r, dim=0))
+            logits = self.model(x[chunk].flatten(0, 1)).view(len(chunk), r, -1)
+            part, clean = self.objective.target_terms(logits, self.ids[chunk])
+            self._graphs.append((m, part))
+            parts.append(part.detach())
+            cleans.append(clean.detach())
+        return torch.cat(parts), torch.cat(cleans)
+
+    def references(self, on: torch.Tensor, active: torch.Tensor, cont: torch.Tensor,
+                   part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Reference rows once per distinct mask of ``active``: (objective ``[A]``, and for the
+        continuing targets ``cont`` the gradient ``dL/dm`` ``[sum(cont), total]``)."""
+        masks, which = torch.unique(on[active], dim=0, return_inverse=True)
+        which = which.cpu()
+        needs_grad = torch.zeros(len(masks), dtype=torch.bool)
+        needs_grad[which[cont]] = True
+        sums = torch.empty(len(masks), dtype=part.dtype, device=part.device)
+        grads = torch.zeros(len(masks), self.space.total, dtype=part.dtype, device=part.device)
+        per_pass = max(1, self.max_rows // len(self.x_ref))
+        for grad_on in (True, False):
+            chosen = torch.nonzero(needs_grad == grad_on).flatten()
+            for chunk in torch.split(chosen, per_pass) if len(chosen) else ():
+                m = masks[chunk.to(masks.device)].to(part.dtype).requires_grad_(grad_on)
+                with torch.set_grad_enabled(grad_on):
+                    s = self._ref_sums(m)
+                sums[chunk] = s.detach()
+                if grad_on:
+                    (grads[chunk],) = torch.autograd.grad(s.sum(), m)
+        counts = self.objective.ref_counts(self.ids[active]).to(part.device, part.dtype)
+        loss = sums[which.to(sums.device)] / counts + part
+        if not cont.any():
+            return loss, None
+        grad = grads[which[cont].to(grads.device)] / counts[cont.to(counts.device), None]
+        return loss, grad + self._target_grads(active, cont)
+
+    def _ref_sums(self, m: torch.Tensor) -> torch.Tensor:
+        b = len(self.x_ref)
+        set_masks(self.ops, self.space, m.repeat_interleave(b, dim=0))
+        x = self.x_ref.repeat(len(m), *[1] * (self.x_ref.dim() - 1))
+        return self.objective.ref_sums(self.model(x).view(len(m), b, -1))
+
+    def _target_grads(self, active: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
+        """``d(target part)/dm`` of the continuing targets, from the graphs kept by
+        :meth:`targets`, ``[sum(cont), total]``."""
+        out, start = [], 0
+        for m, part in self._graphs:
+            keep = cont[start:start + len(m)].to(part.device)
+            start += len(m)
+            if keep.any():
+                (g,) = torch.autograd.grad(part[keep].sum(), m)
+                out.append(g[keep])
+        self._graphs = []
+        return torch.cat(out)

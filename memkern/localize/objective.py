@@ -1,12 +1,14 @@
 """The localization objective of PAPER.md Experiment 4, for many targets at once.
 
 For target t (training label y_t, the noisy one for noisy examples) and a fixed reference batch
-of other training examples: ``L_t = mean_{i in ref, i != t} CE_i - CE_t``. With EoT, CE_t is
+of B other training examples: ``L_t = mean_{i in ref, i != t} CE_i - CE_t``. With EoT, CE_t is
 taken on the mean logits of K Gaussian-noised copies (noise norm 1% of the input's norm).
 
-Rows per target (``rows_per_target = 1 + K + B``): the clean target, its K copies, the B
-references. The clean row decides the stop (prediction left y_t); the reference row equal to
-the target itself, if any, has weight 0.
+The objective splits into a reference part that depends on the target only through its mask,
+``S(m) = sum_{i in ref} CE_i(m)``, and target rows (the clean target and its K copies):
+``L_t = (S(m_t) - [t in ref] * CE_t^clean) / (B - [t in ref]) - CE_t`` (the clean row is the
+target's own reference row when t is in the batch). Targets whose masks coincide share S, which
+is what makes batching targets pay (see :mod:`memkern.localize.greedy`).
 """
 from __future__ import annotations
 
@@ -47,31 +49,63 @@ class LocalizationObjective:
         self.eot, self.seed = eot, seed
 
     @property
+    def target_rows(self) -> int:
+        """Rows per target besides the references: the clean target and its EoT copies."""
+        return 1 + self.eot
+
+    @property
     def rows_per_target(self) -> int:
-        return 1 + self.eot + len(self.ref)
+        return self.target_rows + len(self.ref)
+
+    def target_inputs(self, targets: torch.Tensor) -> torch.Tensor:
+        """int64 ``[T]`` dataset indices -> ``[T * target_rows, C, S, S]``."""
+        x = self.images[targets]
+        if not self.eot:
+            return x
+        return torch.cat([x[:, None], eot_copies(x, targets, self.eot, seed=self.seed)],
+                         dim=1).flatten(0, 1)
+
+    def ref_inputs(self) -> torch.Tensor:
+        """``[B, C, S, S]``."""
+        return self.images[self.ref]
 
     def inputs(self, targets: torch.Tensor) -> torch.Tensor:
-        """int64 ``[T]`` dataset indices -> ``[T * rows_per_target, C, S, S]``."""
-        x = self.images[targets]
-        parts = [x[:, None]]
-        if self.eot:
-            parts.append(eot_copies(x, targets, self.eot, seed=self.seed))
-        parts.append(self.images[self.ref][None].expand(len(targets), *self.images[self.ref].shape))
-        return torch.cat(parts, dim=1).flatten(0, 1)
+        """All rows of each target: ``[T * rows_per_target, C, S, S]``, target rows first."""
+        own = self.target_inputs(targets).unflatten(0, (len(targets), self.target_rows))
+        ref = self.ref_inputs()
+        return torch.cat([own, ref[None].expand(len(targets), *ref.shape)], dim=1).flatten(0, 1)
+
+    def target_terms(self, logits: torch.Tensor, targets: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of the target rows ``[T, target_rows, classes]`` -> (the objective's target
+        part ``-[t in ref] CE_t^clean / (B - [t in ref]) - CE_t``, ``[T]``; clean logits
+        ``[T, classes]``)."""
+        y = self.labels[targets].to(logits.device)
+        own = logits[:, 1:].mean(1) if self.eot else logits[:, 0]
+        ce_own = F.cross_entropy(own, y, reduction="none")
+        in_ref = self.in_ref(targets).to(logits.device, logits.dtype)
+        ce_clean = F.cross_entropy(logits[:, 0], y, reduction="none") if self.eot else ce_own
+        return -in_ref * ce_clean / self.ref_counts(targets).to(logits.device, logits.dtype) \
+            - ce_own, logits[:, 0]
+
+    def ref_sums(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits of reference rows under U masks ``[U, B, classes]`` -> ``S`` per mask, ``[U]``."""
+        u, b, k = logits.shape
+        y = self.labels[self.ref].to(logits.device).repeat(u)
+        return F.cross_entropy(logits.reshape(-1, k), y, reduction="none").view(u, b).sum(1)
+
+    def in_ref(self, targets: torch.Tensor) -> torch.Tensor:
+        """bool ``[T]``: the target is one of the reference examples."""
+        return torch.isin(targets, self.ref)
+
+    def ref_counts(self, targets: torch.Tensor) -> torch.Tensor:
+        """``B - [t in ref]`` per target (at least 1), int64 ``[T]``."""
+        return (len(self.ref) - self.in_ref(targets).long()).clamp_min(1)
 
     def __call__(self, logits: torch.Tensor, targets: torch.Tensor
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-        """``logits`` ``[T, rows_per_target, classes]`` -> (objective ``[T]``, clean target
-        logits ``[T, classes]``)."""
-        t, p, k = logits.shape
-        y = self.labels[targets].to(logits.device)
-        own = logits[:, 1:1 + self.eot].mean(1) if self.eot else logits[:, 0]
-        ce_target = F.cross_entropy(own, y, reduction="none")
-        ref_logits = logits[:, 1 + self.eot:]
-        ref_y = self.labels[self.ref].to(logits.device)
-        ce_ref = F.cross_entropy(ref_logits.reshape(-1, k), ref_y.repeat(t),
-                                 reduction="none").view(t, -1)
-        keep = (self.ref.to(logits.device)[None] != targets.to(logits.device)[:, None])
-        keep = keep.to(logits.dtype)
-        ref_mean = (ce_ref * keep).sum(1) / keep.sum(1).clamp_min(1)
-        return ref_mean - ce_target, logits[:, 0]
+        """All rows of each target, ``[T, rows_per_target, classes]`` -> (objective ``[T]``,
+        clean target logits ``[T, classes]``)."""
+        part, clean = self.target_terms(logits[:, :self.target_rows], targets)
+        sums = self.ref_sums(logits[:, self.target_rows:])
+        return sums / self.ref_counts(targets).to(logits.device, logits.dtype) + part, clean
