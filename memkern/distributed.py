@@ -107,7 +107,7 @@ def joined(world: World, device: torch.device) -> Iterator[World]:
             f"within {TIMEOUT_ENV}={seconds} s ({_first_line(e)}); start all {world.size} "
             "ranks with the same MASTER_ADDR/MASTER_PORT (torchrun does)") from e
     try:
-        yield replace(world, device=device if device.type == "cuda" else torch.device("cpu"))
+        yield replace(world, device=device)
     finally:
         dist.destroy_process_group()
 
