@@ -39,11 +39,15 @@ def localize(ckpt, examples, limit, method, max_channels, eot, ref_batch, candid
 
     Appends one line per example to the output (a killed run resumes where it stopped),
     then writes localize_summary.json and localize.png beside it and prints a table.
+    Under torchrun each process localizes its share of the examples; rank 0 merges the
+    results into the output and prints the table.
 
     \b
     Example:
       memkern localize --ckpt runs/digits/checkpoints/epoch_030.safetensors \\
           --examples all --limit 288
+      torchrun --nproc-per-node 2 -m memkern.cli localize \\
+          --ckpt runs/digits/checkpoints/epoch_030.safetensors --examples all
     """
     from memkern.localize import format_table, localize as run_localize
 
@@ -52,6 +56,8 @@ def localize(ckpt, examples, limit, method, max_channels, eot, ref_batch, candid
         eot=eot, ref_batch=ref_batch, candidates=candidates,
         sites=[s for v in sites for s in v.split(",") if s] or None, out=out, chunk=chunk,
         seed=seed, device=device, data_dir=data_dir, progress=progress)
+    if result.summary is None:  # another rank of a torchrun launch: rank 0 reports
+        return
     click.echo(format_table(result.summary))
     click.echo(f"results: {result.path}; summary: {result.path.parent / 'localize_summary.json'}"
                f", figure: {result.path.parent / 'localize.png'}")

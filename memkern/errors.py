@@ -23,3 +23,7 @@ class RunDirError(MemkernError, RuntimeError):
 
 class UnsupportedLayerError(ConfigError):
     """A layer has no per-example gradient rule for the mode asked for."""
+
+
+class DistributedError(MemkernError, RuntimeError):
+    """The processes of a torchrun launch could not join, or one stopped waiting for the others."""

@@ -1,10 +1,16 @@
-"""``memkern localize``: localize many training examples of a checkpoint, resumably.
+"""``memkern localize``: localize many training examples of a checkpoint, resumably, in one
+process or sharded over the processes torchrun starts.
 
 Targets are processed in chunks; after each chunk its lines are appended (fsync'd) to the
 JSON-lines output, so a killed run loses at most one chunk and a rerun skips done indices.
+Under torchrun, rank r of w localizes every w-th target still to do and appends to its own part
+file ``<out>.rank<r>-of-<w>``; rank 0 merges the parts into the output when all are done, and
+at the start of any run (of any world size) merges parts a killed run left behind.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -13,9 +19,10 @@ import torch
 from tqdm import tqdm
 
 from memkern.atomic import append_jsonl, read_jsonl, rewrite_jsonl
+from memkern.distributed import World, joined
 from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
-from memkern.experiment import load_trained
+from memkern.experiment import load_trained, resolve_device
 from memkern.localize.channels import channel_space
 from memkern.localize.edited import edited_accuracies
 from memkern.localize.examples import select_examples
@@ -29,8 +36,10 @@ METHODS = ("greedy", "exhaustive")
 
 @dataclass
 class LocalizeResult:
+    """``summary`` is None on ranks other than 0 of a torchrun launch (rank 0 writes it)."""
+
     path: Path
-    summary: dict
+    summary: dict | None
 
 
 def default_output(ckpt: str | Path) -> Path:
@@ -50,6 +59,45 @@ def recover_jsonl(path: Path) -> list[dict]:
     return rows
 
 
+def part_path(out: Path, rank: int, size: int) -> Path:
+    """Where rank ``rank`` of ``size`` appends its lines: ``<out>.rank<rank>-of-<size>``."""
+    return out.with_name(f"{out.name}.rank{rank}-of-{size}")
+
+
+def part_files(out: Path) -> list[Path]:
+    """Part files of ``out`` left by any world size, in name order."""
+    pattern = re.compile(re.escape(out.name) + r"\.rank\d+-of-\d+")
+    if not out.parent.is_dir():
+        return []
+    return sorted(p for p in out.parent.iterdir() if pattern.fullmatch(p.name))
+
+
+def merge_parts(out: Path, targets: Sequence[int]) -> list[dict]:
+    """Fold the part files of ``out`` into it and remove them; return the output's lines.
+
+    Each index appears once: a line already in ``out`` wins, then the first part holding the
+    index. New lines follow the order of ``targets`` (indices not in it last, ascending). The
+    output is replaced atomically before any part is removed, so a kill in between only leaves
+    parts whose lines the next merge skips as duplicates."""
+    rows = recover_jsonl(out)
+    parts = part_files(out)
+    if not parts:
+        return rows
+    seen = {r["index"] for r in rows}
+    new: dict[int, dict] = {}
+    for p in parts:
+        for r in read_jsonl(p):  # a torn last line (killed mid-write) is skipped
+            if r["index"] not in seen:
+                new.setdefault(r["index"], r)
+    position = {t: i for i, t in enumerate(targets)}
+    rows += sorted(new.values(), key=lambda r: (position.get(r["index"], len(position)),
+                                                r["index"]))
+    rewrite_jsonl(out, rows)
+    for p in parts:
+        p.unlink()
+    return rows
+
+
 def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = None,
              method: str = "greedy", max_channels: int = 50, eot: int = 0, ref_batch: int = 512,
              candidates: int | None = None, sites: Sequence[str] | None = None,
@@ -57,7 +105,12 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
              max_rows: int = MAX_ROWS, device: str = "auto", data_dir: str | Path | None = None,
              progress: bool = True) -> LocalizeResult:
     """Localize the selected examples of ``ckpt``; append one line per example to ``out``
-    (default :func:`default_output`), then write the summary (JSON + PNG) beside it."""
+    (default :func:`default_output`), then write the summary (JSON + PNG) beside it.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank must call this with the same arguments; each
+    localizes a disjoint shard, and rank 0 merges, summarizes and returns the summary. Inputs
+    are checked and the checkpoint loaded before the process group is joined, so bad input
+    fails alike on every rank without a collective."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     for name, value, low in (("max-channels", max_channels, 1), ("eot", eot, 0),
@@ -66,45 +119,72 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
             raise ConfigError(f"--{name} must be at least {low}, got {value}")
     if candidates is not None and candidates < 1:
         raise ConfigError(f"--candidates must be at least 1, got {candidates}")
-    trained = load_trained(ckpt, device=device, data_dir=data_dir)
+    world = World.from_env()
+    place = world.place(resolve_device(device))
+    trained = load_trained(ckpt, device=str(place), data_dir=data_dir)
     model, data = trained.model, trained.data
     space = channel_space(model, sites)
-    targets = select_examples(data, examples, limit=limit)
+    targets = select_examples(data, examples, limit=limit).tolist()
     out = Path(out) if out is not None else default_output(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {row["index"] for row in recover_jsonl(out)}
-    todo = torch.tensor([t for t in targets.tolist() if t not in done], dtype=torch.long)
     objective = LocalizationObjective(
         data.train_images, data.train_labels,
         reference_indices(len(data.train_labels), ref_batch, seed=seed), eot=eot, seed=seed)
-    bar = tqdm(total=len(targets), initial=len(targets) - len(todo), unit="example",
-               desc=f"localize ({method})", disable=not progress, dynamic_ncols=True)
-    for start in range(0, len(todo), chunk):
-        part = todo[start:start + chunk]
-        seen = [0]
+    with joined(world, place) as world:
+        if world.main:
+            merge_parts(out, targets)  # lines a killed run left in part files count as done
+        world.barrier()
+        done = {row["index"] for row in read_jsonl(out)}
+        todo = [t for t in targets if t not in done]
+        mine = torch.tensor(todo[world.rank::world.size], dtype=torch.long)
+        sink = out if world.size == 1 else part_path(out, world.rank, world.size)
+        bar = tqdm(total=len(targets), initial=len(targets) - len(todo), unit="example",
+                   desc=f"localize ({method})", disable=not (progress and world.main),
+                   dynamic_ncols=True)
+        # Every rank runs the same number of rounds (rank 0's shard is the longest) and sums
+        # progress after each, so waits stay within one chunk and rank 0's bar counts all.
+        longest = math.ceil(len(todo) / world.size)
+        for start in range(0, longest, chunk):
+            part = mine[start:start + chunk]
+            shown = [0]
 
-        def on_step(finished: int) -> None:
-            bar.update(finished - seen[0])
-            seen[0] = finished
+            def on_step(finished: int) -> None:
+                bar.update(finished - shown[0])
+                shown[0] = finished
 
-        if method == "greedy":
-            results = greedy_localize(model, objective, part, space=space,
-                                      max_channels=max_channels, max_rows=max_rows, on_step=on_step)
-        else:
-            results = exhaustive_localize(model, objective, part, space=space,
-                                          max_channels=max_channels, candidates=candidates,
-                                          max_rows=max_rows, on_step=on_step)
-        accs = edited_accuracies(model, data, space, torch.stack([r.zeroed for r in results]))
-        for r, acc in zip(results, accs):
-            append_jsonl(out, {
-                "index": r.index, "noisy": bool(data.noisy_mask[r.index]),
-                "label": int(data.train_labels[r.index]), "method": method,
-                "flipped": r.flipped, "channels": [[s, c] for s, c in r.channels],
-                "n_channels": len(r.channels), "trace": r.trace, **acc})
-    bar.close()
-    summary = write_summary(read_jsonl(out), out.parent, site_order=space.names,
+            if len(part):
+                _localize_chunk(model, data, objective, part, sink, method=method, space=space,
+                                max_channels=max_channels, candidates=candidates,
+                                max_rows=max_rows, on_step=on_step)
+            bar.update(world.sum(len(part)) - shown[0])
+        bar.close()
+        world.barrier()  # every part file is complete (each line was fsync'd)
+        if not world.main:
+            return LocalizeResult(path=out, summary=None)
+        rows = merge_parts(out, targets)
+    summary = write_summary(rows, out.parent, site_order=space.names,
                             base=split_accuracies(model, data), max_channels=max_channels)
     return LocalizeResult(path=out, summary=summary)
+
+
+def _localize_chunk(model, data, objective, part: torch.Tensor, sink: Path, *, method: str,
+                    space, max_channels: int, candidates: int | None, max_rows: int,
+                    on_step) -> None:
+    """Localize ``part`` (int64 indices) and append one line per target to ``sink``."""
+    if method == "greedy":
+        results = greedy_localize(model, objective, part, space=space,
+                                  max_channels=max_channels, max_rows=max_rows, on_step=on_step)
+    else:
+        results = exhaustive_localize(model, objective, part, space=space,
+                                      max_channels=max_channels, candidates=candidates,
+                                      max_rows=max_rows, on_step=on_step)
+    accs = edited_accuracies(model, data, space, torch.stack([r.zeroed for r in results]))
+    for r, acc in zip(results, accs):
+        append_jsonl(sink, {
+            "index": r.index, "noisy": bool(data.noisy_mask[r.index]),
+            "label": int(data.train_labels[r.index]), "method": method,
+            "flipped": r.flipped, "channels": [[s, c] for s, c in r.channels],
+            "n_channels": len(r.channels), "trace": r.trace, **acc})
 
 
 def load_results(path: str | Path) -> list[dict]:
