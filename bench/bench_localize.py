@@ -5,7 +5,10 @@
     (64 perturbations per forward), memkern's batched scan. Quick mode: two late sites, 12x12.
 (b) greedy localization on a trained digits cnn (10% noise): targets per second, all targets
     batched vs the same code one target at a time (same results, tests/test_localize.py) vs
-    the paper's loop (model copy per target, weight gradients, w * dL/dw filter scores).
+    the paper's loop (model copy per target, weight gradients, w * dL/dw filter scores);
+    32 targets (16 noisy, 16 clean), 512 references, cap 50 channels.
+(c) one greedy pass at 129 to 4,128 rows: rows per second, i.e. how much of the CPU one
+    target's pass already uses.
 Peak memory: the process's resident high-water mark after each method (ru_maxrss), so only
 increases are attributable to the method run last.
 """
@@ -22,7 +25,9 @@ from memkern.config import TrainConfig
 from memkern.experiment import load_trained
 from memkern.localize import (LocalizationObjective, ablation_scan, channel_space,
                               greedy_localize, naive_ablation_scan, reference_indices)
+from memkern.localize.channels import row_masks, set_masks
 from memkern.localize.examples import select_examples
+from memkern.localize.greedy import frozen
 from memkern.models import build_model
 from memkern.train import train
 from memkern.sites import channel_sites
@@ -190,3 +195,26 @@ def test_greedy_batched(benchmark, digits_case, context_info):
     benchmark.extra_info["wall_s_all_rounds"] = time.perf_counter() - started
     _record(benchmark, "greedy", "batched", _greedy_info(context_info, objective, targets, cap),
             len(targets), "targets")
+
+
+@pytest.mark.parametrize("rows", [129, 513, 1024, 4128])
+def test_greedy_pass_rows(benchmark, digits_case, context_info, rows):
+    """One greedy pass (forward + mask backward, a mask row per example row) at several sizes:
+    how busy one target (1 + 128 or 1 + 512 rows) already keeps the CPU, which bounds what
+    batching targets can gain beyond the work they share."""
+    model, space, objective, _, _ = digits_case
+    benchmark.group = "greedy-pass-rows"
+    images = objective.images[torch.arange(rows) % len(objective.images)]
+    labels = objective.labels[torch.arange(rows) % len(objective.labels)]
+
+    def one_pass():
+        m = torch.ones(rows, space.total, requires_grad=True)
+        set_masks(ops, space, m)
+        loss = F.cross_entropy(model(images), labels, reduction="sum")
+        return torch.autograd.grad(loss, m)
+
+    with frozen(model), row_masks(model, space) as ops:
+        benchmark.pedantic(one_pass, rounds=rounds(5), warmup_rounds=1)
+    benchmark.extra_info.update({**context_info, "rows": rows,
+                                 "rows_per_s": rows / benchmark.stats.stats.mean,
+                                 "peak_rss_mib": _peak_mib()})

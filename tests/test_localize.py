@@ -276,6 +276,23 @@ def test_resume_after_kill(ckpt, tmp_path):
     assert len(indices) == len(set(indices)) == 12
 
 
+def test_resume_with_other_settings_is_refused(ckpt, tmp_path):
+    """Lines computed with another reference batch are not mixed with new ones: one line, exit
+    2, the output untouched; the same options resume."""
+    out = tmp_path / "l.jsonl"
+    opts = ["--ckpt", ckpt, "--examples", "all", "--limit", "2", "--max-channels", "3",
+            "--out", out, "--no-progress", "--device", "cpu"]
+    assert _cli(*opts, "--ref-batch", "8").returncode == 0
+    before = out.read_text()
+    assert read_jsonl(out)[0]["settings"]["ref_batch"] == 8
+    res = _cli(*opts, "--ref-batch", "16", "--limit", "3")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert "ref_batch: 8 there, 16 now" in res.stderr, res.stderr
+    assert out.read_text() == before
+    assert _cli(*opts, "--ref-batch", "8", "--limit", "3").returncode == 0
+    assert len(read_jsonl(out)) == 3
+
+
 def _cli(*args):
     return subprocess.run(MEMKERN + ["localize", *map(str, args)], capture_output=True, text=True)
 

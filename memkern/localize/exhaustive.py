@@ -31,7 +31,7 @@ def _state(model, objective, space, x, target, on, need_grad: bool):
 
 def exhaustive_localize(model: nn.Module, objective: LocalizationObjective, targets: torch.Tensor,
                         *, space: ChannelSpace, max_channels: int = 50,
-                        candidates: int | None = None, max_rows: int = MAX_ROWS,
+                        candidates: int | None = None, max_rows: int | None = None,
                         on_step: Callable[[int], None] | None = None) -> list[Localization]:
     """Same contract as :func:`memkern.localize.greedy.greedy_localize`; ``candidates`` = K
     limits each step's exact scan to the K best channels by gradient score."""
@@ -58,7 +58,7 @@ def exhaustive_localize(model: nn.Module, objective: LocalizationObjective, targ
                     pool = pool[grad[pool.to(device)].topk(candidates).indices.cpu()]
                 values = ablation_scan(
                     model, x, lambda lg: objective(lg, tt.expand(len(lg)))[0], sites=space,
-                    base_mask=on, candidates=pool, max_rows=max_rows)
+                    base_mask=on, candidates=pool, max_rows=max_rows or MAX_ROWS)
                 best = int(pool[values[pool].argmin()])
                 on[best] = False
                 res.channels.append(space.locate(best))

@@ -27,8 +27,9 @@ from memkern.localize.channels import channel_space
 from memkern.localize.edited import edited_accuracies
 from memkern.localize.examples import select_examples
 from memkern.localize.exhaustive import exhaustive_localize
-from memkern.localize.greedy import MAX_ROWS, greedy_localize
+from memkern.localize.greedy import greedy_localize
 from memkern.localize.objective import LocalizationObjective, reference_indices
+from memkern.localize.settings import check_resumable, localize_settings
 from memkern.localize.summary import write_summary
 
 METHODS = ("greedy", "exhaustive")
@@ -102,7 +103,7 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
              method: str = "greedy", max_channels: int = 50, eot: int = 0, ref_batch: int = 512,
              candidates: int | None = None, sites: Sequence[str] | None = None,
              out: str | Path | None = None, chunk: int = 32, seed: int = 0,
-             max_rows: int = MAX_ROWS, device: str = "auto", data_dir: str | Path | None = None,
+             max_rows: int | None = None, device: str = "auto", data_dir: str | Path | None = None,
              progress: bool = True) -> LocalizeResult:
     """Localize the selected examples of ``ckpt``; append one line per example to ``out``
     (default :func:`default_output`), then write the summary (JSON + PNG) beside it.
@@ -130,11 +131,16 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
     objective = LocalizationObjective(
         data.train_images, data.train_labels,
         reference_indices(len(data.train_labels), ref_batch, seed=seed), eot=eot, seed=seed)
+    settings = localize_settings(ckpt=ckpt, method=method, max_channels=max_channels, eot=eot,
+                                 ref_batch=ref_batch, candidates=candidates, sites=space.names,
+                                 seed=seed)
     with joined(world, place) as world:
         if world.main:
             merge_parts(out, targets)  # lines a killed run left in part files count as done
         world.barrier()
-        done = {row["index"] for row in read_jsonl(out)}
+        rows = read_jsonl(out)
+        check_resumable(rows, settings, out)
+        done = {row["index"] for row in rows}
         todo = [t for t in targets if t not in done]
         mine = torch.tensor(todo[world.rank::world.size], dtype=torch.long)
         sink = out if world.size == 1 else part_path(out, world.rank, world.size)
@@ -155,7 +161,7 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
             if len(part):
                 _localize_chunk(model, data, objective, part, sink, method=method, space=space,
                                 max_channels=max_channels, candidates=candidates,
-                                max_rows=max_rows, on_step=on_step)
+                                max_rows=max_rows, settings=settings, on_step=on_step)
             bar.update(world.sum(len(part)) - shown[0])
         bar.close()
         world.barrier()  # every part file is complete (each line was fsync'd)
@@ -168,8 +174,8 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
 
 
 def _localize_chunk(model, data, objective, part: torch.Tensor, sink: Path, *, method: str,
-                    space, max_channels: int, candidates: int | None, max_rows: int,
-                    on_step) -> None:
+                    space, max_channels: int, candidates: int | None, max_rows: int | None,
+                    settings: dict, on_step) -> None:
     """Localize ``part`` (int64 indices) and append one line per target to ``sink``."""
     if method == "greedy":
         results = greedy_localize(model, objective, part, space=space,
@@ -184,7 +190,8 @@ def _localize_chunk(model, data, objective, part: torch.Tensor, sink: Path, *, m
             "index": r.index, "noisy": bool(data.noisy_mask[r.index]),
             "label": int(data.train_labels[r.index]), "method": method,
             "flipped": r.flipped, "channels": [[s, c] for s, c in r.channels],
-            "n_channels": len(r.channels), "trace": r.trace, **acc})
+            "n_channels": len(r.channels), "trace": r.trace, **acc,
+            "settings": settings})
 
 
 def load_results(path: str | Path) -> list[dict]:
