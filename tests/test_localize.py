@@ -276,6 +276,19 @@ def test_resume_after_kill(ckpt, tmp_path):
     assert len(indices) == len(set(indices)) == 12
 
 
+def test_summary_site_enrichment():
+    """Share of zeroed channels per site over the site's share of all channels."""
+    rows = [{"noisy": True, "flipped": True, "n_channels": 2, "channels": [["a", 0], ["b", 1]],
+             "clean_acc": 1.0, "noisy_acc": 0.5, "test_acc": 0.9},
+            {"noisy": False, "flipped": False, "n_channels": 1, "channels": [["b", 3]],
+             "clean_acc": 1.0, "noisy_acc": 1.0, "test_acc": 0.9}]
+    s = summarize(rows, site_order=["a", "b"], site_widths={"a": 10, "b": 30})
+    assert s["groups"]["noisy"]["site_fraction"] == {"a": 0.5, "b": 0.5}
+    assert s["groups"]["noisy"]["site_enrichment"] == pytest.approx({"a": 2.0, "b": 2 / 3})
+    assert s["groups"]["clean"]["site_enrichment"] == pytest.approx({"a": 0.0, "b": 4 / 3})
+    assert "30 ch" in format_table(s)
+
+
 def test_resume_with_other_settings_is_refused(ckpt, tmp_path):
     """Lines computed with another reference batch are not mixed with new ones: one line, exit
     2, the output untouched; the same options resume."""

@@ -169,7 +169,9 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
             return LocalizeResult(path=out, summary=None)
         rows = merge_parts(out, targets)
     summary = write_summary(rows, out.parent, site_order=space.names,
-                            base=split_accuracies(model, data), max_channels=max_channels)
+                            base=split_accuracies(model, data),
+                            site_widths=dict(zip(space.names, space.counts)),
+                            max_channels=max_channels)
     return LocalizeResult(path=out, summary=summary)
 
 

@@ -18,13 +18,18 @@ def _mean(values: list[float]) -> float | None:
 
 
 def summarize(rows: list[dict], *, site_order: Sequence[str] | None = None,
-              base: dict[str, float] | None = None) -> dict:
+              base: dict[str, float] | None = None,
+              site_widths: dict[str, int] | None = None) -> dict:
     """Per group (noisy / clean targets): count, flip rate, median and mean channels of the
     flipped ones, mean edited accuracies; per site: the fraction of each group's zeroed
-    channels that sit there. ``base``: the unedited model's accuracies, for the cost."""
+    channels that sit there and, given ``site_widths`` (channels per site), that fraction over
+    the site's share of all channels (1: zeroed in proportion to its width; above 1: favoured).
+    ``base``: the unedited model's accuracies, for the cost."""
     seen = [s for r in rows for s, _ in r["channels"]]
     sites = list(site_order) if site_order else sorted(set(seen))
-    out: dict = {"examples": len(rows), "sites": sites, "base": base, "groups": {}}
+    out: dict = {"examples": len(rows), "sites": sites, "base": base, "groups": {},
+                 "site_widths": site_widths}
+    total_width = sum(site_widths[s] for s in sites) if site_widths else None
     for g in GROUPS:
         rs = [r for r in rows if r["noisy"] == (g == "noisy")]
         flipped = [r["n_channels"] for r in rs if r["flipped"]]
@@ -40,6 +45,9 @@ def summarize(rows: list[dict], *, site_order: Sequence[str] | None = None,
             "mean_sites_per_example": _mean([float(len({s for s, _ in r["channels"]})) for r in rs
                                              if r["channels"]]),
         }
+        if site_widths:
+            entry["site_enrichment"] = {
+                s: entry["site_fraction"][s] * total_width / site_widths[s] for s in sites}
         for a in ACCS:
             entry[f"edited_{a}"] = _mean([r[a] for r in rs])
         out["groups"][g] = entry
@@ -62,10 +70,16 @@ def format_table(summary: dict) -> str:
     if base:
         lines.append(f"{'unedited':<8}{'':>6}{'':>9}{'':>11}{'':>9}{'':>9}{f(base['clean_acc']):>11}"
                      f"{f(base['noisy_acc']):>11}{f(base['test_acc']):>10}")
-    lines.append("share of zeroed channels per site (noisy / clean):")
+    noisy, clean = summary["groups"]["noisy"], summary["groups"]["clean"]
+    widths = summary.get("site_widths")
+    lines.append("share of zeroed channels per site (noisy / clean)"
+                 + ("; over the site's share of all channels (noisy / clean):" if widths else ":"))
     for s in summary["sites"]:
-        lines.append(f"  {s:<24}{summary['groups']['noisy']['site_fraction'][s]:>7.3f}"
-                     f"{summary['groups']['clean']['site_fraction'][s]:>8.3f}")
+        line = f"  {s:<24}{noisy['site_fraction'][s]:>7.3f}{clean['site_fraction'][s]:>8.3f}"
+        if widths:
+            line += (f"   {widths[s]:>5} ch {noisy['site_enrichment'][s]:>7.2f}"
+                     f"{clean['site_enrichment'][s]:>8.2f}")
+        lines.append(line)
     return "\n".join(lines)
 
 
@@ -113,9 +127,10 @@ def plot_summary(summary: dict, path: str | Path, *, max_channels: int | None = 
 
 
 def write_summary(rows: list[dict], out_dir: str | Path, *, site_order: Sequence[str] | None = None,
-                  base: dict[str, float] | None = None, max_channels: int | None = None) -> dict:
+                  base: dict[str, float] | None = None, site_widths: dict[str, int] | None = None,
+                  max_channels: int | None = None) -> dict:
     """``localize_summary.json`` and ``localize.png`` in ``out_dir``; returns the summary."""
-    summary = summarize(rows, site_order=site_order, base=base)
+    summary = summarize(rows, site_order=site_order, base=base, site_widths=site_widths)
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "localize_summary.json", summary)
     plot_summary(summary, out_dir / "localize.png", max_channels=max_channels)
