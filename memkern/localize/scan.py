@@ -202,9 +202,9 @@ def ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
     out = torch.full((space.total,), float("nan"), dtype=torch.float64)
     if len(cand) == 0 or len(x) == 0:
         return out
-    modules = dict(model.named_modules())
     n = len(x)
     with row_masks(model, space) as ops:
+        modules = dict(model.named_modules())  # with the row-mask ops just attached
         set_masks(ops, space, _base_rows(space, base_mask, 1, x))
         order = _Order(model)
         with order.recording():
