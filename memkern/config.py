@@ -97,3 +97,25 @@ def preset_for(model: str, dataset: str) -> TrainConfig:
     if preset is not None:
         return preset
     return TrainConfig(model=model, dataset=dataset)
+
+
+def config_from_options(options: dict, *, preset: str | None = None) -> TrainConfig:
+    """A new run's config: ``preset`` (default: the ``{model}-{dataset}`` preset, else the
+    defaults) with the fields in ``options`` (``{field: value}``, only those the user set)."""
+    _check_fields(options)
+    base = (TrainConfig.from_name(preset) if preset
+            else preset_for(options.get("model", "cnn"), options.get("dataset", "digits")))
+    return dataclasses.replace(base, **options)
+
+
+def differing_fields(config: TrainConfig, options: dict) -> list[str]:
+    """The fields of ``options`` whose values differ from ``config``'s, sorted."""
+    _check_fields(options)
+    return sorted(k for k, v in options.items() if getattr(config, k) != v)
+
+
+def _check_fields(options: dict) -> None:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}; TrainConfig has {sorted(known)}")

@@ -171,3 +171,11 @@ def tied_dropout_mode(model: nn.Module, mode: str) -> Iterator[None]:
     finally:
         for module, previous in zip(modules, old):
             module.mode = previous
+
+
+def unindexed_rows(model: nn.Module) -> contextlib.AbstractContextManager:
+    """For rows without a dataset index of their own (test examples): tied dropout in a mode that
+    reads indices runs in "keep" (the paper's test mode) inside the block; otherwise nothing
+    changes."""
+    return tied_dropout_mode(model, "keep") if needs_example_indices(model) \
+        else contextlib.nullcontext()
