@@ -42,7 +42,7 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--warmup", type=float, help="Fraction of steps of linear warm-up.")
 @click.option("--augment/--no-augment", default=False, help="Crop (+flip) for cifar10/svhn.")
 @click.option("--tied-dropout/--no-tied-dropout", default=False,
-              help="Example-tied dropout at channel sites (PAPER.md Experiment 5).")
+              help="Example-tied dropout at channel sites (docs/method.md, Experiment 5).")
 @click.option("--p-gen", type=float, default=0.2, show_default=True,
               help="Fraction of generalization channels (always on).")
 @click.option("--p-mem", type=float, default=0.1, show_default=True,

@@ -1,5 +1,5 @@
-"""Gradient accounting over a run's checkpoints (``memkern grads``; the paper's Section 3,
-docs/method.md).
+"""Gradient accounting over a run's checkpoints (``memkern grads``; docs/method.md,
+Experiment 1).
 
 Per chosen epoch, with the checkpoint in eval mode (the same model the per-example norms see;
 a tied-dropout run's rows carry their dataset indices, so each example keeps its own mask):

@@ -71,13 +71,13 @@ class TrainConfig:
         return cls(**data)
 
 
-# Paper settings (PAPER.md "Training"): SGD lr 0.01 (0.001 on SVHN), batch 512, 50 epochs.
+# Paper settings (docs/method.md, "Setup"): SGD lr 0.01 (0.001 on SVHN), batch 512, 50 epochs.
 # The digits presets are sized for a laptop CPU: smaller batches give enough steps on 1,437
 # examples to memorize the noisy ones within 30 epochs.
 PRESETS: dict[str, TrainConfig] = {
     "cnn-digits": TrainConfig(),
     "mlp-digits": TrainConfig(model="mlp"),
-    # PAPER.md Experiment 5 on digits: p_gen 0.2 and p_mem 0.1 (the paper's) at the cnn's
+    # docs/method.md Experiment 5 on digits: p_gen 0.2 and p_mem 0.1 (the paper's) at the cnn's
     # default sites; noisy examples are memorized with their own masks within 10 epochs and
     # forgotten when their memorization channels are removed (tests/test_tied_training.py).
     "cnn-digits-tied": TrainConfig(tied_dropout=True, epochs=10),

@@ -1,6 +1,6 @@
 """Accuracy on the paper's three sets: clean train, noisy train (against noisy labels), test.
 
-For a model with example-tied dropout (the paper's Section 5) the mode decides the masks:
+For a model with example-tied dropout (docs/method.md, Experiment 5) the mode decides the masks:
 "own" gives every training example its own tied mask; "keep" (the paper's test mode) scales
 memorization channels by p_mem; "drop" removes them. Test examples have no tied mask of their
 own, so in modes "train"/"own" ``test_acc`` is measured in mode "keep".

@@ -1,4 +1,4 @@
-"""Layer retraining (PAPER.md Experiment 3): reset one layer group of the final model to an
+"""Layer retraining (docs/method.md, Experiment 3): reset one layer group of the final model to an
 early checkpoint, freeze everything else, fine-tune that group on the clean examples only.
 
 If noisy-train accuracy (against the noisy labels) comes back, the noisy examples are still

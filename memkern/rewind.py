@@ -1,4 +1,4 @@
-"""Layer rewinding (PAPER.md Experiment 2): the final model with one layer group's parameters
+"""Layer rewinding (docs/method.md, Experiment 2): the final model with one layer group's parameters
 *and* BatchNorm running statistics taken from an earlier checkpoint.
 
 (The reference code rewinds weights but keeps the final running statistics; here a group's

@@ -1,4 +1,4 @@
-"""Example-tied dropout (the paper's Section 5; docs/method.md) as an op on a model's channel
+"""Example-tied dropout (docs/method.md, Experiment 5) as an op on a model's channel
 sites.
 
 Each training example keeps a fixed subset of each site's memorization channels, decided by a

@@ -1,4 +1,4 @@
-"""Checkpointed, resumable training (PAPER.md "Training").
+"""Checkpointed, resumable training (docs/method.md, "Setup").
 
 SGD with momentum and weight decay, linear warm-up then cosine decay, one checkpoint per epoch
 plus the initialization. Everything random is derived from (seed, epoch), and SGD momentum is

@@ -1,5 +1,5 @@
 """The per-example channel mask: Triton kernels (under the interpreter on CPU) against the torch
-reference, the tied hash, the mode constants of PAPER.md Experiment 5, and argument errors.
+reference, the tied hash, the mode constants of docs/method.md, Experiment 5, and argument errors.
 
 Tolerances: masks, forward values and grad_x are compared exactly (atol = rtol = 0): both paths
 do one multiply of identical operands. grad_mask is a sum over the channel's elements; in

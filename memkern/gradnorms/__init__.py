@@ -1,4 +1,4 @@
-"""Per-example, per-layer-group gradient norms (PAPER.md Experiment 1, for every example).
+"""Per-example, per-layer-group gradient norms (docs/method.md, Experiment 1, for every example).
 
     norms = per_example_grad_norms(model, x, y)          # float [B, G]
     total = norms.square().sum(1).sqrt()                  # each example's whole-model norm

@@ -1,4 +1,4 @@
-"""Exhaustive localization (memkern's exact variant of the paper's Section 4 greedy search).
+"""Exhaustive localization (memkern's exact variant of docs/method.md, Experiment 4).
 
 At each step the true objective after zeroing each candidate channel is computed by
 :func:`memkern.localize.scan.ablation_scan` (prefix once, candidates batched) and the channel

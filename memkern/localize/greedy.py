@@ -1,4 +1,4 @@
-"""Greedy localization (the paper's Section 4; docs/method.md), many targets at once.
+"""Greedy localization (docs/method.md, Experiment 4), many targets at once.
 
 Each target's zeroed set is one row of a flat channel mask; its rows run under that mask, so T
 targets need no model copies and no Python loop over targets. Score of channel c = dL/dm_c at

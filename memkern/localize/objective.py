@@ -1,4 +1,4 @@
-"""The localization objective of the paper's Section 4 (docs/method.md), for many targets at
+"""The localization objective of docs/method.md, Experiment 4, for many targets at
 once.
 
 For target t (training label y_t, the noisy one for noisy examples) and a fixed reference batch
@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-EOT_NOISE = 0.01  # noise norm / input norm (PAPER.md)
+EOT_NOISE = 0.01  # noise norm / input norm (docs/method.md, Experiment 4)
 
 
 def reference_indices(num_train: int, size: int, *, seed: int) -> torch.Tensor:

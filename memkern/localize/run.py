@@ -129,7 +129,7 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
     model, data = trained.model, trained.data
     tied = tied_sites(model)
     # On a tied-dropout run the default sites are its tied sites: where memorization channels
-    # are defined (docs/method.md, Section 5).
+    # are defined (docs/method.md, Experiment 5).
     space = channel_space(model, sites or list(tied) or None)
     targets = select_examples(data, examples, limit=limit).tolist()
     out = Path(out) if out is not None else default_output(ckpt)

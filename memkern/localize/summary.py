@@ -7,7 +7,7 @@ where a memorized label is kept.
 
 On a tied-dropout run, the zeroed channels at tied sites are split into generalization and
 memorization channels, and among the memorization channels, the target's own (the ones its
-training mask kept): the paper's Section 5 expects memorized examples to be flipped through their
+training mask kept): docs/method.md (Experiment 5) expects memorized examples to be flipped through their
 own memorization channels.
 """
 from __future__ import annotations
