@@ -118,7 +118,7 @@ def _tied_backward(ctx, grad_y):
 
 def _gathered_setup(ctx, inputs, output):
     x, mask, ctx.channel_dim, ctx.backend = inputs
-    ctx.save_for_backward(x, mask)
+    ctx.save_for_backward(x if ctx.needs_input_grad[1] else None, mask)  # x: for grad_mask only
 
 
 @torch.no_grad()
