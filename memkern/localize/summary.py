@@ -150,7 +150,8 @@ def plot_summary(summary: dict, path: str | Path, *, max_channels: int | None = 
 
     groups = summary["groups"]
     colors = {"noisy": "tab:red", "clean": "tab:blue"}
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    tied = bool(summary.get("tied"))
+    fig, axes = plt.subplots(1, 4 if tied else 3, figsize=(21 if tied else 16, 4.5))
     top = max([max(e["n_channels"], default=0) for e in groups.values()] + [max_channels or 1])
     bins = range(0, top + 2)
     for g, e in groups.items():
@@ -179,9 +180,30 @@ def plot_summary(summary: dict, path: str | Path, *, max_channels: int | None = 
     axes[2].set_xticks(range(3), ["clean train", "noisy train", "test"])
     axes[2].set(ylabel="accuracy", ylim=(0, 1.05), title="accuracy of the edited model")
     axes[2].legend(fontsize=8, loc="lower center")
+    if tied:
+        _plot_tied_shares(axes[3], groups, colors)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def _plot_tied_shares(ax, groups: dict, colors: dict) -> None:
+    """Share of zeroed channels (at tied sites) that are memorization / the target's own
+    channels, per group; black ticks: their share among all channels there."""
+    width = 0.4
+    kinds = (("memorization", "memorization channels"), ("own", "target's own channels"))
+    for k, (g, e) in enumerate(groups.items()):
+        t = e["tied"]
+        xs = [i + (k - 0.5) * width for i in range(len(kinds))]
+        ax.bar(xs, [t[f"{kind}_share"] or 0.0 for kind, _ in kinds], width, color=colors[g],
+               label=f"{g} targets")
+        ax.hlines([t[f"{kind}_baseline"] or 0.0 for kind, _ in kinds], [x - width / 2 for x in xs],
+                  [x + width / 2 for x in xs], colors="k", label="share of all channels"
+                  if k == 0 else None)
+    ax.set_xticks(range(len(kinds)), [label for _, label in kinds])
+    ax.set(ylabel="share of zeroed channels", ylim=(0, 1.05),
+           title="tied dropout: which channels flip an example")
+    ax.legend(fontsize=8, loc="upper right")
 
 
 def write_summary(rows: list[dict], out_dir: str | Path, *, site_order: Sequence[str] | None = None,
