@@ -220,7 +220,7 @@ def ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
                                           site.channel_dim)
                           for c, why in done.items() if why is None}
                 with _swapped(modules, {**forwards, **deltas}), _ids(ids, r):
-                    logits = model(x)
+                    logits = model(_expand(x, r))  # for modules that read x and are not cached
                 out[flat] = objective(logits.view(r, n, -1)).double().cpu()
                 done.update({c: d.fell_back for c, d in deltas.items() if d.fell_back})
             path[s] = _path(plan, done)

@@ -6,6 +6,10 @@ difference: ``layer(z) = layer(z0) + W_c (z - z0)_c``, bias excluded. For R cand
 is one grouped conv (R groups of one input channel) or one batched matmul over each channel's
 ``g`` features, instead of R full layers. The difference is checked on every call; where it
 reaches other features the full layer runs, and :attr:`DeltaForward.fell_back` says why.
+"Differs" means by more than 4 units in the last place of ``z0``: elementwise ops give bits
+that depend on a value's position in the batch (float32 GELU on CPU rounds its vectorized body
+and its scalar tail differently), so the same input rows may come back a few ulps apart on R*N
+rows; the layer applied to that is rounding the full layer makes too.
 
 Layouts of a site's channel ``c`` (``C`` channels) at the consumer's input:
 - conv, ``[N, C, *spatial]``: input channel ``c`` (1d, 2d, 3d; any padding mode);
@@ -49,6 +53,7 @@ class DeltaForward:
         self.module, self.z0, self.o0 = module, z0, o0
         self.channels, self.site_channels = channels, site_channels
         self.channel_major = channel_dim == 1
+        self.tol = z0.abs() * (4 * torch.finfo(z0.dtype).eps)
         self.fell_back: str | None = None
 
     def __call__(self, z: torch.Tensor) -> torch.Tensor:
@@ -59,6 +64,9 @@ class DeltaForward:
         conv = _CONV.get(type(self.module))
         out = self._conv(zr, conv) if conv else self._linear(zr)
         return self._full(z) if out is None else out.reshape(r * n, *self.o0.shape[1:])
+
+    def _same(self, diff: torch.Tensor) -> bool:
+        return bool((diff.abs() <= self.tol).all())  # False on NaN
 
     def _full(self, z: torch.Tensor) -> torch.Tensor:
         self.fell_back = FALLBACK
@@ -71,7 +79,7 @@ class DeltaForward:
         diff = zr - self.z0
         d = diff[ar, :, c]  # [R, N, *spatial]
         diff[ar, :, c] = 0
-        if diff.any():
+        if not self._same(diff):
             return None
         d = d.transpose(0, 1)  # [N, R, *spatial]: candidates as input channels
         padding = m.padding
@@ -93,7 +101,7 @@ class DeltaForward:
         diff = zr - self.z0
         d = diff.gather(-1, idx)  # [R, N, *mid, g]
         diff.scatter_(-1, idx, 0)
-        if diff.any():
+        if not self._same(diff):
             return None
         w = self.module.weight[:, cols].permute(1, 2, 0)  # [R, g, out]
         delta = torch.bmm(d.reshape(r, -1, g), w)  # [R, N*prod(mid), out]
