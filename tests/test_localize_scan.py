@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memkern.errors import ConfigError
 from memkern.localize.channels import channel_space, row_masks, set_masks
 from memkern.localize.scan import ablation_scan, naive_ablation_scan
 from memkern.localize.scan_delta import FALLBACK
@@ -209,6 +210,8 @@ def test_scan_with_tied_dropout_in_own_mode_equals_naive():
     assert all(p.startswith("delta via ") for p in got.path.values()), got.path
     other = ablation_scan(model, x, y, sites=space, candidates=cand, ids=ids + 1)
     assert (other.values[cand] - got.values[cand]).abs().max() > 1e-3  # the ids reach the masks
+    with pytest.raises(ConfigError, match="ids has shape"):
+        ablation_scan(model, x, y, sites=space, candidates=cand, ids=ids[:2])
 
 
 def test_scan_with_callable_objective_all_channels():

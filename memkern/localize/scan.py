@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from memkern.errors import ConfigError
 from memkern.localize.channels import ChannelSpace, channel_space, row_masks, set_masks
 from memkern.localize.scan_delta import DeltaForward, delta_unsupported
 from memkern.localize.scan_plan import SitePlan, plan_scan
@@ -63,6 +64,15 @@ def _base_rows(space: ChannelSpace, base_mask, rows: int, like: torch.Tensor) ->
     return m.expand(rows, -1).clone()
 
 
+def _checked_ids(ids: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    if ids is None:
+        return None
+    if ids.shape != (len(x),):
+        raise ConfigError(f"ids has shape {tuple(ids.shape)} but x has {len(x)} rows: pass the "
+                          f"dataset index of each row, int64 [N]")
+    return ids.to(x.device)
+
+
 def _ids(ids: torch.Tensor | None, repeat: int = 1):
     """Example ids for ``repeat`` candidate-major copies of the rows (no context when None)."""
     return contextlib.nullcontext() if ids is None else example_indices(ids.repeat(repeat))
@@ -98,7 +108,7 @@ def naive_ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
     space, objective = _space(model, sites), _as_objective(y_or_objective)
     cand = _candidates(space, candidates)
     out = torch.full((space.total,), float("nan"), dtype=torch.float64)
-    ids = None if ids is None else ids.to(x.device)
+    ids = _checked_ids(ids, x)
     with row_masks(model, space) as ops:
         _naive_values(model, ops, space, x, objective, base_mask, cand, ids, out)
     path = {s: "naive: reference loop" for s, _, _ in _by_site(space, cand)}
@@ -185,7 +195,7 @@ def ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
     out = torch.full((space.total,), float("nan"), dtype=torch.float64)
     if len(cand) == 0 or len(x) == 0:
         return ScanResult(out, {})
-    ids = None if ids is None else ids.to(x.device)
+    ids = _checked_ids(ids, x)
     sites_by_name = channel_sites(model)
     todo = list(_by_site(space, cand))
     n, path = len(x), {}
