@@ -232,6 +232,7 @@ def test_scan_restores_model():
     ablation_scan(model, x, torch.tensor([1, 2]))
     assert torch.equal(model(x), before)
     assert all(not hasattr(m, "forward") or "forward" not in vars(m) for m in model.modules())
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
 
 
 def test_mask_gradient_equals_filter_score():

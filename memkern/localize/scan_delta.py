@@ -66,7 +66,7 @@ class DeltaForward:
         return self._full(z) if out is None else out.reshape(r * n, *self.o0.shape[1:])
 
     def _same(self, diff: torch.Tensor) -> bool:
-        return bool((diff.abs() <= self.tol).all())  # False on NaN
+        return bool(torch.le(diff.abs_(), self.tol).all())  # False on NaN; diff is scratch
 
     def _full(self, z: torch.Tensor) -> torch.Tensor:
         self.fell_back = FALLBACK
