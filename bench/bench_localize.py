@@ -138,9 +138,9 @@ SCAN_MODELS = {
 @pytest.fixture(scope="module", params=list(SCAN_MODELS))
 def scan_case(request):
     name = request.param
-    sizes, site_lists, per_site = (v[1] if QUICK else v[0] for v in SCAN_MODELS[name])
+    side, site_lists, per_site = (v[1] if QUICK else v[0] for v in SCAN_MODELS[name])
     torch.manual_seed(0)
-    model = build_model(name, num_classes=10, in_channels=3, image_size=sizes).eval()
+    model = build_model(name, num_classes=10, in_channels=3, image_size=side).eval()
     for m in model.modules():  # non-trivial running statistics, as after training
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.normal_(0, 0.1)
@@ -148,7 +148,7 @@ def scan_case(request):
     space = channel_space(model, site_lists or [n for n in channel_sites(model) if "hidden" in n])
     cand = torch.cat([off + torch.randperm(count)[:per_site or count]
                       for off, count in zip(space.offsets, space.counts)])
-    return name, model, space, torch.randn(1, 3, sizes, sizes), torch.tensor([3]), cand
+    return name, model, space, torch.randn(1, 3, side, side), torch.tensor([3]), cand
 
 
 def _model_scan_info(context_info, name, space, x, cand):
