@@ -161,8 +161,8 @@ def test_scan_model_naive(benchmark, scan_case, context_info):
     benchmark.group = f"ablation-scan-{name}"
     benchmark.pedantic(naive_ablation_scan, args=(model, x, y),
                        kwargs={"sites": space, "candidates": cand}, rounds=1, warmup_rounds=0)
-    _record(benchmark, f"scan-{name}", "naive", _model_scan_info(context_info, name, space, x, cand),
-            len(cand), "channels")
+    _record(benchmark, f"scan-{name}", "naive",
+            _model_scan_info(context_info, name, space, x, cand), len(cand), "channels")
 
 
 def test_scan_model_memkern(benchmark, scan_case, context_info):

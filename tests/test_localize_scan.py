@@ -73,7 +73,8 @@ def test_scan_equals_naive_loop(name, cin, size, sites, dtype, tol, n):
 @pytest.mark.parametrize("name,cin,size,site,path", [
     ("resnet50", 3, 8, "stem.pre", "delta via stage1.0.reduce.conv, stage1.0.shortcut.0"),
     ("resnet50", 3, 8, "stage1.0.expand_site", "delta via stage1.1.reduce.conv"),
-    ("resnet50", 3, 8, "stage1.2.expand_site", "delta via stage2.0.reduce.conv, stage2.0.shortcut.0"),
+    ("resnet50", 3, 8, "stage1.2.expand_site",
+     "delta via stage2.0.reduce.conv, stage2.0.shortcut.0"),
     ("resnet50", 3, 8, "stage4.2.post", "delta via head"),
     ("vit", 3, 8, "blocks.0.hidden", "delta via blocks.0.fc2"),
     ("cnn", 1, 8, "block3.post", "delta via hidden.linear"),
@@ -101,7 +102,8 @@ def test_plan_caches_modules_called_after_the_site():
 
 class _UserCNN(nn.Module):
     """As a user writes it: functional activations, torch.flatten, reflect padding, a GroupNorm
-    between a site and its conv, and an in-place ReLU on a branch called after the sites."""
+    between a site and its conv, a grouped conv, and an in-place ReLU on a branch called after
+    the sites."""
 
     def __init__(self):
         super().__init__()
@@ -112,6 +114,8 @@ class _UserCNN(nn.Module):
         self.s2 = ChannelSite(8, POST_ACTIVATION)
         self.gn = nn.GroupNorm(2, 8)
         self.conv3 = nn.Conv2d(8, 4, 1)
+        self.s3 = ChannelSite(4, POST_ACTIVATION)
+        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
         self.side = nn.Conv2d(1, 4, 3, padding=1)
         self.relu = nn.ReLU(inplace=True)
         self.fc = nn.Linear(4 * 8 * 8, 10)
@@ -120,6 +124,7 @@ class _UserCNN(nn.Module):
     def forward(self, x):
         h = F.relu(self.bn1(self.s1(self.conv1(x))))
         h = self.conv3(self.gn(self.s2(F.relu(self.conv2(h)))))
+        h = self.grouped(self.s3(F.relu(h)))
         return self.fc(torch.flatten(h + self.relu(self.side(x)), 1))
 
 
@@ -164,7 +169,8 @@ class _Twice(nn.Module):
 
 
 USER_CASES = [
-    (_UserCNN, {"s1": "delta via conv2", "s2": f"full at conv3: {FALLBACK}"}),
+    (_UserCNN, {"s1": "delta via conv2", "s2": f"full at conv3: {FALLBACK}",
+                "s3": "full at grouped: grouped conv (groups=2)"}),
     (_UserTokens, {"tokens": "delta via mix", "mixed": "delta via conv, head2",
                    "conv_out": "delta via head"}),
     (_Twice, {"s0": "full: block.conv runs 2 times in one forward",
@@ -221,8 +227,8 @@ def test_scan_with_callable_objective_all_channels():
     def objective(logits):  # [R, N, K] -> [R]: margin of class 3 on row 0
         return logits[:, 0, 3] - logits[:, 1].logsumexp(-1)
 
-    _check(ablation_scan(model, x, objective).values, naive_ablation_scan(model, x, objective).values,
-           1e-10)
+    got, want = ablation_scan(model, x, objective), naive_ablation_scan(model, x, objective)
+    _check(got.values, want.values, 1e-10)
 
 
 def test_scan_restores_model():

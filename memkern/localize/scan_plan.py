@@ -21,7 +21,7 @@ speed: a module wrongly held dependent is recomputed, exactly.
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
@@ -205,7 +205,8 @@ def _plan_site(probe: _Probe, modules: dict[str, nn.Module], site: str, bit: int
             cached.append(name)
     consumers, skipped = [], []
     for name, calls in probe.calls.items():
-        if type(modules[name]) not in CONSUMER_TYPES or any(name.startswith(c + ".") for c in cached):
+        in_cached = any(name.startswith(c + ".") for c in cached)
+        if type(modules[name]) not in CONSUMER_TYPES or in_cached:
             continue
         if not any(c.input_bits & bit and not c.input_bits & (bit << 1) for c in calls):
             continue
