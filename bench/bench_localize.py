@@ -120,7 +120,7 @@ def test_scan_memkern(benchmark, resnet9_case, context_info):
 def _scan_error(model, x, y, space, cand) -> float:
     """The scan against the naive loop on ``cand``: asserted equal before anything is timed."""
     got = ablation_scan(model, x, y, sites=space, candidates=cand).values[cand]
-    want = naive_ablation_scan(model, x, y, sites=space, candidates=cand).values[cand]
+    want = naive_ablation_scan(model, x, y, sites=space, candidates=cand)[cand]
     err = float((got - want).abs().max())
     assert err <= 1e-4, f"scan differs from the naive loop by {err}"
     return err

@@ -184,7 +184,7 @@ def test_exhaustive_takes_the_best_exact_channel(trained64):
     for k, (site, c) in enumerate(r.channels):
         chosen = space.flat(site, c)
         values = naive_ablation_scan(model, x, lambda lg: obj(lg, t.expand(len(lg)))[0],
-                                     sites=space, base_mask=on.double(), candidates=[chosen]).values
+                                     sites=space, base_mask=on.double(), candidates=[chosen])
         assert abs(r.trace[k + 1] - float(values[chosen])) < 1e-9
         on[chosen] = False
     assert len(r.trace) == len(r.channels) + 1
@@ -197,8 +197,7 @@ def test_exhaustive_all_candidates_is_global_argmin(trained64):
     t = _fitted(trained64, True, 2)[1:]
     (r,) = exhaustive_localize(model, obj, t, space=space, max_channels=1)
     x = obj.inputs(t).double()
-    values = naive_ablation_scan(model, x, lambda lg: obj(lg, t.expand(len(lg)))[0],
-                                 sites=space).values
+    values = naive_ablation_scan(model, x, lambda lg: obj(lg, t.expand(len(lg)))[0], sites=space)
     assert space.flat(*r.channels[0]) == int(values.argmin())
 
 

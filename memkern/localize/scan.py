@@ -103,16 +103,16 @@ def naive_ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
                         sites: Sequence[str] | ChannelSpace | None = None,
                         base_mask: torch.Tensor | None = None,
                         candidates: torch.Tensor | None = None,
-                        ids: torch.Tensor | None = None) -> ScanResult:
-    """Reference: one full forward per channel. Same contract as :func:`ablation_scan`."""
+                        ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Reference: one full forward per channel; the arguments of :func:`ablation_scan`, and
+    its ``values`` (float64 ``[space.total]``, NaN where not scanned) as the result."""
     space, objective = _space(model, sites), _as_objective(y_or_objective)
     cand = _candidates(space, candidates)
     out = torch.full((space.total,), float("nan"), dtype=torch.float64)
     ids = _checked_ids(ids, x)
     with row_masks(model, space) as ops:
         _naive_values(model, ops, space, x, objective, base_mask, cand, ids, out)
-    path = {s: "naive: reference loop" for s, _, _ in _by_site(space, cand)}
-    return ScanResult(out, path)
+    return out
 
 
 class _Cache:
