@@ -102,8 +102,8 @@ def test_plan_caches_modules_called_after_the_site():
 
 class _UserCNN(nn.Module):
     """As a user writes it: functional activations, torch.flatten, reflect padding, a GroupNorm
-    between a site and its conv, a grouped conv, and an in-place ReLU on a branch called after
-    the sites."""
+    between a site and its conv, a grouped conv, a depthwise conv, and an in-place ReLU on a
+    branch called after the sites."""
 
     def __init__(self):
         super().__init__()
@@ -115,16 +115,18 @@ class _UserCNN(nn.Module):
         self.gn = nn.GroupNorm(2, 8)
         self.conv3 = nn.Conv2d(8, 4, 1)
         self.s3 = ChannelSite(4, POST_ACTIVATION)
-        self.grouped = nn.Conv2d(4, 4, 3, padding=1, groups=2)
-        self.side = nn.Conv2d(1, 4, 3, padding=1)
+        self.grouped = nn.Conv2d(4, 6, 3, padding=1, groups=2)
+        self.s4 = ChannelSite(6, POST_ACTIVATION)
+        self.depthwise = nn.Conv2d(6, 12, 3, padding=1, groups=6)
+        self.side = nn.Conv2d(1, 12, 3, padding=1)
         self.relu = nn.ReLU(inplace=True)
-        self.fc = nn.Linear(4 * 8 * 8, 10)
+        self.fc = nn.Linear(12 * 8 * 8, 10)
         name_sites(self)
 
     def forward(self, x):
         h = F.relu(self.bn1(self.s1(self.conv1(x))))
         h = self.conv3(self.gn(self.s2(F.relu(self.conv2(h)))))
-        h = self.grouped(self.s3(F.relu(h)))
+        h = self.depthwise(self.s4(F.relu(self.grouped(self.s3(F.relu(h))))))
         return self.fc(torch.flatten(h + self.relu(self.side(x)), 1))
 
 
@@ -170,7 +172,7 @@ class _Twice(nn.Module):
 
 USER_CASES = [
     (_UserCNN, {"s1": "delta via conv2", "s2": f"full at conv3: {FALLBACK}",
-                "s3": "full at grouped: grouped conv (groups=2)"}),
+                "s3": "delta via grouped", "s4": "delta via depthwise"}),
     (_UserTokens, {"tokens": "delta via mix", "mixed": "delta via conv, head2",
                    "conv_out": "delta via head"}),
     (_Twice, {"s0": "full: block.conv runs 2 times in one forward",

@@ -12,7 +12,8 @@ and its scalar tail differently), so the same input rows may come back a few ulp
 rows; the layer applied to that is rounding the full layer makes too.
 
 Layouts of a site's channel ``c`` (``C`` channels) at the consumer's input:
-- conv, ``[N, C, *spatial]``: input channel ``c`` (1d, 2d, 3d; any padding mode);
+- conv, ``[N, C, *spatial]``: input channel ``c`` (1d, 2d, 3d; any padding mode; grouped
+  convs too: channel c reaches only its group's output channels);
 - linear, ``[N, *mid, F]`` with ``F = C * g``: features ``c*g .. c*g+g-1`` when the site's
   channels are dim 1 (a flatten of ``[N, C, ...]``), features ``c, c+C, ...`` when they are the
   last dim (tokens ``[N, T, C]``: ``g = 1``; a flatten of tokens: ``g = T``).
@@ -30,8 +31,6 @@ FALLBACK = "its input differs outside the zeroed channel (checked at run time)"
 def delta_unsupported(module: nn.Module, z0: torch.Tensor, site_channels: int) -> str | None:
     """Why ``module`` reading cached input ``z0`` cannot take the delta path, or None."""
     if type(module) in _CONV:
-        if module.groups != 1:
-            return f"grouped conv (groups={module.groups})"
         if z0.ndim != module.weight.ndim or z0.shape[1] != site_channels:
             return f"conv input of shape {tuple(z0.shape[1:])} per row has no channel dim of " \
                    f"{site_channels}"
@@ -85,10 +84,16 @@ class DeltaForward:
         padding = m.padding
         if m.padding_mode != "zeros":  # per-channel padding commutes with the channel split
             d, padding = F.pad(d, m._reversed_padding_repeated_twice, mode=m.padding_mode), 0
-        k = m.weight.shape[2:]
-        w = m.weight[:, c].transpose(0, 1).reshape(r * m.out_channels, 1, *k)
-        out = conv(d, w, None, m.stride, padding, m.dilation, r)  # [N, R*Cout, *spatial']
-        return out.view(n, r, *self.o0.shape[1:]).transpose(0, 1) + self.o0
+        k, per_group = m.weight.shape[2:], m.in_channels // m.groups
+        cout = m.out_channels // m.groups  # output channels that channel c reaches
+        w = m.weight.view(m.groups, cout, per_group, *k)[c // per_group, :, c % per_group]
+        out = conv(d, w.reshape(r * cout, 1, *k), None, m.stride, padding, m.dilation, r)
+        out = out.view(n, r, cout, *self.o0.shape[2:]).transpose(0, 1)  # [R, N, cout, *sp']
+        if m.groups == 1:
+            return out + self.o0
+        full = self.o0.expand(r, *self.o0.shape).clone()
+        full.view(r, n, m.groups, cout, *self.o0.shape[2:])[ar, :, c // per_group] += out
+        return full
 
     def _linear(self, zr: torch.Tensor) -> torch.Tensor | None:
         r, n = zr.shape[:2]
