@@ -9,7 +9,7 @@ reaches other features the full layer runs, and :attr:`DeltaForward.fell_back` s
 "Differs" means by more than 4 units in the last place of ``z0``: elementwise ops give bits
 that depend on a value's position in the batch (float32 GELU on CPU rounds its vectorized body
 and its scalar tail differently), so the same input rows may come back a few ulps apart on R*N
-rows; the layer applied to that is rounding the full layer makes too.
+rows; ignoring that is within the rounding of the full layer itself.
 
 Layouts of a site's channel ``c`` (``C`` channels) at the consumer's input:
 - conv, ``[N, C, *spatial]``: input channel ``c`` (1d, 2d, 3d; any padding mode; grouped
