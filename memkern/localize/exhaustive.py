@@ -60,7 +60,8 @@ def exhaustive_localize(model: nn.Module, objective: LocalizationObjective, targ
                     pool = pool[grad[pool.to(device)].topk(candidates).indices.cpu()]
                 values = ablation_scan(
                     model, x, lambda lg: objective(lg, tt.expand(len(lg)))[0], sites=space,
-                    base_mask=on, candidates=pool, max_rows=max_rows or MAX_ROWS, ids=ids)
+                    base_mask=on, candidates=pool, max_rows=max_rows or MAX_ROWS,
+                    ids=ids).values
                 best = int(pool[values[pool].argmin()])
                 on[best] = False
                 res.channels.append(space.locate(best))
