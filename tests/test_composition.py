@@ -182,5 +182,5 @@ def test_scan_equals_naive_loop(case):
     cand = torch.randperm(space.total, generator=torch.Generator().manual_seed(0))[:24]
     got = ablation_scan(model, x, y, sites=space, candidates=cand, ids=ids, max_rows=16)
     want = naive_ablation_scan(model, x, y, sites=space, candidates=cand, ids=ids)
-    got = got if torch.is_tensor(got) else got.values  # a result object once the scan reports paths
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-11, equal_nan=True)
+    torch.testing.assert_close(got.values, want, rtol=1e-9, atol=1e-11, equal_nan=True)
+    assert all(path.startswith("delta") for path in got.path.values()), got.path
