@@ -75,6 +75,10 @@ def final_loss(loss: torch.Tensor) -> np.ndarray:
     return loss[-1].double().numpy()
 
 
+DYNAMICS_SIGNALS = ("aum", "forgetting_events", "learned_epoch", "confidence", "variability",
+                    "final_loss")
+
+
 def dynamics_signals(dynamics) -> dict[str, np.ndarray]:
     """Every signal of one :class:`memkern.dynamics.Dynamics`, by column name."""
     return {"aum": aum(dynamics.margin),

@@ -28,7 +28,7 @@ from memkern.errors import RunDirError
 from memkern.evaluate import predictions
 from memkern.experiment import load_data, load_trained
 from memkern.runs import RunDir
-from memkern.scores.signals import COMBINED, combined_score, dynamics_signals
+from memkern.scores.signals import COMBINED, DYNAMICS_SIGNALS, combined_score, dynamics_signals
 from memkern.tables import csv_text, read_csv
 from memkern.tied_dropout import has_tied_dropout, tied_dropout_mode
 
@@ -138,19 +138,19 @@ def tied_gap(model: torch.nn.Module, data: PreparedData) -> np.ndarray:
     return (margins["own"] - margins["keep"]).double().numpy()
 
 
-def collect_scores(run: str | Path, *, device: str = "auto",
+def collect_scores(run: str | Path, *, data: PreparedData | None = None, device: str = "auto",
                    data_dir: str | Path | None = None) -> ScoreTable:
-    """Gather every signal ``run`` holds (module docstring) and the combined score."""
+    """Gather every signal ``run`` holds (module docstring) and the combined score; ``data``:
+    the run's prepared data when the caller has it already."""
     run = RunDir(run)
     config = run.load_config()
-    data = load_data(config, data_dir=data_dir)
+    data = data if data is not None else load_data(config, data_dir=data_dir)
     n = len(data.train_labels)
     table = ScoreTable(meta=label_columns(data))
     try:
         table.signals.update(dynamics_signals(complete_dynamics(run)))
     except RunDirError as e:
-        for name in ("aum", "forgetting_events", "learned_epoch", "confidence", "variability",
-                     "final_loss"):
+        for name in DYNAMICS_SIGNALS:
             table.missing[name] = str(e)
     grads = grad_columns(run, n)
     if grads:
@@ -179,12 +179,3 @@ def collect_scores(run: str | Path, *, device: str = "auto",
     else:
         table.missing["memorization_score"] = "no signal covers every example"
     return table
-
-
-def write_scores(run: str | Path, *, device: str = "auto",
-                 data_dir: str | Path | None = None) -> tuple[ScoreTable, Path]:
-    """:func:`collect_scores`, written atomically to ``<run>/scores.csv``."""
-    table = collect_scores(run, device=device, data_dir=data_dir)
-    path = RunDir(run).root / SCORES_FILE
-    table.write(path)
-    return table, path
