@@ -43,7 +43,8 @@ def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     hits = positive[order]
     tp = np.cumsum(hits)
     # The last position of each run of equal scores is where its threshold lands.
-    ends = np.r_[np.nonzero(np.diff(scores[order]))[0], len(order) - 1]
+    ranked = scores[order]
+    ends = np.r_[np.nonzero(ranked[1:] != ranked[:-1])[0], len(order) - 1]  # inf == inf: tied
     precision = tp[ends] / (ends + 1)
     recall = tp[ends] / n_pos
     return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
