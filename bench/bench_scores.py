@@ -2,11 +2,11 @@
 against cleanlab on 5-fold cross-validation (5 more trainings of the same model and config).
 
 Full mode: digits, cnn, 10% label noise, 30 epochs (the issue's setting); quick mode (CI): the
-mlp for 2 epochs, 2 localized candidates, grids of 8. The run is trained once per session; the peer check
-trains the cross-validation folds (each fold records its wall time, which the table reports);
-the timed call is ``memkern scores --compute --benchmark`` (gradient norms, localization of
-the top candidates, every metric, the saved folds reused). The table lands in the run's
-scores/benchmark.{csv,md} and in ``extra_info``.
+mlp for 2 epochs, 2 localized candidates, grids of 8. The run is trained once per session;
+the peer check trains the cross-validation folds (each fold records its wall time, which the
+table reports); the timed call is ``memkern scores --compute --benchmark`` (gradient norms,
+localization of the top candidates, every metric, the saved folds reused). The table lands in
+the run's scores/benchmark.{csv,md} and in ``extra_info``.
 """
 import numpy as np
 import pytest

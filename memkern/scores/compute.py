@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from memkern.atomic import atomic_write_json, atomic_write_text
 from memkern.errors import ConfigError, RunDirError
 from memkern.runs import RunDir
@@ -77,7 +79,7 @@ def compute_missing(*, run: str | Path, grad_epochs: Sequence[int] | None = None
         candidates = [int(i) for i in top_indices("memorization_score",
                                                   table.signals["memorization_score"],
                                                   localize_top)]
-        todo = [i for i in candidates if localized is None or localized[i] != localized[i]]
+        todo = [i for i in candidates if localized is None or np.isnan(localized[i])]
         if todo:
             from memkern.localize.run import localize
             listing = scores_dir(run) / "localize_candidates.txt"

@@ -9,6 +9,7 @@ resumes there after a kill; once its held-out probabilities are saved
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import shutil
 import time
@@ -71,13 +72,13 @@ def fold_data(data: PreparedData, keep: torch.Tensor) -> PreparedData:
                         test_labels=data.test_labels, noise=noise)
 
 
-def held_out_probabilities(ckpt: Path, images: torch.Tensor) -> torch.Tensor:
+def held_out_probabilities(ckpt: Path, images: torch.Tensor, *, device: str) -> torch.Tensor:
     """Softmax of a fold model on rows it never trained on (tied dropout: mode "keep", as test
     examples are evaluated: they have no mask of their own)."""
-    trained = load_trained(ckpt, device="cpu")
+    trained = load_trained(ckpt, device=device)
     chunks = []
     mode = (tied_dropout_mode(trained.model, "keep") if needs_example_indices(trained.model)
-            else torch.no_grad())
+            else contextlib.nullcontext())
     with mode:
         predictions(trained.model, images, on_logits=lambda z: chunks.append(z.double().cpu()))
     return torch.softmax(torch.cat(chunks), 1)
@@ -110,7 +111,8 @@ def cross_validate(*, run: str | Path, folds: int = 5, epochs: int | None = None
             train(None if resume else config, out=fold_run.root, resume=resume, device=device,
                   progress=progress, data=fold_data(data, keep))
             started = time.perf_counter()
-            probs = held_out_probabilities(fold_run.final_checkpoint(), data.train_images[out_rows])
+            probs = held_out_probabilities(fold_run.final_checkpoint(),
+                                           data.train_images[out_rows], device=device)
             train_seconds = sum(r["seconds"] for r in read_jsonl(fold_run.metrics_path))
             record = {"rows": out_rows, "probabilities": probs,
                       "seconds": torch.tensor([train_seconds + time.perf_counter() - started],

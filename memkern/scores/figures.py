@@ -107,7 +107,7 @@ def write_grids(table, images: torch.Tensor, out_dir: Path, *, k: int) -> list[P
             title = f"{len(chosen)} training examples with the {side} {name}"
         if not clean_run:
             title += f" ({int(table.noisy[chosen].sum())} of them flipped labels, in red)"
-        image_grid(images, chosen, labels=table.meta["label"], original=table.meta["original_label"],
-                   values=values, title=title, path=path)
+        image_grid(images, chosen, labels=table.meta["label"],
+                   original=table.meta["original_label"], values=values, title=title, path=path)
         paths.append(path)
     return paths

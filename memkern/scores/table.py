@@ -81,7 +81,8 @@ def complete_dynamics(run: RunDir) -> Dynamics:
     last = max(run.epochs(), default=0)
     gaps = dynamics.missing_epochs(last)
     if gaps:
-        raise RunDirError(f"{dynamics_path(run)} lacks epochs {gaps[:5]}{' ...' if len(gaps) > 5 else ''}"
+        shown = ", ".join(map(str, gaps[:5])) + (" ..." if len(gaps) > 5 else "")
+        raise RunDirError(f"{dynamics_path(run)} lacks epochs {shown}"
                           f" (the run was trained or resumed before memkern recorded dynamics); "
                           f"`memkern scores --run {run.root} --compute` rebuilds them")
     return dynamics.up_to(last)
