@@ -17,7 +17,7 @@ from memkern.experiment import load_data, model_for
 from memkern.runs import RunDir
 from memkern.scores import signals
 from memkern.scores.benchmark import run_benchmark
-from memkern.scores.crossval import fold_assignment, fold_data
+from memkern.scores.crossval import cross_validate, fold_assignment, fold_data
 from memkern.scores.detection import auroc, average_precision, precision_at_k
 from memkern.scores.table import channels_to_flip, collect_scores, tied_gap
 from memkern.sites import example_indices
@@ -261,6 +261,28 @@ def test_cross_validation_folds_partition_and_hold_out():
     full_original = data.train_labels.clone()
     full_original[data.noise.noisy_indices] = data.noise.original_labels
     assert torch.equal(original, full_original[keep])
+
+
+def test_cross_validation_reuses_saved_folds_of_the_same_settings_only(tiny_run, tmp_path,
+                                                                      monkeypatch):
+    import memkern.train
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    data = load_data(TINY)
+    first = cross_validate(run=run.root, folds=2, epochs=1, data=data, progress=False)
+    assert first.probabilities.shape == (1437, 10) and first.trainings == 2
+    np.testing.assert_allclose(first.probabilities.sum(1), 1.0, atol=1e-9)
+    folder = run.root / "scores" / "crossval" / "2-fold_1-epochs"
+    assert sorted(p.name for p in folder.iterdir()) == ["fold_0.safetensors", "fold_1.safetensors"]
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a saved fold was trained again")
+
+    monkeypatch.setattr(memkern.train, "train", no_training)
+    again = cross_validate(run=run.root, folds=2, epochs=1, data=data, progress=False)
+    assert np.array_equal(again.probabilities, first.probabilities)
+    with pytest.raises(AssertionError, match="trained again"):  # other settings: their own folds
+        cross_validate(run=run.root, folds=3, epochs=1, data=data, progress=False)
 
 
 @pytest.mark.parametrize("args, message", [

@@ -3,9 +3,10 @@
 Every fold trains the run's own model with the run's own config (optimizer, schedule, epochs,
 batch size, tied dropout) on the other K-1 folds, through :func:`memkern.train.train`, then
 predicts the held-out fold. Folds are stratified by the trained label and shuffled with the
-run's seed (cleanlab's own protocol). Each fold trains in ``<run>/scores/crossval/fold_k`` and
-resumes there after a kill; once its held-out probabilities are saved
-(``fold_k.safetensors``) the fold's run directory is removed.
+run's seed (cleanlab's own protocol). Each fold trains in
+``<run>/scores/crossval/<K>-fold_<epochs>-epochs/fold_k`` and resumes there after a kill; once
+its held-out probabilities are saved (``fold_k.safetensors`` beside it) the fold's run
+directory is removed.
 """
 from __future__ import annotations
 
@@ -98,7 +99,8 @@ def cross_validate(*, run: str | Path, folds: int = 5, epochs: int | None = None
         config = dataclasses.replace(config, epochs=epochs)
     labels = data.train_labels.numpy()
     held = fold_assignment(labels, folds=folds, seed=config.seed)
-    root = run.root / "scores" / "crossval"
+    # Folds of other settings (a quick check's) live apart, never mixed into these.
+    root = run.root / "scores" / "crossval" / f"{folds}-fold_{config.epochs}-epochs"
     probabilities = np.zeros((len(labels), data.num_classes))
     seconds = 0.0
     for k in range(folds):
