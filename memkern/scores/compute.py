@@ -15,7 +15,7 @@ from typing import Sequence
 import numpy as np
 
 from memkern.atomic import atomic_write_json, atomic_write_text
-from memkern.errors import ConfigError, RunDirError
+from memkern.errors import ConfigError, MemkernError, RunDirError
 from memkern.runs import RunDir
 from memkern.scores.figures import top_indices
 from memkern.scores.table import (LOCALIZE_FILE, collect_scores, complete_dynamics, early_epoch,
@@ -69,10 +69,14 @@ def compute_missing(*, run: str | Path, grad_epochs: Sequence[int] | None = None
     if todo:
         from memkern.accounting import gradient_accounting
         started = time.perf_counter()
-        gradient_accounting(run=run.root, epochs=todo, device=device, data_dir=data_dir,
-                            progress=progress)
-        _record(run, "grads", time.perf_counter() - started, epochs=todo)
-        done.append(f"per-example gradient norms at epochs {todo}")
+        try:
+            gradient_accounting(run=run.root, epochs=todo, device=device, data_dir=data_dir,
+                                progress=progress)
+        except MemkernError as e:  # a model grads cannot handle: the other signals still come
+            done.append(f"skipped per-example gradient norms at epochs {todo}: {e}")
+        else:
+            _record(run, "grads", time.perf_counter() - started, epochs=todo)
+            done.append(f"per-example gradient norms at epochs {todo}")
     if localize_top:
         table = collect_scores(run.root, device=device, data_dir=data_dir)
         localized = table.signals.get("channels_to_flip")
