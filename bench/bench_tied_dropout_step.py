@@ -42,7 +42,7 @@ def _model(variant: str):
     elif variant.startswith("paper-cache"):
         for name in sites:
             site = channel_sites(model)[name]
-            site.op = PaperSiteDropout(site.channels, P_GEN, P_MEM)
+            site.attach(PaperSiteDropout(site.channels, P_GEN, P_MEM))
     return model.train(), sites
 
 
@@ -66,7 +66,7 @@ def _site_inputs(model, sites, x, ids) -> list[torch.Tensor]:
 
 def _module_forward_ms(model, sites, inputs, ids, reset) -> float:
     """Mean time of the site ops' forwards (all sites) over a few repeats, in ms."""
-    ops = [channel_sites(model)[n].op for n in sites]
+    ops = [channel_sites(model)[n].ops[0] for n in sites]
     reps = 1 if QUICK else 10
     total = 0.0
     with torch.no_grad(), example_indices(ids):
@@ -85,7 +85,7 @@ def test_resnet9_sgd_step(benchmark, context_info, variant):
     model, sites = _model(variant)
     x, y, ids = _batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-    caches = [channel_sites(model)[n].op.cached for n in sites] if "paper" in variant else []
+    caches = [channel_sites(model)[n].ops[0].cached for n in sites] if "paper" in variant else []
 
     def reset():
         if variant == "paper-cache-first-pass":

@@ -11,10 +11,12 @@ from memkern.cli.options import device_option
 @device_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def demo(out, device, progress):
-    """Run every experiment on the embedded digits data (minutes on a laptop CPU; resumable).
+    """Run every experiment on the embedded digits data (minutes on a laptop CPU; rerun the same
+    command to resume).
 
     Trains a cnn with 10% label noise with and without example-tied dropout, then runs
-    gradient accounting, layer rewinding, retraining and localization, and writes reports.
+    gradient accounting, layer rewinding, retraining and localization on both, and writes a
+    report for each.
 
     \b
     Example:
@@ -22,4 +24,7 @@ def demo(out, device, progress):
     """
     from memkern.demo import run_demo
 
-    click.echo(f"demo report: {run_demo(out=out, device=device, progress=progress)}")
+    reports = run_demo(out=out, device=device, progress=progress,
+                       say=lambda line: click.echo(line, err=True))
+    for name, path in reports.items():
+        click.echo(f"{name} report: {path}")

@@ -19,6 +19,8 @@ def env():
     import torch
 
     import memkern
+    from memkern.experiment import resolve_device
+    from memkern.kernels.channel_mask import kernel_path
 
     lines = {
         "memkern": memkern.__version__,
@@ -37,7 +39,7 @@ def env():
     except ImportError:
         lines["triton"] = "not installed (CPU path: vectorized torch reference)"
     lines["TRITON_INTERPRET"] = os.environ.get("TRITON_INTERPRET", "unset")
-    lines["kernel path"] = ("triton" if torch.cuda.is_available() and "triton" in lines
-                            and not lines["triton"].startswith("not") else "torch reference")
+    path = kernel_path(resolve_device("auto"))
+    lines["kernel path"] = "triton" if path == "triton" else "torch reference"
     for k, v in lines.items():
         click.echo(f"{k:<17} {v}")

@@ -35,7 +35,7 @@ from memkern.cli.options import data_dir_option, device_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def localize(ckpt, examples, limit, method, max_channels, eot, ref_batch, candidates, sites, out,
              chunk, seed, device, data_dir, progress):
-    """Find the channels whose zeroing flips each example's prediction (PAPER.md Exp. 4).
+    """Find the channels whose zeroing flips each example's prediction (docs/method.md, Experiment 4).
 
     Appends one line per example to the output (a killed run resumes where it stopped),
     then writes localize_summary.json and localize.png beside it and prints a table.

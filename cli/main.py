@@ -10,6 +10,7 @@ import sys
 import click
 
 from memkern.errors import MemkernError
+from memkern.kernels.errors import ChannelMaskError
 
 
 class MemkernGroup(click.Group):
@@ -20,7 +21,7 @@ class MemkernGroup(click.Group):
             where = f"memkern {e.ctx.info_name}" if e.ctx and e.ctx.parent else "memkern"
             click.echo(f"memkern: error: {e.format_message()} (see `{where} --help`)", err=True)
             sys.exit(2)
-        except MemkernError as e:
+        except (MemkernError, ChannelMaskError) as e:
             click.echo(f"memkern: error: {e}", err=True)
             sys.exit(2)
         except KeyboardInterrupt:

@@ -1,16 +1,12 @@
 """``memkern train``."""
 from __future__ import annotations
 
-import dataclasses
-
 import click
 
 from memkern.cli.options import data_dir_option, device_option, split_names
-from memkern.config import PRESETS, TrainConfig, preset_for
+from memkern.config import PRESETS
 from memkern.data import DATASETS
-from memkern.errors import ConfigError
 from memkern.models import MODELS
-from memkern.runs import RunDir
 
 # CLI option name -> TrainConfig field, one to one (STYLE.md item 7).
 CONFIG_OPTIONS = {"dataset": "dataset", "model": "model", "norm": "norm", "noise": "noise",
@@ -46,7 +42,7 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--warmup", type=float, help="Fraction of steps of linear warm-up.")
 @click.option("--augment/--no-augment", default=False, help="Crop (+flip) for cifar10/svhn.")
 @click.option("--tied-dropout/--no-tied-dropout", default=False,
-              help="Example-tied dropout at channel sites (PAPER.md Experiment 5).")
+              help="Example-tied dropout at channel sites (docs/method.md, Experiment 5).")
 @click.option("--p-gen", type=float, default=0.2, show_default=True,
               help="Fraction of generalization channels (always on).")
 @click.option("--p-mem", type=float, default=0.1, show_default=True,
@@ -71,21 +67,13 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
       memkern train --out runs/digits --resume
       memkern train --out runs/digits-tracked --track-grads
     """
-    from memkern.train import train as run_training
+    from memkern.train import train_from_options
 
-    explicit = _explicit(ctx)
-    if resume:
-        saved = RunDir(out).load_config() if RunDir(out).config_path.is_file() else None
-        differing = sorted(k for k, v in explicit.items() if saved and getattr(saved, k) != v)
-        if differing:
-            raise ConfigError(f"--resume continues {out} with its saved config; these options "
-                              f"differ from it: {', '.join(differing)}")
-        config = None
-    else:
-        base = (TrainConfig.from_name(preset) if preset
-                else preset_for(explicit.get("model", "cnn"), explicit.get("dataset", "digits")))
-        config = dataclasses.replace(base, data_dir=data_dir, **explicit)
-    run = run_training(config, out=out, resume=resume, device=device, data_dir=data_dir,
-                       download=download, progress=progress, track_grads=track_grads)
+    options = _explicit(ctx)
+    if not resume:
+        options["data_dir"] = data_dir
+    run = train_from_options(out=out, options=options, preset=preset, resume=resume,
+                             device=device, data_dir=data_dir, download=download,
+                             progress=progress, track_grads=track_grads)
     click.echo(f"run saved to {run.root} (checkpoints: {len(run.epochs())}, "
                f"metrics: {run.metrics_path})")

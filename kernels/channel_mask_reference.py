@@ -18,12 +18,11 @@ channels, kept by the hash in modes "train"/"own".
 """
 from __future__ import annotations
 
-import functools
 import math
 
 import torch
 
-from memkern.errors import ConfigError
+from .errors import ChannelMaskError, ChannelMaskTypeError
 
 MODES = ("train", "own", "keep", "drop")
 HASHED_MODES = ("train", "own")  # the modes whose mask depends on the example index
@@ -33,20 +32,23 @@ _U32 = 0xFFFFFFFF
 THRESHOLD_BITS = 24  # (h >> 8) has 24 bits: p_mem is resolved to 2**-24
 
 
-def _mul32(a: torch.Tensor, k: int) -> torch.Tensor:
-    """``a * k mod 2**32`` for int64 ``a`` in [0, 2**32), split in 16-bit halves of ``k`` so no
-    int64 product overflows (a full 32x32-bit product would need 64 unsigned bits)."""
+def _mul32(a, k: int):
+    """``a * k mod 2**32`` for int64 tensors (or Python ints) ``a`` in [0, 2**32), split in
+    16-bit halves of ``k`` so no int64 product overflows (a full 32x32-bit product would need
+    64 unsigned bits). In place on tensors after the first product."""
     lo = a * (k & 0xFFFF)
     hi = a * (k >> 16)
     hi &= 0xFFFF
     hi <<= 16
     lo += hi
-    return lo.bitwise_and_(_U32)
+    lo &= _U32
+    return lo
 
 
-def lowbias32(h: torch.Tensor) -> torch.Tensor:
-    """The 32-bit finalizer on int64 tensors holding values in [0, 2**32); same values as uint32.
-    In-place after the first op: on [64, 128] this halves the time of the out-of-place chain."""
+def lowbias32(h):
+    """The 32-bit finalizer on int64 tensors (or Python ints) holding values in [0, 2**32); same
+    values as uint32. In place after the first op: on [64, 128] this halves the time of the
+    out-of-place chain."""
     h = h ^ (h >> 16)
     h = _mul32(h, HASH_M1)
     h ^= h >> 15
@@ -55,16 +57,16 @@ def lowbias32(h: torch.Tensor) -> torch.Tensor:
     return h
 
 
-@functools.lru_cache(maxsize=None)
 def site_key(seed: int) -> int:
-    """``lowbias32(seed mod 2**32)``: the per-site constant the kernels receive (cached: it cost
-    ~0.1 ms per call, a tenth of the whole mask)."""
-    return int(lowbias32(torch.tensor(seed & _U32, dtype=torch.int64)))
+    """``lowbias32(seed mod 2**32)``: the per-site constant the kernels receive, in Python ints
+    (about a microsecond; no tensor, so it also runs while torch.compile traces the op, where
+    the seed may be a symbolic int)."""
+    return lowbias32(seed & _U32)
 
 
-@functools.lru_cache(maxsize=None)
 def _channel_keys(channels: int, device: torch.device) -> torch.Tensor:
-    """int64 ``[channels]``: ``c * 0x9E3779B9 mod 2**32``, the per-channel half of the hash."""
+    """int64 ``[channels]``: ``c * 0x9E3779B9 mod 2**32``, the per-channel half of the hash.
+    Not cached: a tensor cached while torch.compile traces the op would be a fake tensor."""
     return _mul32(torch.arange(channels, dtype=torch.int64, device=device), HASH_GOLDEN)
 
 
@@ -84,24 +86,24 @@ def generalization_channels(p_gen: float, channels: int) -> int:
 
 
 def check_tied_args(*, p_gen: float, p_mem: float, mode: str, seed: int) -> None:
-    """Raise ConfigError for probabilities out of range, an unknown mode or a non-integer seed."""
+    """Raise ChannelMaskError for probabilities out of range, an unknown mode or a non-integer seed."""
     if mode not in MODES:
-        raise ConfigError(f"tied dropout mode {mode!r} is unknown: use one of {MODES}")
+        raise ChannelMaskError(f"tied dropout mode {mode!r} is unknown: use one of {MODES}")
     for name, p in (("p_gen", p_gen), ("p_mem", p_mem)):
         if not 0.0 <= p <= 1.0:
-            raise ConfigError(f"{name}={p} is not a probability: pick a value in [0, 1]")
+            raise ChannelMaskError(f"{name}={p} is not a probability: pick a value in [0, 1]")
     if p_gen + p_mem > 1.0:
-        raise ConfigError(
+        raise ChannelMaskError(
             f"p_gen + p_mem = {p_gen} + {p_mem} > 1: memorization channels are kept with "
             f"probability p_mem among the 1 - p_gen non-generalization ones; lower one of them"
         )
     if mode == "drop" and p_gen == 0.0:
-        raise ConfigError(
+        raise ChannelMaskError(
             "mode 'drop' rescales generalization channels by (p_gen + p_mem) / p_gen, "
             "which needs p_gen > 0: train with p_gen > 0 or evaluate with mode 'keep'"
         )
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError(f"seed={seed!r} must be a Python int")
+    if isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)):  # symbolic: compiling
+        raise ChannelMaskTypeError(f"seed={seed!r} must be a Python int")
 
 
 def mode_values(mode: str, *, p_gen: float, p_mem: float, dtype: torch.dtype,
@@ -127,10 +129,16 @@ def tied_mask_values(row_ids: torch.Tensor | None, *, channels: int, seed: int, 
     indices; there ``row_ids`` may be None, giving ``[1, channels]``.
     """
     check_tied_args(p_gen=p_gen, p_mem=p_mem, mode=mode, seed=seed)
+    return _mask_values(row_ids, channels=channels, seed=seed, p_gen=p_gen, p_mem=p_mem,
+                        mode=mode, dtype=dtype)
+
+
+def _mask_values(row_ids, *, channels, seed, p_gen, p_mem, mode, dtype):
+    """:func:`tied_mask_values` without the argument checks (the op's body: checked before)."""
     n_gen = generalization_channels(p_gen, channels)
     if mode in HASHED_MODES:
         if row_ids is None:
-            raise ConfigError(f"mode {mode!r} needs the dataset index of every row; got None")
+            raise ChannelMaskError(f"mode {mode!r} needs the dataset index of every row; got None")
         # Values (1, 1, 0): the mask is "kept or generalization" as 0/1, built in 3 ops.
         kept = (tied_hash(row_ids, channels=channels, seed=seed) >> 8) < keep_threshold(p_mem)
         kept[:, :n_gen] = True
@@ -161,10 +169,28 @@ def gathered_channel_mask_reference(x: torch.Tensor, mask: torch.Tensor, *,
     return x * broadcast_channel_mask(mask.to(x.dtype), x.ndim, channel_dim)
 
 
+def gathered_channel_mask_grads_reference(grad_y: torch.Tensor, x: torch.Tensor | None,
+                                          mask: torch.Tensor, *, channel_dim: int,
+                                          need_grad_x: bool = True, need_grad_mask: bool = True,
+                                          ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Backward of :func:`gathered_channel_mask_reference`: (grad_x = grad_y * m like ``grad_y``,
+    grad_mask[n, c] = sum of grad_y * x over the channel's elements, in ``mask.dtype``); each
+    None when not asked for. ``x`` is read only for grad_mask."""
+    grad_x = (grad_y * broadcast_channel_mask(mask.to(grad_y.dtype), grad_y.ndim, channel_dim)
+              if need_grad_x else None)
+    grad_mask = None
+    if need_grad_mask:
+        prod = grad_y * x
+        if channel_dim != 1:
+            prod = prod.movedim(channel_dim, 1)
+        grad_mask = prod.flatten(2).sum(2).to(mask.dtype) if prod.ndim > 2 else prod.to(mask.dtype)
+    return grad_x, grad_mask
+
+
 def tied_channel_mask_reference(x: torch.Tensor, row_ids: torch.Tensor | None, *, seed: int,
                                 p_gen: float, p_mem: float, mode: str,
                                 channel_dim: int = 1) -> torch.Tensor:
     """``x * tied_mask_values(row_ids)`` broadcast over the channel's elements."""
-    mask = tied_mask_values(row_ids, channels=x.shape[channel_dim], seed=seed, p_gen=p_gen,
-                            p_mem=p_mem, mode=mode, dtype=x.dtype)
+    mask = _mask_values(row_ids, channels=x.shape[channel_dim], seed=seed, p_gen=p_gen,
+                        p_mem=p_mem, mode=mode, dtype=x.dtype)
     return x * broadcast_channel_mask(mask.to(x.device), x.ndim, channel_dim)

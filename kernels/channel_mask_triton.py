@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from torch.library import wrap_triton
 
 from . import channel_mask_reference as ref
 from .channel_mask_reference import (
@@ -151,7 +152,7 @@ def tied_apply(src: torch.Tensor, row_ids: torch.Tensor | None, *, channel_dim: 
     values = mode_values(mode, p_gen=p_gen, p_mem=p_mem, dtype=src.dtype, device=src.device)
     hashed = mode in HASHED_MODES
     grid, block_r, block_s = _grid(N, C, S)
-    _tied_kernel[grid](
+    wrap_triton(_tied_kernel)[grid](
         src3, out3, row_ids if hashed else values, values, site_key(seed),
         generalization_channels(p_gen, C), keep_threshold(p_mem), N * C, C, S,
         *src3.stride(), *out3.stride(), HASHED=hashed, BLOCK_R=block_r, BLOCK_S=block_s,
@@ -167,7 +168,7 @@ def gathered_fwd(x: torch.Tensor, mask: torch.Tensor, *, channel_dim: int) -> to
     if y.numel() == 0:
         return y
     grid, block_r, block_s = _grid(N, C, S)
-    _gathered_fwd_kernel[grid](
+    wrap_triton(_gathered_fwd_kernel)[grid](
         x3, y3, mask, *mask.stride(), N * C, C, S, *x3.stride(), *y3.stride(),
         BLOCK_R=block_r, BLOCK_S=block_s,
     )
@@ -191,7 +192,7 @@ def gathered_bwd(grad_y: torch.Tensor, x: torch.Tensor | None, mask: torch.Tenso
     x3 = _as_ncs(x, channel_dim) if need_grad_mask else g3
     acc = tl.float64 if grad_y.dtype == torch.float64 else tl.float32
     grid, block_r, block_s = _grid(N, C, S)
-    _gathered_bwd_kernel[grid](
+    wrap_triton(_gathered_bwd_kernel)[grid](
         g3, x3, mask, gx3, grad_mask if need_grad_mask else mask, *mask.stride(), N * C, C, S,
         *g3.stride(), *x3.stride(), *gx3.stride(),
         NEED_GX=need_grad_x, NEED_GM=need_grad_mask, ACC=acc, BLOCK_R=block_r, BLOCK_S=block_s,

@@ -1,6 +1,8 @@
-"""Gradient accounting over a run's checkpoints (``memkern grads``, PAPER.md Experiment 1).
+"""Gradient accounting over a run's checkpoints (``memkern grads``; docs/method.md,
+Experiment 1).
 
-Per chosen epoch, with the checkpoint in eval mode (the same model the per-example norms see):
+Per chosen epoch, with the checkpoint in eval mode (the same model the per-example norms see;
+a tied-dropout run's rows carry their dataset indices, so each example keeps its own mask):
 
 - ``grads/per_example_epoch_NNN.csv``: every training example's per-group gradient norm
   (``index, noisy, label, <group>..., total``; ``label`` is the trained, possibly noisy label),
@@ -23,13 +25,13 @@ import torch
 from tqdm import tqdm
 
 from memkern.atomic import atomic_write_text, read_jsonl
-from memkern.checkpoints import load_checkpoint, load_model_state
 from memkern.data import PreparedData, iterate_batches
 from memkern.errors import ConfigError, RunDirError
-from memkern.experiment import load_data, model_for, resolve_device
+from memkern.experiment import open_run
 from memkern.gradnorms import MODES, per_example_grad_norms
 from memkern.models.groups import LayerGroup, layer_groups
 from memkern.runs import RunDir
+from memkern.sites import example_indices
 from memkern.subset_grads import TOTAL, subset_gradients, subset_stats
 from memkern.tables import csv_text, read_csv
 
@@ -64,9 +66,10 @@ def account_epoch(model: torch.nn.Module, data: PreparedData, groups: list[Layer
     noisy_sum = {k: torch.zeros_like(p) for k, p in clean_sum.items()}
     norms = []
     for x, y, idx in iterate_batches(data.train_images, data.train_labels, batch_size):
-        x, y, noisy = x.to(device), y.to(device), noisy_mask[idx].to(device)
-        norms.append(per_example_grad_norms(model, x, y, mode=mode, groups=groups).cpu())
-        logits = model(x)
+        x, y, noisy, idx = x.to(device), y.to(device), noisy_mask[idx].to(device), idx.to(device)
+        norms.append(per_example_grad_norms(model, x, y, ids=idx, mode=mode, groups=groups).cpu())
+        with example_indices(idx):
+            logits = model(x)
         for total, part in ((noisy_sum, noisy), (clean_sum, ~noisy)):
             for k, g in subset_gradients(model, logits, y, part, 1.0 / n,
                                          retain_graph=True).items():
@@ -99,21 +102,23 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
     if batch_size < 1:
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     run = RunDir(run)
-    config = run.load_config()
+    run.load_config()
     if epochs is None:
         epochs = run.epochs()
         if not epochs:
             raise RunDirError(f"{run.root} has no checkpoints: train it first (memkern train)")
-    paths = {e: run.require_checkpoint(e) for e in epochs}
-    data = load_data(config, data_dir=data_dir)
-    model = model_for(config, data).to(resolve_device(device))
+    if not epochs:
+        raise ConfigError("no epochs to account: pass --epochs such as 0,10,20")
+    for e in epochs:
+        run.require_checkpoint(e)
+    ctx = open_run(run.root, epoch=epochs[0], device=device, data_dir=data_dir)
+    model, data = ctx.model, ctx.data
     groups = layer_groups(model)
     summary = read_csv(summary_path(run))
     done = {int(r["epoch"]) for r in summary}
     todo = [e for e in epochs if not (e in done and per_example_path(run, e).is_file())]
     for epoch in tqdm(todo, desc=f"grads {run.root.name}", unit="epoch", disable=not progress):
-        load_model_state(model, load_checkpoint(paths[epoch]))
-        model.eval()
+        ctx.load(epoch)
         norms, rows = account_epoch(model, data, groups, mode=mode, batch_size=batch_size)
         per_example = _per_example_rows(norms, data, groups)
         atomic_write_text(per_example_path(run, epoch),

@@ -71,13 +71,13 @@ class TrainConfig:
         return cls(**data)
 
 
-# Paper settings (PAPER.md "Training"): SGD lr 0.01 (0.001 on SVHN), batch 512, 50 epochs.
+# Paper settings (docs/method.md, "Setup"): SGD lr 0.01 (0.001 on SVHN), batch 512, 50 epochs.
 # The digits presets are sized for a laptop CPU: smaller batches give enough steps on 1,437
 # examples to memorize the noisy ones within 30 epochs.
 PRESETS: dict[str, TrainConfig] = {
     "cnn-digits": TrainConfig(),
     "mlp-digits": TrainConfig(model="mlp"),
-    # PAPER.md Experiment 5 on digits: p_gen 0.2 and p_mem 0.1 (the paper's) at the cnn's
+    # docs/method.md Experiment 5 on digits: p_gen 0.2 and p_mem 0.1 (the paper's) at the cnn's
     # default sites; noisy examples are memorized with their own masks within 10 epochs and
     # forgotten when their memorization channels are removed (tests/test_tied_training.py).
     "cnn-digits-tied": TrainConfig(tied_dropout=True, epochs=10),
@@ -97,3 +97,25 @@ def preset_for(model: str, dataset: str) -> TrainConfig:
     if preset is not None:
         return preset
     return TrainConfig(model=model, dataset=dataset)
+
+
+def config_from_options(options: dict, *, preset: str | None = None) -> TrainConfig:
+    """A new run's config: ``preset`` (default: the ``{model}-{dataset}`` preset, else the
+    defaults) with the fields in ``options`` (``{field: value}``, only those the user set)."""
+    _check_fields(options)
+    base = (TrainConfig.from_name(preset) if preset
+            else preset_for(options.get("model", "cnn"), options.get("dataset", "digits")))
+    return dataclasses.replace(base, **options)
+
+
+def differing_fields(config: TrainConfig, options: dict) -> list[str]:
+    """The fields of ``options`` whose values differ from ``config``'s, sorted."""
+    _check_fields(options)
+    return sorted(k for k, v in options.items() if getattr(config, k) != v)
+
+
+def _check_fields(options: dict) -> None:
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(options) - known)
+    if unknown:
+        raise ConfigError(f"unknown config field(s) {unknown}; TrainConfig has {sorted(known)}")

@@ -1,13 +1,12 @@
 """Accuracy on the paper's three sets: clean train, noisy train (against noisy labels), test.
 
-For a model with example-tied dropout (PAPER.md Experiment 5) the mode decides the masks:
+For a model with example-tied dropout (docs/method.md, Experiment 5) the mode decides the masks:
 "own" gives every training example its own tied mask; "keep" (the paper's test mode) scales
 memorization channels by p_mem; "drop" removes them. Test examples have no tied mask of their
 own, so in modes "train"/"own" ``test_acc`` is measured in mode "keep".
 """
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -21,7 +20,7 @@ from memkern.errors import ConfigError
 from memkern.experiment import load_trained
 from memkern.runs import RunDir
 from memkern.sites import example_indices
-from memkern.tied_dropout import has_tied_dropout, needs_example_indices, tied_dropout_mode
+from memkern.tied_dropout import has_tied_dropout, tied_dropout_mode, unindexed_rows
 
 EVAL_BATCH = 1024
 EVAL_MODES = ("own", "keep", "drop")
@@ -69,9 +68,7 @@ def split_accuracies(model: nn.Module, data: PreparedData, *,
                        on_logits=on_train_logits)
     hits = pred == data.train_labels
     noisy = data.noisy_mask
-    test_mode = (tied_dropout_mode(model, "keep") if needs_example_indices(model)
-                 else contextlib.nullcontext())
-    with test_mode:
+    with unindexed_rows(model):
         test_pred = predictions(model, data.test_images, state=state)
     return {"clean_acc": _mean(hits[~noisy]), "noisy_acc": _mean(hits[noisy]),
             "test_acc": _mean(test_pred == data.test_labels)}

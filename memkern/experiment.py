@@ -1,4 +1,15 @@
-"""Rebuild what a config describes: its data (with the same label noise) and its model."""
+"""The run context: everything a command rebuilds from a run directory or a checkpoint, built
+one way for every command (config -> data with its exact label noise -> model -> weights ->
+device -> tied-dropout mode).
+
+    ctx = open_run("runs/digits", device="cpu")        # final checkpoint loaded
+    ctx = load_trained("runs/digits/checkpoints/epoch_010.safetensors")
+    ctx.load(0)                                        # another epoch's weights, same model
+
+The model is in eval mode; a tied-dropout model is in mode "own": each training row gets the
+mask it was trained with, from the dataset indices the analyses pass with the rows
+(:func:`memkern.sites.example_indices`).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,15 +21,34 @@ from torch import nn
 from memkern.checkpoints import Checkpoint, load_checkpoint, load_model_state
 from memkern.config import TrainConfig
 from memkern.data import PreparedData, load_dataset, prepare
+from memkern.errors import CheckpointError, ConfigError
 from memkern.models import build_model
-from memkern.tied_dropout import attach_tied_dropout
+from memkern.runs import RunDir
+from memkern.tied_dropout import attach_tied_dropout, has_tied_dropout, set_tied_dropout_mode
+
+DEVICES = ("auto", "cpu", "cuda")
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU."""
-    if device == "auto":
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; a CUDA device that is not there is a
+    ConfigError (one line) instead of torch's assertion deep inside the first transfer."""
+    if str(device) == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}: use one of {', '.join(DEVICES)}") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"--device {device}: this torch sees no CUDA device (torch "
+                              f"{torch.__version__}); use --device cpu, or install a CUDA build "
+                              f"of torch on a machine with a GPU")
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"--device {device}: only {count} CUDA device(s) here (0..{count - 1})")
+    elif dev.type != "cpu":
+        raise ConfigError(f"device {device!r} is not supported: use one of {', '.join(DEVICES)}")
+    return dev
 
 
 def load_data(config: TrainConfig, *, data_dir: str | Path | None = None,
@@ -46,18 +76,64 @@ def dropout_sites(config: TrainConfig, model: nn.Module) -> tuple[str, ...]:
 
 
 @dataclass
-class Trained:
-    """A checkpoint's model (eval mode, on ``device``) with the data it was trained on."""
+class RunContext:
+    """A run rebuilt for analysis. ``model`` holds ``checkpoint``'s weights (eval mode, on
+    ``device``, tied dropout in mode "own"); ``data`` is the data it was trained on."""
 
-    model: nn.Module
+    run: RunDir
+    config: TrainConfig
     data: PreparedData
+    model: nn.Module
+    device: torch.device
     checkpoint: Checkpoint
 
+    def load(self, epoch: int | str | Path) -> Checkpoint:
+        """Load the weights of ``epoch`` (of this run) or of a checkpoint file into ``model``
+        (validated against the architecture) and return that checkpoint."""
+        path = self.run.require_checkpoint(epoch) if isinstance(epoch, int) else Path(epoch)
+        ckpt = load_checkpoint(path)
+        load_model_state(self.model, ckpt)
+        self.model.eval()
+        self.checkpoint = ckpt
+        return ckpt
 
-def load_trained(ckpt_path: str | Path, *, device: str = "auto",
-                 data_dir: str | Path | None = None) -> Trained:
-    ckpt = load_checkpoint(ckpt_path)
-    data = load_data(ckpt.config, data_dir=data_dir)
-    model = model_for(ckpt.config, data)
+    def state(self, epoch: int) -> dict[str, torch.Tensor]:
+        """The weights and buffers of ``epoch`` on ``device`` (for ``functional_call``), without
+        loading them; a checkpoint holding other tensors than the model is a CheckpointError."""
+        path = self.run.require_checkpoint(epoch)
+        ckpt = load_checkpoint(path)
+        own = self.model.state_dict()
+        if set(ckpt.model_state) != set(own):
+            raise CheckpointError(f"{path} holds other tensors than the run's model: a "
+                                  f"checkpoint of another architecture in this run?")
+        return {k: v.to(self.device) for k, v in ckpt.model_state.items()}
+
+
+def _context(run: RunDir, ckpt: Checkpoint, *, device: str | torch.device,
+             data_dir: str | Path | None) -> RunContext:
+    dev = resolve_device(device)
+    config = ckpt.config  # the checkpoint's own config: the truth for its weights
+    data = load_data(config, data_dir=data_dir)
+    model = model_for(config, data)
     load_model_state(model, ckpt)
-    return Trained(model=model.to(resolve_device(device)).eval(), data=data, checkpoint=ckpt)
+    model.to(dev).eval()
+    if has_tied_dropout(model):
+        set_tied_dropout_mode(model, "own")
+    return RunContext(run=run, config=config, data=data, model=model, device=dev, checkpoint=ckpt)
+
+
+def load_trained(ckpt: str | Path, *, device: str | torch.device = "auto",
+                 data_dir: str | Path | None = None) -> RunContext:
+    """The context of one checkpoint file: its own config rebuilds everything (the run is the
+    folder holding ``checkpoints/``, or the checkpoint's folder when kept elsewhere)."""
+    return _context(RunDir.of_checkpoint(ckpt), load_checkpoint(ckpt), device=device,
+                    data_dir=data_dir)
+
+
+def open_run(run: str | Path, *, epoch: int | None = None, device: str | torch.device = "auto",
+             data_dir: str | Path | None = None) -> RunContext:
+    """The context of a run directory with ``epoch``'s weights (default: the final checkpoint)."""
+    run = RunDir(run)
+    run.load_config()  # a clear error for a folder that is not a run
+    path = run.final_checkpoint() if epoch is None else run.require_checkpoint(epoch)
+    return _context(run, load_checkpoint(path), device=device, data_dir=data_dir)

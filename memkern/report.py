@@ -35,6 +35,36 @@ def plot_training_curves(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _localization_lines(path: Path) -> list[str]:
+    """The localization summary as a table, with the tied-dropout shares on a tied run."""
+    if not path.is_file():
+        return []
+    summary = json.loads(path.read_text())
+
+    def f(v):
+        return "-" if v is None else f"{v:.3f}"
+
+    lines = ["", "## Localization", "",
+             "| targets | count | unfitted | flipped | median channels | edited noisy acc |",
+             "|---|---|---|---|---|---|"]
+    for g, e in summary["groups"].items():
+        lines.append(f"| {g} | {e['count']} | {e.get('unfitted', 0)} | {f(e['flip_rate'])} | "
+                     f"{e['median_channels_flipped'] if e['median_channels_flipped'] is not None else '-'} | "
+                     f"{f(e['edited_noisy_acc'])} |")
+    if summary.get("tied"):
+        lines += ["", "Example-tied dropout: of the channels zeroed at the tied sites, the share "
+                  "that are memorization channels and the share that are the target's own "
+                  "(kept by its training mask), beside their share of all channels there.", "",
+                  "| targets | zeroed | memorization | (all channels) | own | (all channels) |",
+                  "|---|---|---|---|---|---|"]
+        for g, e in summary["groups"].items():
+            t = e["tied"]
+            lines.append(f"| {g} | {t['zeroed']} | {f(t['memorization_share'])} | "
+                         f"{f(t['memorization_baseline'])} | {f(t['own_share'])} | "
+                         f"{f(t['own_baseline'])} |")
+    return lines
+
+
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report/training.png`` and ``report/index.md``; returns the index path."""
     run = RunDir(run_dir)
@@ -59,6 +89,7 @@ def write_report(run_dir: str | Path) -> Path:
     figures = sorted(p for p in run.root.rglob("*.png") if out not in p.parents)
     tables = sorted(p for p in run.root.rglob("*") if p.suffix in (".csv", ".jsonl", ".json")
                     and out not in p.parents and p.parent == run.root)
+    lines += _localization_lines(run.root / "localize_summary.json")
     if figures:
         lines += ["", "## Experiments", ""]
         lines += [f"### {p.stem}\n\n![{p.stem}](../{p.relative_to(run.root)})\n" for p in figures]

@@ -1,4 +1,4 @@
-"""Layer retraining (PAPER.md Experiment 3): reset one layer group of the final model to an
+"""Layer retraining (docs/method.md, Experiment 3): reset one layer group of the final model to an
 early checkpoint, freeze everything else, fine-tune that group on the clean examples only.
 
 If noisy-train accuracy (against the noisy labels) comes back, the noisy examples are still
@@ -24,12 +24,11 @@ from tqdm import tqdm
 
 from memkern.tables import read_table, write_table
 from memkern.atomic import atomic_write_json
-from memkern.checkpoints import load_checkpoint, load_model_state
 from memkern.config import TrainConfig
 from memkern.data import PreparedData, iterate_batches
 from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
-from memkern.experiment import load_data, model_for, resolve_device
+from memkern.experiment import open_run
 from memkern.layer_figures import plot_retrain
 from memkern.models.groups import LayerGroup
 from memkern.rewind import select_groups, with_group_from
@@ -141,27 +140,24 @@ def retrain(*, run: str | Path, groups: list[str] | None = None,
     if lr is not None and lr <= 0:
         raise ConfigError(f"--lr must be positive, got {lr}")
     run = RunDir(run)
-    config = run.load_config()
-    final_path = run.final_checkpoint()
-    reset_path = run.require_checkpoint(from_epoch)
+    run.load_config()
+    run.final_checkpoint()
+    run.require_checkpoint(from_epoch)
+    ctx = open_run(run.root, device=device, data_dir=data_dir)
+    model, data, config = ctx.model, ctx.data, ctx.config
+    chosen = select_groups(model, groups)
+    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    early = ctx.state(from_epoch)  # validates the reset checkpoint too
     lr = config.lr if lr is None else lr
-    settings = _settings(config, final_epoch=run.epochs()[-1], from_epoch=from_epoch,
+    settings = _settings(config, final_epoch=ctx.checkpoint.epoch, from_epoch=from_epoch,
                          epochs=epochs, lr=lr)
     rows = _resumable_rows(run, settings, overwrite=overwrite)
     # Table first, then settings: a kill between the two leaves no rows under foreign settings.
     write_table(run.root / "retrain.csv", rows)
     atomic_write_json(run.root / "retrain.json", settings)
 
-    dev = resolve_device(device)
-    data = load_data(config, data_dir=data_dir)
-    model = model_for(config, data)
-    load_model_state(model, load_checkpoint(final_path))
-    final = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    load_model_state(model, load_checkpoint(reset_path))  # validates the reset checkpoint too
-    early = {k: v.detach().clone() for k, v in model.state_dict().items()}
-    model.to(dev)
     done = {r["group"] for r in rows}
-    todo = [g for g in select_groups(model, groups) if g.name not in done]
+    todo = [g for g in chosen if g.name not in done]
     steps = math.ceil(int((~data.noisy_mask).sum()) / config.batch_size) * epochs
     bar = tqdm(total=steps * len(todo), unit="step", desc=f"retrain {run.root.name}",
                disable=not progress, dynamic_ncols=True)

@@ -1,4 +1,4 @@
-"""Layer rewinding (PAPER.md Experiment 2): the final model with one layer group's parameters
+"""Layer rewinding (docs/method.md, Experiment 2): the final model with one layer group's parameters
 *and* BatchNorm running statistics taken from an earlier checkpoint.
 
 (The reference code rewinds weights but keeps the final running statistics; here a group's
@@ -14,10 +14,9 @@ from torch import nn
 from tqdm import tqdm
 
 from memkern.tables import write_table
-from memkern.checkpoints import load_checkpoint, load_model_state
-from memkern.errors import CheckpointError, ConfigError
+from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
-from memkern.experiment import load_data, model_for, resolve_device
+from memkern.experiment import open_run
 from memkern.layer_figures import plot_rewind
 from memkern.models.groups import LayerGroup, layer_groups
 from memkern.runs import RunDir
@@ -60,15 +59,6 @@ def default_epochs(available: list[int]) -> list[int]:
     return sorted({min(earlier, key=lambda e: (abs(e - t), e)) for t in targets})
 
 
-def _state_on(ckpt_path: Path, like: dict[str, torch.Tensor],
-              device: torch.device) -> dict[str, torch.Tensor]:
-    ckpt = load_checkpoint(ckpt_path)
-    if set(ckpt.model_state) != set(like):
-        raise CheckpointError(f"{ckpt_path} holds other tensors than the run's final checkpoint: "
-                              f"a checkpoint of another architecture in this run?")
-    return {k: v.to(device) for k, v in ckpt.model_state.items()}
-
-
 def rewind(*, run: str | Path, epochs: list[int] | None = None,
            groups: list[str] | None = None, device: str = "auto",
            data_dir: str | Path | None = None, progress: bool = True) -> list[dict]:
@@ -77,17 +67,15 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     ``{"group", "epoch", "clean_acc", "noisy_acc", "test_acc"}`` per configuration, grouped by
     epoch. Each checkpoint and the dataset are read once."""
     run = RunDir(run)
-    config = run.load_config()
-    final_path = run.final_checkpoint()
+    run.load_config()
     available = run.epochs()
+    if not available:
+        run.final_checkpoint()  # the error naming what is missing
     epochs = default_epochs(available) if epochs is None else list(epochs)
     for epoch in epochs:
         run.require_checkpoint(epoch)
-    dev = resolve_device(device)
-    data = load_data(config, data_dir=data_dir)
-    model = model_for(config, data)
-    load_model_state(model, load_checkpoint(final_path))
-    model.to(dev).eval()
+    ctx = open_run(run.root, device=device, data_dir=data_dir)
+    model, data = ctx.model, ctx.data
     chosen = select_groups(model, groups)
     final = {k: v.detach() for k, v in model.state_dict().items()}
 
@@ -101,7 +89,7 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     rows = [{"group": BASELINE, "epoch": available[-1], **split_accuracies(model, data)}]
     bar.update(1)
     for epoch in epochs:
-        earlier = _state_on(run.checkpoint_path(epoch), final, dev)
+        earlier = ctx.state(epoch)
         for group in chosen:
             state = with_group_from(final, earlier, [group])
             rows.append({"group": group.name, "epoch": epoch,

@@ -2,20 +2,24 @@
 
 A :class:`ChannelSite` is an identity module placed after a conv/linear output (position
 ``"pre-norm"``: zeroing a channel there equals zeroing a bias-free filter) or after an
-activation (``"post-activation"``: where dropout acts). Experiments attach an ``op`` to a site
-(example-tied dropout, a gathered per-row mask for localization); a site without one costs a
-Python call and nothing else.
+activation (``"post-activation"``: where dropout acts). A site holds an ordered stack of ops
+applied one after the other (example-tied dropout first, from the model's build; then, say, a
+per-row localization mask); a site without ops costs a Python call and nothing else.
 
-The dataset index of each row reaches the sites through :func:`example_indices`, a context
+The dataset index of each row reaches the ops through :func:`example_indices`, a context
 manager over a context variable, so no model's ``forward`` signature has to carry it:
 
     with example_indices(batch_index):
         logits = model(x)
+
+Whoever runs rows through a model sets the indices of exactly those rows: chunks slice them,
+EoT copies and candidate rows repeat them, and ``torch.func.vmap`` over single examples sets
+each example's own index inside the vmapped function (the registered op's vmap rule keeps the
+pairing). Rows without a dataset index (test examples) pass None.
 """
 from __future__ import annotations
 
 import contextlib
-import contextvars
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,24 +30,30 @@ PRE_NORM = "pre-norm"
 POST_ACTIVATION = "post-activation"
 POSITIONS = (PRE_NORM, POST_ACTIVATION)
 
-_example_indices: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar(
-    "memkern_example_indices", default=None
-)
+class _RowIndices:
+    """The process's current row indices. A plain attribute rather than a ContextVar: torch.compile
+    traces an attribute read into the graph but breaks the graph at every ContextVar.get. Analyses
+    run their forwards on one thread, and the context manager restores the outer value."""
+
+    ids: torch.Tensor | None = None
+
+
+_ROWS = _RowIndices()
 
 
 @contextlib.contextmanager
 def example_indices(indices: torch.Tensor | None) -> Iterator[None]:
     """Make ``indices`` (int64 ``[N]``, dataset index of each row) visible to site ops."""
-    token = _example_indices.set(indices)
+    outer, _ROWS.ids = _ROWS.ids, indices
     try:
         yield
     finally:
-        _example_indices.reset(token)
+        _ROWS.ids = outer
 
 
 def current_example_indices() -> torch.Tensor | None:
     """The dataset indices set by the innermost :func:`example_indices`, or None."""
-    return _example_indices.get()
+    return _ROWS.ids
 
 
 @dataclass(frozen=True)
@@ -56,8 +66,8 @@ class SiteInfo:
 
 
 class ChannelSite(nn.Module):
-    """Identity unless an ``op`` is attached; ``channel_dim`` is 1 for ``[N, C, ...]`` and -1
-    for token layouts ``[N, T, C]``."""
+    """Identity unless ops are attached; ``channel_dim`` is 1 for ``[N, C, ...]`` and -1 for token
+    layouts ``[N, T, C]``. ``ops`` run in attach order; each takes and returns the activation."""
 
     def __init__(self, channels: int, position: str, channel_dim: int = 1):
         super().__init__()
@@ -67,12 +77,25 @@ class ChannelSite(nn.Module):
         self.position = position
         self.channel_dim = channel_dim
         self.site_name = ""  # filled by name_sites() with the module path
-        self.op: nn.Module | None = None
+        self.ops = nn.ModuleList()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.op is None:
-            return x
-        return self.op(x)
+        for op in self.ops:
+            x = op(x)
+        return x
+
+    def attach(self, op: nn.Module) -> nn.Module:
+        """Push ``op`` on top of the stack; returns it."""
+        self.ops.append(op)
+        return op
+
+    def detach(self, op: nn.Module) -> None:
+        """Remove ``op`` (by identity) from the stack; ValueError if it is not there."""
+        for i, held in enumerate(self.ops):
+            if held is op:
+                del self.ops[i]
+                return
+        raise ValueError(f"site {self.site_name!r} does not hold {type(op).__name__}")
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}, position={self.position}"
@@ -96,4 +119,4 @@ def site_infos(model: nn.Module) -> list[SiteInfo]:
 
 def clear_site_ops(model: nn.Module) -> None:
     for site in channel_sites(model).values():
-        site.op = None
+        site.ops = nn.ModuleList()

@@ -1,4 +1,4 @@
-"""Summed gradients of the clean and the noisy loss terms (PAPER.md Experiment 1).
+"""Summed gradients of the clean and the noisy loss terms (docs/method.md, Experiment 1).
 
 For a batch of B examples the mean loss splits as ``(1/B) sum_clean CE + (1/B) sum_noisy CE``;
 the gradients of the two terms add up to the real step's. Per layer group we report both

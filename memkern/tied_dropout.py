@@ -1,4 +1,5 @@
-"""Example-tied dropout (PAPER.md Experiment 5) as an op on a model's channel sites.
+"""Example-tied dropout (docs/method.md, Experiment 5) as an op on a model's channel
+sites.
 
 Each training example keeps a fixed subset of each site's memorization channels, decided by a
 hash of (dataset index, site seed, channel) inside the kernel, so no mask is stored for any
@@ -23,7 +24,16 @@ from torch import nn
 from memkern.errors import ConfigError
 from memkern.kernels.channel_mask import tied_channel_mask
 from memkern.kernels.channel_mask_reference import HASH_GOLDEN, HASHED_MODES, check_tied_args
+from memkern.kernels.errors import ChannelMaskError
 from memkern.sites import channel_sites, current_example_indices
+
+
+def check_tied_config(**kwargs) -> None:
+    """:func:`check_tied_args` with memkern's error type (ConfigError) for a user's settings."""
+    try:
+        check_tied_args(**kwargs)
+    except ChannelMaskError as e:
+        raise ConfigError(str(e)) from None
 
 
 def site_seed(seed: int, position: int) -> int:
@@ -45,7 +55,7 @@ class ExampleTiedDropout(nn.Module):
     def __init__(self, channels: int, *, seed: int, p_gen: float, p_mem: float,
                  channel_dim: int = 1, mode: str = "train", backend: str = "auto"):
         super().__init__()
-        check_tied_args(p_gen=p_gen, p_mem=p_mem, mode=mode, seed=seed)
+        check_tied_config(p_gen=p_gen, p_mem=p_mem, mode=mode, seed=seed)
         self.channels = channels
         self.seed = seed
         self.p_gen = p_gen
@@ -60,7 +70,7 @@ class ExampleTiedDropout(nn.Module):
 
     @mode.setter
     def mode(self, mode: str) -> None:
-        check_tied_args(p_gen=self.p_gen, p_mem=self.p_mem, mode=mode, seed=self.seed)
+        check_tied_config(p_gen=self.p_gen, p_mem=self.p_mem, mode=mode, seed=self.seed)
         self._mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -88,6 +98,23 @@ class ExampleTiedDropout(nn.Module):
                 f"p_mem={self.p_mem}, mode={self._mode!r}")
 
 
+# torch.compile: each instance's seed and probabilities are constants of its site. Left to
+# dynamo, sites with different seeds make the seed a symbolic int, whose hash arithmetic
+# inductor mistypes on CPU (a C++ compile error); static modules keep integer attributes constant.
+torch._dynamo.mark_static(ExampleTiedDropout)
+
+
+def site_tied_dropout(site) -> ExampleTiedDropout | None:
+    """The tied dropout op a :class:`~memkern.sites.ChannelSite` holds, or None."""
+    return next((op for op in site.ops if isinstance(op, ExampleTiedDropout)), None)
+
+
+def tied_sites(model: nn.Module) -> dict[str, ExampleTiedDropout]:
+    """``{site name: its tied dropout op}`` for every site that holds one, in forward order."""
+    found = {name: site_tied_dropout(site) for name, site in channel_sites(model).items()}
+    return {name: op for name, op in found.items() if op is not None}
+
+
 def _tied_modules(model: nn.Module) -> list[ExampleTiedDropout]:
     return [m for m in model.modules() if isinstance(m, ExampleTiedDropout)]
 
@@ -104,16 +131,24 @@ def needs_example_indices(model: nn.Module) -> bool:
 def attach_tied_dropout(model: nn.Module, *, sites: list[str], p_gen: float, p_mem: float,
                         seed: int, backend: str = "auto") -> None:
     """Attach one :class:`ExampleTiedDropout` to each named site, the i-th with
-    ``site_seed(seed, i)``, in mode "train". Unknown names raise ConfigError (nothing attached)."""
-    check_tied_args(p_gen=p_gen, p_mem=p_mem, mode="train", seed=seed)
+    ``site_seed(seed, i)``, in mode "train", at the bottom of each site's op stack. Unknown names,
+    a name given twice or a site that already holds tied dropout raise ConfigError (nothing
+    attached)."""
+    check_tied_config(p_gen=p_gen, p_mem=p_mem, mode="train", seed=seed)
     by_name = channel_sites(model)
     unknown = [s for s in sites if s not in by_name]
     if unknown:
         raise ConfigError(f"unknown channel site(s) {unknown}: valid names are {list(by_name)}")
+    taken = [s for s in sites if site_tied_dropout(by_name[s]) is not None]
+    repeated = sorted({s for s in sites if list(sites).count(s) > 1})
+    if taken or repeated:
+        raise ConfigError(f"site(s) {taken or repeated} would get tied dropout twice: each site "
+                          f"takes one tied dropout op")
     for position, name in enumerate(sites):
         site = by_name[name]
-        site.op = ExampleTiedDropout(site.channels, seed=site_seed(seed, position), p_gen=p_gen,
-                                     p_mem=p_mem, channel_dim=site.channel_dim, backend=backend)
+        op = ExampleTiedDropout(site.channels, seed=site_seed(seed, position), p_gen=p_gen,
+                                p_mem=p_mem, channel_dim=site.channel_dim, backend=backend)
+        site.ops.insert(0, op)
 
 
 def set_tied_dropout_mode(model: nn.Module, mode: str) -> None:
@@ -136,3 +171,11 @@ def tied_dropout_mode(model: nn.Module, mode: str) -> Iterator[None]:
     finally:
         for module, previous in zip(modules, old):
             module.mode = previous
+
+
+def unindexed_rows(model: nn.Module) -> contextlib.AbstractContextManager:
+    """For rows without a dataset index of their own (test examples): tied dropout in a mode that
+    reads indices runs in "keep" (the paper's test mode) inside the block; otherwise nothing
+    changes."""
+    return tied_dropout_mode(model, "keep") if needs_example_indices(model) \
+        else contextlib.nullcontext()

@@ -1,4 +1,4 @@
-"""Checkpointed, resumable training (PAPER.md "Training").
+"""Checkpointed, resumable training (docs/method.md, "Setup").
 
 SGD with momentum and weight decay, linear warm-up then cosine decay, one checkpoint per epoch
 plus the initialization. Everything random is derived from (seed, epoch), and SGD momentum is
@@ -6,6 +6,7 @@ checkpointed, so a run killed at any point and resumed ends with bit-identical w
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -16,11 +17,11 @@ from tqdm import tqdm
 
 from memkern.atomic import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
 from memkern.checkpoints import load_checkpoint, load_model_state, restore_momentum, save_checkpoint
-from memkern.config import TrainConfig
+from memkern.config import TrainConfig, config_from_options, differing_fields
 from memkern.data import PreparedData
 from memkern.data.prepared import NATURAL_IMAGES, augment_batch, iterate_batches
 from memkern.dynamics import DynamicsRecorder, dynamics_path
-from memkern.errors import RunDirError
+from memkern.errors import ConfigError, RunDirError
 from memkern.evaluate import epoch_accuracies
 from memkern.experiment import load_data, model_for, resolve_device
 from memkern.runs import RunDir
@@ -60,9 +61,10 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
           device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
           progress: bool = True, track_grads: bool = False,
           data: PreparedData | None = None) -> RunDir:
-    """Train into run directory ``out`` (or continue it with ``resume``, where ``config`` may be
-    None: the run's own config is used). Returns the run directory. Every epoch's per-example
-    margins, losses and correctness go to ``dynamics.safetensors`` (:mod:`memkern.dynamics`).
+    """Train into run directory ``out`` (or continue it with ``resume``: the run's own config is
+    used, and a ``config`` given too must equal it). Returns the run directory. Every epoch's
+    per-example margins, losses and correctness go to ``dynamics.safetensors``
+    (:mod:`memkern.dynamics`).
 
     ``data``: train on these instead of the config's data (cross-validation folds; the run's
     config then does not rebuild them).
@@ -74,10 +76,19 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     if resume:
         if not run.config_path.is_file():
             raise RunDirError(f"cannot resume: {run.root} is not a memkern run (no config.json)")
-        config = run.load_config()
+        saved = run.load_config()
+        if config is not None and config != saved:
+            differing = differing_fields(saved, dataclasses.asdict(config))
+            raise ConfigError(f"resume continues {run.root} with its saved config; the config "
+                              f"given differs in {', '.join(differing)}: pass config=None (or "
+                              f"the same options) to resume, or another output to start anew")
+        config = saved
+    elif config is None:
+        raise ConfigError("a new run needs a config: pass a TrainConfig (or resume=True to "
+                          "continue an existing run)")
     elif run.has_content():
-        raise RunDirError(f"run directory {run.root} already exists; pass --resume to continue "
-                          f"it, or choose another --out")
+        raise RunDirError(f"run directory {run.root} already exists: resume it (resume=True, "
+                          f"`memkern train --resume`), or choose another output directory")
     dev = resolve_device(device)
     if data is None:
         data = load_data(config, data_dir=data_dir, download=download)
@@ -146,3 +157,19 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
                         test=f"{metrics['test_acc']:.3f}")
     bar.close()
     return run
+
+
+def train_from_options(*, out: str | Path, options: dict, preset: str | None = None,
+                       resume: bool = False, **kwargs) -> RunDir:
+    """:func:`train` for the command line: a new run's config is ``preset`` with the ``options``
+    the user set (``{config field: value}``); with ``resume``, those options must agree with the
+    run's saved config (ConfigError naming the ones that differ). ``kwargs`` go to train."""
+    if not resume:
+        return train(config_from_options(options, preset=preset), out=out, **kwargs)
+    run = RunDir(out)
+    if run.config_path.is_file():
+        differing = differing_fields(run.load_config(), options)
+        if differing or preset:
+            raise ConfigError(f"--resume continues {out} with its saved config; these options "
+                              f"differ from it: {', '.join(differing or ['preset'])}")
+    return train(None, out=out, resume=True, **kwargs)

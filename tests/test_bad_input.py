@@ -108,3 +108,18 @@ def test_checkpoint_of_another_architecture(tiny_run):
 def test_missing_checkpoint():
     with pytest.raises(CheckpointError, match="does not exist"):
         load_checkpoint("/nonexistent/epoch_001.safetensors")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+@pytest.mark.parametrize("command", ["evaluate", "localize", "grads", "rewind", "retrain", "train"])
+def test_cuda_device_without_cuda_is_one_line(tiny_run, tmp_path, command):
+    where = (["--ckpt", str(RunDir(tiny_run).final_checkpoint())]
+             if command in ("evaluate", "localize") else
+             ["--out", str(tmp_path / "new"), "--epochs", "1"] if command == "train" else
+             ["--run", str(tiny_run)])
+    before = sorted(p.name for p in tiny_run.iterdir())
+    progress = [] if command == "evaluate" else ["--no-progress"]
+    assert_one_line_error(run_cli(command, *where, "--device", "cuda", *progress),
+                          "--device cuda", "no CUDA device")
+    assert sorted(p.name for p in tiny_run.iterdir()) == before
+    assert not (tmp_path / "new").exists()

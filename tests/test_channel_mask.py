@@ -1,5 +1,5 @@
 """The per-example channel mask: Triton kernels (under the interpreter on CPU) against the torch
-reference, the tied hash, the mode constants of PAPER.md Experiment 5, and argument errors.
+reference, the tied hash, the mode constants of docs/method.md, Experiment 5, and argument errors.
 
 Tolerances: masks, forward values and grad_x are compared exactly (atol = rtol = 0): both paths
 do one multiply of identical operands. grad_mask is a sum over the channel's elements; in
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from memkern.errors import ConfigError
+from memkern.kernels.errors import ChannelMaskError
 from memkern.kernels.channel_mask import gathered_channel_mask, tied_channel_mask
 from memkern.kernels.channel_mask_reference import (
     HASH_M1, HASH_M2, lowbias32, tied_hash, tied_mask_values,
@@ -297,21 +297,21 @@ def test_hash_differs_between_seeds():
 ])
 def test_tied_bad_arguments(kwargs, match):
     args = dict(seed=1, p_gen=0.4, p_mem=0.3, mode="train") | kwargs
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ChannelMaskError, match=match):
         tied_channel_mask(torch.randn(2, 5), row_ids(2), **args)
 
 
 def test_tied_bad_row_ids():
-    with pytest.raises(ConfigError, match="needs the dataset index"):
+    with pytest.raises(ChannelMaskError, match="needs the dataset index"):
         tied_channel_mask(torch.randn(2, 5), None, mode="train", **TIED)
-    with pytest.raises(ConfigError, match="row_ids must be"):
+    with pytest.raises(ChannelMaskError, match="row_ids must be"):
         tied_channel_mask(torch.randn(2, 5), row_ids(3), mode="train", **TIED)
 
 
 def test_gathered_bad_arguments():
-    with pytest.raises(ConfigError, match="mask has shape"):
+    with pytest.raises(ChannelMaskError, match="mask has shape"):
         gathered_channel_mask(torch.randn(2, 5, 3), torch.rand(2, 3))
-    with pytest.raises(ConfigError, match="mask has dtype"):
+    with pytest.raises(ChannelMaskError, match="mask has dtype"):
         gathered_channel_mask(torch.randn(2, 5), torch.ones(2, 5, dtype=torch.int64))
-    with pytest.raises(ConfigError, match="x has shape"):
+    with pytest.raises(ChannelMaskError, match="x has shape"):
         gathered_channel_mask(torch.randn(5), torch.rand(5, 1))

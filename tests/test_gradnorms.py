@@ -204,3 +204,25 @@ def test_empty_batch_and_bad_arguments():
         per_example_grad_norms(model, torch.randn(3, 1, 8, 8), y)
     with pytest.raises(ConfigError, match="memory_budget"):
         per_example_grad_norms(model, x, y, memory_budget=0)
+
+
+class TiedWeights(nn.Module):
+    """One weight held by two Linear modules (as in a tied embedding and head)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5)
+        self.b = nn.Linear(5, 5, bias=False)
+        self.b.weight = self.a.weight
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def test_parameter_shared_by_two_modules_is_exact_in_auto_and_refused_in_ghost():
+    torch.manual_seed(0)
+    _check(TiedWeights(), (5,), 4, torch.float64, classes=3, modes=("auto", "func"))
+    with pytest.raises(UnsupportedLayerError, match="shared by two layers"):
+        per_example_grad_norms(TiedWeights().double(), torch.randn(3, 5, dtype=torch.float64),
+                               torch.tensor([0, 1, 2]), mode="ghost")

@@ -2,6 +2,7 @@
 edited accuracies, resume after a kill, clear errors."""
 import copy
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -352,3 +353,27 @@ def test_examples_file_and_unknown_site(ckpt, tmp_path):
     assert all(s in ("block2.pre", "hidden.pre") for r in rows for s, _ in r["channels"])
     with pytest.raises(ConfigError, match="unknown site"):
         localize(ckpt=ckpt, sites=["nope"], progress=False)
+
+
+def test_summary_counts_unfitted_targets_apart():
+    """A target predicted otherwise before any zeroing is not 'flipped with 0 channels'."""
+    acc = {"clean_acc": 1.0, "noisy_acc": 0.5, "test_acc": 0.9}
+    rows = [{"index": 0, "noisy": True, "flipped": True, "n_channels": 0, "channels": [], **acc},
+            {"index": 1, "noisy": True, "flipped": True, "n_channels": 4,
+             "channels": [["a", i] for i in range(4)], **acc},
+            {"index": 2, "noisy": True, "flipped": False, "n_channels": 6,
+             "channels": [["a", i] for i in range(6)], **acc}]
+    e = summarize(rows, site_order=["a"])["groups"]["noisy"]
+    assert (e["count"], e["unfitted"], e["flip_rate"]) == (3, 1, 0.5)
+    assert e["median_channels_flipped"] == 4 and e["n_channels"] == [4, 6]
+
+
+def test_checkpoint_kept_outside_checkpoints_gets_its_output_beside_it(ckpt, tmp_path):
+    moved = tmp_path / "elsewhere" / "model.safetensors"
+    moved.parent.mkdir()
+    shutil.copy(ckpt, moved)
+    result = _cli("--ckpt", moved, "--examples", "noisy", "--limit", "1", "--max-channels", "2",
+                  "--ref-batch", "8", "--no-progress", "--device", "cpu")
+    assert result.returncode == 0, result.stderr
+    assert (moved.parent / "localize.jsonl").is_file()
+    assert not (tmp_path / "localize.jsonl").exists()

@@ -41,7 +41,7 @@ def test_sites_record_the_activation_they_see():
             seen["x"] = x
             return x
 
-    channel_sites(model)["block1.pre"].op = Record()
+    channel_sites(model)["block1.pre"].attach(Record())
     x = torch.randn(2, 1, 8, 8)
     model(x)
     assert torch.allclose(seen["x"], model.block1.conv(x))

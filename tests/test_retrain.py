@@ -62,16 +62,16 @@ def test_epoch_zero_row_is_the_model_right_after_the_reset(tiny_run):
 
 def test_retraining_sees_only_clean_examples(run_copy, monkeypatch):
     seen = []
-    build = retrain_module.model_for
+    build = retrain_module.open_run
 
-    def instrumented(config, data):
-        model = build(config, data)
-        model.register_forward_pre_hook(
+    def instrumented(*args, **kwargs):
+        ctx = build(*args, **kwargs)
+        ctx.model.register_forward_pre_hook(
             lambda m, args: seen.append((current_example_indices().clone(), len(args[0])))
             if torch.is_grad_enabled() else None)
-        return model
+        return ctx
 
-    monkeypatch.setattr(retrain_module, "model_for", instrumented)
+    monkeypatch.setattr(retrain_module, "open_run", instrumented)
     retrain(run=run_copy, groups=["hidden1"], epochs=2, device="cpu", progress=False)
     noisy = RunDir(run_copy).load_noise()["noisy_indices"]
     indices = torch.cat([idx for idx, _ in seen])

@@ -11,7 +11,8 @@ from memkern.sites import (
     POST_ACTIVATION, PRE_NORM, ChannelSite, channel_sites, example_indices, name_sites,
 )
 from memkern.tied_dropout import (
-    ExampleTiedDropout, attach_tied_dropout, set_tied_dropout_mode, site_seed, tied_dropout_mode,
+    ExampleTiedDropout, attach_tied_dropout, set_tied_dropout_mode, site_seed, site_tied_dropout,
+    tied_dropout_mode,
 )
 
 P = dict(p_gen=0.25, p_mem=0.5)
@@ -59,9 +60,9 @@ def attached(model=None, **kwargs):
 def test_attach_gives_each_site_its_own_seed():
     model = attached()
     sites = channel_sites(model)
-    ops = [sites[name].op for name in model.default_dropout_sites]
+    ops = [site_tied_dropout(sites[name]) for name in model.default_dropout_sites]
     assert [op.seed for op in ops] == [site_seed(5, 0), site_seed(5, 1)]
-    assert ops[0].seed != ops[1].seed and sites["pre1"].op is None
+    assert ops[0].seed != ops[1].seed and len(sites["pre1"].ops) == 0
     assert ops[1].channels == 16 and ops[0].mode == "train"
 
 
@@ -69,7 +70,16 @@ def test_unknown_site_lists_valid_names_and_attaches_nothing():
     model = TinyConvNet()
     with pytest.raises(ConfigError, match=r"unknown channel site\(s\) \['nope'\].*act2\.1"):
         attach_tied_dropout(model, sites=["act1.2", "nope"], seed=0, **P)
-    assert all(site.op is None for site in channel_sites(model).values())
+    assert all(len(site.ops) == 0 for site in channel_sites(model).values())
+
+
+def test_second_tied_dropout_on_a_site_is_refused():
+    model = attached()
+    before = {n: list(s.ops) for n, s in channel_sites(model).items()}
+    for sites in (["act2.1"], ["act1.2", "act1.2"]):
+        with pytest.raises(ConfigError, match="tied dropout twice"):
+            attach_tied_dropout(model, sites=sites, seed=1, **P)
+    assert {n: list(s.ops) for n, s in channel_sites(model).items()} == before
 
 
 def test_forward_applies_the_example_tied_mask():
@@ -79,7 +89,7 @@ def test_forward_applies_the_example_tied_mask():
     ids = torch.randint(0, 60_000, (7,))
     with example_indices(ids):
         y = site(x)
-    mask = tied_mask_values(ids, channels=16, seed=site.op.seed, mode="train", **P)
+    mask = tied_mask_values(ids, channels=16, seed=site_tied_dropout(site).seed, mode="train", **P)
     torch.testing.assert_close(y, x * mask[:, :, None, None], rtol=0, atol=0)
 
 
@@ -126,10 +136,10 @@ def test_mode_context_restores_old_mode_even_on_error():
 def test_drop_and_keep_values():
     site = channel_sites(attached())["act1.2"]  # 8 channels, 2 generalization channels
     x = torch.ones(2, 8, 1, 1, dtype=torch.float64)
-    site.op.mode = "drop"
+    site_tied_dropout(site).mode = "drop"
     torch.testing.assert_close(site(x)[0, :, 0, 0], torch.tensor([3.0] * 2 + [0.0] * 6,
                                                                   dtype=torch.float64))
-    site.op.mode = "keep"
+    site_tied_dropout(site).mode = "keep"
     torch.testing.assert_close(site(x)[0, :, 0, 0], torch.tensor([1.0] * 2 + [0.5] * 6,
                                                                   dtype=torch.float64))
 

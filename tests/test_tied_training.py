@@ -1,4 +1,4 @@
-"""Example-tied dropout end to end on digits (PAPER.md Experiment 5): training, per-epoch
+"""Example-tied dropout end to end on digits (docs/method.md, Experiment 5): training, per-epoch
 own/keep/drop metrics, ``memkern evaluate`` rebuilding the exact masks from a checkpoint."""
 import dataclasses
 import json

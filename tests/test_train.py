@@ -1,5 +1,7 @@
+import dataclasses
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -14,6 +16,7 @@ from safetensors.torch import load_file
 from memkern.atomic import read_jsonl
 from memkern.checkpoints import load_checkpoint
 from memkern.config import TrainConfig
+from memkern.errors import ConfigError
 from memkern.runs import RunDir
 from memkern.train import learning_rate, train
 
@@ -88,3 +91,15 @@ def test_train_on_mnist_idx_files(tmp_path):
     ckpt = load_checkpoint(RunDir(out).checkpoint_path(1))
     assert ckpt.config.dataset == "mnist" and ckpt.model_state["hidden1.linear.weight"].shape[1] == 784
     assert len(json.loads(RunDir(out).noise_path.read_text())["noisy_indices"]) == 12
+
+
+def test_resume_refuses_a_config_that_differs_from_the_runs(tiny_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    saved = RunDir(run).load_config()
+    before = sorted(p.name for p in (run / "checkpoints").iterdir())
+    with pytest.raises(ConfigError, match="differs in lr, seed"):
+        train(dataclasses.replace(saved, lr=0.5, seed=3), out=run, resume=True, device="cpu",
+              progress=False)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == before
+    train(saved, out=run, resume=True, device="cpu", progress=False)  # the same config resumes

@@ -1,4 +1,4 @@
-"""Exact synthetic label noise (PAPER.md "Setup")."""
+"""Exact synthetic label noise (docs/method.md, "Setup")."""
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -78,15 +78,19 @@ def iterate_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int,
 
 def augment_batch(x: torch.Tensor, generator: torch.Generator, *, flip: bool,
                   pad: int = 4) -> torch.Tensor:
-    """Random crop with ``pad`` zero padding (+ horizontal flip), vectorized over the batch."""
+    """Random crop with ``pad`` zero padding (+ horizontal flip), vectorized over the batch.
+    ``generator`` is a CPU generator (the same draws on any device); the result is on ``x``'s
+    device."""
     n, _, h, w = x.shape
+    dev = x.device
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
-    rows = (oy[:, None] + torch.arange(h))[:, :, None]  # [n, h, 1]
-    cols = (ox[:, None] + torch.arange(w))[:, None, :]  # [n, 1, w]
-    out = padded.permute(0, 2, 3, 1)[torch.arange(n)[:, None, None], rows, cols].permute(0, 3, 1, 2)
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(dev)
+    rows = (oy[:, None] + torch.arange(h, device=dev))[:, :, None]  # [n, h, 1]
+    cols = (ox[:, None] + torch.arange(w, device=dev))[:, None, :]  # [n, 1, w]
+    batch = torch.arange(n, device=dev)[:, None, None]
+    out = padded.permute(0, 2, 3, 1)[batch, rows, cols].permute(0, 3, 1, 2)
     if flip:
-        flips = torch.rand(n, generator=generator) < 0.5
+        flips = (torch.rand(n, generator=generator) < 0.5).to(dev)
         out = torch.where(flips[:, None, None, None], out.flip(-1), out)
     return out.contiguous()

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memkern.gradnorms.rules import Rule, covered_parameters, rule_for, temp_bytes_per_example
+from memkern.sites import example_indices
 
 
 @dataclass
@@ -52,23 +53,35 @@ class _Capture:
         self.norms = {n: torch.cat([p[n] for p in parts]) for n in parts[0]}
 
 
+def _shared_parameter_ids(model: nn.Module) -> set[int]:
+    """Parameters held by more than one module (tied weights): a rule sees one module's share
+    of their gradient only, so they are left to torch.func, which differentiates the tie."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return {i for i, n in owners.items() if n > 1}
+
+
 def _captures(model: nn.Module, budget: int, keep_output: bool) -> list[_Capture]:
+    shared = _shared_parameter_ids(model)
     out = []
     for prefix, module in model.named_modules():
         rule = rule_for(module)
-        if rule is not None and covered_parameters(module):
+        covered = covered_parameters(module) if rule is not None else ()
+        if covered and not any(id(getattr(module, n)) in shared for n in covered):
             out.append(_Capture(prefix, module, rule, budget, keep_output))
     return out
 
 
 def ghost_sq_norms(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
-                   memory_budget: int) -> dict[str, torch.Tensor]:
+                   memory_budget: int, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``{parameter name: float [B] squared norm}`` for the parameters of every ruled layer
     called once; the caller computes the rest (see :func:`uncovered_parameters`)."""
     captures = _captures(model, memory_budget, keep_output=not inputs.is_floating_point())
     handles = [c.module.register_forward_hook(c.on_forward) for c in captures]
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), example_indices(ids):
             x = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
             loss = F.cross_entropy(model(x), targets, reduction="sum")
             # Differentiating w.r.t. the input (or, for integer inputs, the ruled outputs) makes

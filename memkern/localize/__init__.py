@@ -1,4 +1,4 @@
-"""Neuron-level localization (PAPER.md Experiment 4): greedy (first-order, many targets at
+"""Neuron-level localization (docs/method.md, Experiment 4): greedy (first-order, many targets at
 once) and exhaustive (exact, candidates batched), per-example results and their summary."""
 from memkern.localize.channels import ChannelSpace, channel_space
 from memkern.localize.exhaustive import exhaustive_localize

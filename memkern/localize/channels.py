@@ -85,18 +85,18 @@ def channel_space(model: nn.Module, sites: Sequence[str] | None = None) -> Chann
 
 @contextlib.contextmanager
 def row_masks(model: nn.Module, space: ChannelSpace) -> Iterator[dict[str, RowMask]]:
-    """Attach a :class:`RowMask` at every site of ``space``; detach on exit (restoring any op
-    that was there)."""
+    """Push a :class:`RowMask` on top of every site of ``space`` (above any tied dropout, which
+    keeps acting); remove exactly those on exit."""
     sites: dict[str, ChannelSite] = channel_sites(model)
-    saved = {n: sites[n].op for n in space.names}
     ops = {n: RowMask(sites[n].channel_dim) for n in space.names}
     try:
         for n, op in ops.items():
-            sites[n].op = op
+            sites[n].attach(op)
         yield ops
     finally:
-        for n, op in saved.items():
-            sites[n].op = op
+        for n, op in ops.items():
+            if any(held is op for held in sites[n].ops):
+                sites[n].detach(op)
 
 
 def set_masks(ops: dict[str, RowMask], space: ChannelSpace, flat: torch.Tensor | None) -> None:

@@ -6,13 +6,16 @@ from torch import nn
 
 from memkern.data import PreparedData
 from memkern.localize.channels import ChannelSpace, row_masks, set_masks
+from memkern.sites import example_indices
+from memkern.tied_dropout import unindexed_rows
 
 EVAL_ROWS = 8192
 
 
 @torch.no_grad()
-def _hits(model, ops, space, on, images, labels, max_rows) -> torch.Tensor:
-    """bool ``[E, N]``: edit e's prediction on example n is right; rows = edits x a data chunk."""
+def _hits(model, ops, space, on, images, labels, max_rows, indexed: bool) -> torch.Tensor:
+    """bool ``[E, N]``: edit e's prediction on example n is right; rows = edits x a data chunk.
+    ``indexed``: the rows are the training set, whose dataset indices reach the sites."""
     device = next(model.parameters()).device
     e = len(on)
     step = max(1, max_rows // e)
@@ -21,7 +24,9 @@ def _hits(model, ops, space, on, images, labels, max_rows) -> torch.Tensor:
         x = images[start:start + step].to(device)
         n = len(x)
         set_masks(ops, space, on.repeat_interleave(n, dim=0))
-        pred = model(x.repeat(e, *[1] * (x.dim() - 1))).argmax(1).view(e, n).cpu()
+        ids = torch.arange(start, start + n, device=device).repeat(e) if indexed else None
+        with example_indices(ids):
+            pred = model(x.repeat(e, *[1] * (x.dim() - 1))).argmax(1).view(e, n).cpu()
         out.append(pred == labels[start:start + step])
     return torch.cat(out, 1) if out else torch.zeros(e, 0, dtype=torch.bool)
 
@@ -38,8 +43,11 @@ def edited_accuracies(model: nn.Module, data: PreparedData, space: ChannelSpace,
     device = next(model.parameters()).device
     on = (~zeroed).to(device=device, dtype=dtype)
     with row_masks(model, space) as ops:
-        train = _hits(model, ops, space, on, data.train_images.to(dtype), data.train_labels, max_rows)
-        test = _hits(model, ops, space, on, data.test_images.to(dtype), data.test_labels, max_rows)
+        train = _hits(model, ops, space, on, data.train_images.to(dtype), data.train_labels,
+                      max_rows, indexed=True)
+        with unindexed_rows(model):  # test examples have no tied mask of their own
+            test = _hits(model, ops, space, on, data.test_images.to(dtype), data.test_labels,
+                         max_rows, indexed=False)
         set_masks(ops, space, None)
     noisy = data.noisy_mask
 

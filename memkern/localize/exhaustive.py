@@ -1,4 +1,4 @@
-"""Exhaustive localization (memkern's exact variant of PAPER.md Experiment 4).
+"""Exhaustive localization (memkern's exact variant of docs/method.md, Experiment 4).
 
 At each step the true objective after zeroing each candidate channel is computed by
 :func:`memkern.localize.scan.ablation_scan` (prefix once, candidates batched) and the channel
@@ -16,14 +16,15 @@ from memkern.localize.channels import ChannelSpace, row_masks, set_masks
 from memkern.localize.greedy import Localization, frozen
 from memkern.localize.objective import LocalizationObjective
 from memkern.localize.scan import MAX_ROWS, ablation_scan
+from memkern.sites import example_indices
 
 
-def _state(model, objective, space, x, target, on, need_grad: bool):
+def _state(model, objective, space, x, ids, target, on, need_grad: bool):
     """Objective, clean prediction and (optionally) the mask gradient under mask ``on``."""
     with row_masks(model, space) as ops:
         m = on.to(x.dtype)[None].requires_grad_(need_grad)
         set_masks(ops, space, m.expand(len(x), -1))
-        with torch.set_grad_enabled(need_grad):
+        with torch.set_grad_enabled(need_grad), example_indices(ids):
             loss, clean = objective(model(x)[None], target[None])
         grad = torch.autograd.grad(loss.sum(), m)[0][0] if need_grad else None
     return float(loss[0].detach()), int(clean[0].argmax()), grad
@@ -43,11 +44,12 @@ def exhaustive_localize(model: nn.Module, objective: LocalizationObjective, targ
         for n_done, t in enumerate(targets.tolist(), start=1):
             tt = torch.tensor(t)
             x = objective.inputs(tt[None]).to(device=device, dtype=dtype)
+            ids = objective.ids(tt[None]).to(device)
             label = int(objective.labels[t])
             on = torch.ones(space.total, dtype=torch.bool, device=device)
             res = Localization(t)
             while True:
-                loss, pred, grad = _state(model, objective, space, x, tt, on,
+                loss, pred, grad = _state(model, objective, space, x, ids, tt, on,
                                           need_grad=candidates is not None)
                 res.trace.append(loss)
                 if pred != label or len(res.channels) >= min(max_channels, space.total):
@@ -58,7 +60,7 @@ def exhaustive_localize(model: nn.Module, objective: LocalizationObjective, targ
                     pool = pool[grad[pool.to(device)].topk(candidates).indices.cpu()]
                 values = ablation_scan(
                     model, x, lambda lg: objective(lg, tt.expand(len(lg)))[0], sites=space,
-                    base_mask=on, candidates=pool, max_rows=max_rows or MAX_ROWS)
+                    base_mask=on, candidates=pool, max_rows=max_rows or MAX_ROWS, ids=ids)
                 best = int(pool[values[pool].argmin()])
                 on[best] = False
                 res.channels.append(space.locate(best))

@@ -1,4 +1,4 @@
-"""Greedy localization (PAPER.md Experiment 4), many targets at once.
+"""Greedy localization (docs/method.md, Experiment 4), many targets at once.
 
 Each target's zeroed set is one row of a flat channel mask; its rows run under that mask, so T
 targets need no model copies and no Python loop over targets. Score of channel c = dL/dm_c at
@@ -24,6 +24,7 @@ from torch import nn
 
 from memkern.localize.channels import ChannelSpace, row_masks, set_masks
 from memkern.localize.objective import LocalizationObjective
+from memkern.sites import example_indices
 
 # Rows per forward/backward pass. On CPU, passes that outgrow the caches run slower per row:
 # greedy on a trained digits cnn, 32 targets, 512 references, 1,024-row passes 30.9 s vs 8,192
@@ -108,7 +109,9 @@ class _Passes:
         self.model, self.objective, self.space, self.ids = model, objective, space, targets
         self.max_rows = max_rows
         self.x_targets = objective.target_inputs(targets).to(device=device, dtype=dtype)
+        self.id_targets = objective.target_ids(targets).to(device)
         self.x_ref = objective.ref_inputs().to(device=device, dtype=dtype)
+        self.id_ref = objective.ref.to(device)
         self.ops: dict = {}
         self._graphs: list = []
 
@@ -119,11 +122,14 @@ class _Passes:
         r = self.objective.target_rows
         shape = self.x_targets.shape[1:]
         x = self.x_targets.view(len(self.ids), r, *shape)
+        ids = self.id_targets.view(len(self.ids), r)
         self._graphs, parts, cleans = [], [], []
         for chunk in torch.split(active, max(1, self.max_rows // r)):
             m = on[chunk].to(x.dtype).requires_grad_(True)
             set_masks(self.ops, self.space, m.repeat_interleave(r, dim=0))
-            logits = self.model(x[chunk].flatten(0, 1)).view(len(chunk), r, -1)
+            rows = chunk.to(x.device)
+            with example_indices(ids[rows].flatten()):
+                logits = self.model(x[rows].flatten(0, 1)).view(len(chunk), r, -1)
             part, clean = self.objective.target_terms(logits, self.ids[chunk])
             self._graphs.append((m, part))
             parts.append(part.detach())
@@ -161,7 +167,9 @@ class _Passes:
         b = len(self.x_ref)
         set_masks(self.ops, self.space, m.repeat_interleave(b, dim=0))
         x = self.x_ref.repeat(len(m), *[1] * (self.x_ref.dim() - 1))
-        return self.objective.ref_sums(self.model(x).view(len(m), b, -1))
+        with example_indices(self.id_ref.repeat(len(m))):
+            logits = self.model(x)
+        return self.objective.ref_sums(logits.view(len(m), b, -1))
 
     def _target_grads(self, active: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
         """``d(target part)/dm`` of the continuing targets, from the graphs kept by

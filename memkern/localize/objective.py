@@ -1,4 +1,5 @@
-"""The localization objective of PAPER.md Experiment 4, for many targets at once.
+"""The localization objective of docs/method.md, Experiment 4, for many targets at
+once.
 
 For target t (training label y_t, the noisy one for noisy examples) and a fixed reference batch
 of B other training examples: ``L_t = mean_{i in ref, i != t} CE_i - CE_t``. With EoT, CE_t is
@@ -15,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-EOT_NOISE = 0.01  # noise norm / input norm (PAPER.md)
+EOT_NOISE = 0.01  # noise norm / input norm (docs/method.md, Experiment 4)
 
 
 def reference_indices(num_train: int, size: int, *, seed: int) -> torch.Tensor:
@@ -65,6 +66,11 @@ class LocalizationObjective:
         return torch.cat([x[:, None], eot_copies(x, targets, self.eot, seed=self.seed)],
                          dim=1).flatten(0, 1)
 
+    def target_ids(self, targets: torch.Tensor) -> torch.Tensor:
+        """Dataset index of each row of :meth:`target_inputs`: EoT copies carry their target's
+        (an example-tied dropout mask belongs to the example, whatever the noise added)."""
+        return targets.repeat_interleave(self.target_rows)
+
     def ref_inputs(self) -> torch.Tensor:
         """``[B, C, S, S]``."""
         return self.images[self.ref]
@@ -74,6 +80,11 @@ class LocalizationObjective:
         own = self.target_inputs(targets).unflatten(0, (len(targets), self.target_rows))
         ref = self.ref_inputs()
         return torch.cat([own, ref[None].expand(len(targets), *ref.shape)], dim=1).flatten(0, 1)
+
+    def ids(self, targets: torch.Tensor) -> torch.Tensor:
+        """Dataset index of each row of :meth:`inputs`, int64 ``[T * rows_per_target]``."""
+        own = self.target_ids(targets).view(len(targets), self.target_rows)
+        return torch.cat([own, self.ref[None].expand(len(targets), -1)], dim=1).flatten()
 
     def target_terms(self, logits: torch.Tensor, targets: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:

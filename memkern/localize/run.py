@@ -30,7 +30,9 @@ from memkern.localize.exhaustive import exhaustive_localize
 from memkern.localize.greedy import greedy_localize
 from memkern.localize.objective import LocalizationObjective, reference_indices
 from memkern.localize.settings import check_resumable, localize_settings
-from memkern.localize.summary import write_summary
+from memkern.localize.summary import fitted, write_summary
+from memkern.runs import RunDir
+from memkern.tied_dropout import tied_sites
 
 METHODS = ("greedy", "exhaustive")
 
@@ -44,8 +46,9 @@ class LocalizeResult:
 
 
 def default_output(ckpt: str | Path) -> Path:
-    """``<run dir>/localize.jsonl`` where the run dir holds ``checkpoints/<ckpt>``."""
-    return Path(ckpt).resolve().parent.parent / "localize.jsonl"
+    """``<run dir>/localize.jsonl`` where the run dir holds ``checkpoints/<ckpt>``; beside the
+    checkpoint when it is kept anywhere else."""
+    return RunDir.of_checkpoint(Path(ckpt).resolve()).root / "localize.jsonl"
 
 
 def recover_jsonl(path: Path) -> list[dict]:
@@ -122,9 +125,12 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
         raise ConfigError(f"--candidates must be at least 1, got {candidates}")
     world = World.from_env()
     place = world.place(resolve_device(device))
-    trained = load_trained(ckpt, device=str(place), data_dir=data_dir)
+    trained = load_trained(ckpt, device=place, data_dir=data_dir)
     model, data = trained.model, trained.data
-    space = channel_space(model, sites)
+    tied = tied_sites(model)
+    # On a tied-dropout run the default sites are its tied sites: where memorization channels
+    # are defined (docs/method.md, Experiment 5).
+    space = channel_space(model, sites or list(tied) or None)
     targets = select_examples(data, examples, limit=limit).tolist()
     out = Path(out) if out is not None else default_output(ckpt)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -171,7 +177,10 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
     summary = write_summary(rows, out.parent, site_order=space.names,
                             base=split_accuracies(model, data),
                             site_widths=dict(zip(space.names, space.counts)),
-                            max_channels=max_channels)
+                            max_channels=max_channels,
+                            tied={s: dict(channels=op.channels, seed=op.seed, p_gen=op.p_gen,
+                                          p_mem=op.p_mem)
+                                  for s, op in tied.items() if s in space.names} or None)
     return LocalizeResult(path=out, summary=summary)
 
 
@@ -188,12 +197,11 @@ def _localize_chunk(model, data, objective, part: torch.Tensor, sink: Path, *, m
                                       max_rows=max_rows, on_step=on_step)
     accs = edited_accuracies(model, data, space, torch.stack([r.zeroed for r in results]))
     for r, acc in zip(results, accs):
-        append_jsonl(sink, {
-            "index": r.index, "noisy": bool(data.noisy_mask[r.index]),
-            "label": int(data.train_labels[r.index]), "method": method,
-            "flipped": r.flipped, "channels": [[s, c] for s, c in r.channels],
-            "n_channels": len(r.channels), "trace": r.trace, **acc,
-            "settings": settings})
+        row = {"index": r.index, "noisy": bool(data.noisy_mask[r.index]),
+               "label": int(data.train_labels[r.index]), "method": method,
+               "flipped": r.flipped, "channels": [[s, c] for s, c in r.channels],
+               "n_channels": len(r.channels), "trace": r.trace, **acc, "settings": settings}
+        append_jsonl(sink, {**row, "fitted": fitted(row)})
 
 
 def load_results(path: str | Path) -> list[dict]:

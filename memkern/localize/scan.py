@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from memkern.localize.channels import ChannelSpace, channel_space, row_masks, set_masks
-from memkern.sites import channel_sites
+from memkern.sites import channel_sites, example_indices
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # logits [R, N, classes] -> [R]
 MAX_ROWS = 4096
@@ -54,7 +54,8 @@ def _base_rows(space: ChannelSpace, base_mask, rows: int, like: torch.Tensor) ->
 def naive_ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
                         sites: Sequence[str] | ChannelSpace | None = None,
                         base_mask: torch.Tensor | None = None,
-                        candidates: torch.Tensor | None = None) -> torch.Tensor:
+                        candidates: torch.Tensor | None = None,
+                        ids: torch.Tensor | None = None) -> torch.Tensor:
     """Reference: one full forward per channel. Same contract as :func:`ablation_scan`."""
     space, objective = _space(model, sites), _as_objective(y_or_objective)
     out = torch.full((space.total,), float("nan"), dtype=torch.float64)
@@ -64,7 +65,8 @@ def naive_ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
             m = _base_rows(space, base_mask, len(x), x)
             m[:, c] = 0
             set_masks(ops, space, m)
-            out[c] = float(objective(model(x)[None])[0])
+            with example_indices(ids):
+                out[c] = float(objective(model(x)[None])[0])
     return out
 
 
@@ -187,14 +189,15 @@ def ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
                   sites: Sequence[str] | ChannelSpace | None = None,
                   base_mask: torch.Tensor | None = None,
                   candidates: torch.Tensor | None = None,
-                  max_rows: int = MAX_ROWS) -> torch.Tensor:
+                  max_rows: int = MAX_ROWS, ids: torch.Tensor | None = None) -> torch.Tensor:
     """The exact objective after zeroing each single channel of ``sites`` (default every pre-norm
     site), on top of ``base_mask`` (float ``[total]``, 1 = on; default all on).
 
     ``x``: ``[N, ...]`` inputs; ``y_or_objective``: int64 labels ``[N]`` (mean cross-entropy) or
     a callable ``logits [R, N, classes] -> [R]``; ``candidates``: flat channel indices to scan
-    (default all). Returns float64 ``[space.total]``, NaN where not scanned. Eval mode assumed
-    (BatchNorm running statistics): rows must not interact.
+    (default all); ``ids``: int64 ``[N]`` dataset indices of the rows (tied dropout), or None.
+    Returns float64 ``[space.total]``, NaN where not scanned. Eval mode assumed (BatchNorm
+    running statistics): rows must not interact.
     """
     model.eval()
     space, objective = _space(model, sites), _as_objective(y_or_objective)
@@ -202,19 +205,19 @@ def ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
     out = torch.full((space.total,), float("nan"), dtype=torch.float64)
     if len(cand) == 0 or len(x) == 0:
         return out
-    modules = dict(model.named_modules())
     n = len(x)
     with row_masks(model, space) as ops:
+        modules = dict(model.named_modules())  # with the row-mask ops just attached
         set_masks(ops, space, _base_rows(space, base_mask, 1, x))
         order = _Order(model)
-        with order.recording():
+        with order.recording(), example_indices(None if ids is None else ids[:1]):
             model(x[:1])
         plans = {s: _plan(order, model, s) for s in space.names}
         keep = {m for prefix, first in plans.values() for m in prefix} | \
                {first for _, first in plans.values() if first}
         cache = _Order(model, keep)
         set_masks(ops, space, _base_rows(space, base_mask, n, x))
-        with cache.recording():
+        with cache.recording(), example_indices(ids):
             model(x)
         sites_by_name = channel_sites(model)
         for s, off, count in zip(space.names, space.offsets, space.counts):
@@ -232,8 +235,9 @@ def ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
                     forwards[first] = _delta_forward(
                         modules[first], cache.inputs[first], cache.outputs[first],
                         (flat - off).to(x.device), sites_by_name[s].channels)
-                with _swapped(modules, forwards):
-                    logits = model(x)
+                with _swapped(modules, forwards), \
+                        example_indices(None if ids is None else ids.repeat(r)):
+                    logits = model(_expand(x, r))
                 out[flat] = objective(logits.view(r, n, -1)).double().cpu()
         set_masks(ops, space, None)
     return out

@@ -1,5 +1,14 @@
 """Summary of a localize output: channels needed (noisy vs clean), where the critical channels
 sit (per site), and what the edits cost in accuracy. Works on any existing ``localize.jsonl``.
+
+A target the model never fitted (predicted otherwise before any channel was zeroed) is counted
+apart as "unfitted" and left out of the flip rate and the channels needed: it says nothing about
+where a memorized label is kept.
+
+On a tied-dropout run, the zeroed channels at tied sites are split into generalization and
+memorization channels, and among the memorization channels, the target's own (the ones its
+training mask kept): docs/method.md (Experiment 5) expects memorized examples to be flipped through their
+own memorization channels.
 """
 from __future__ import annotations
 
@@ -7,7 +16,10 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
+import torch
+
 from memkern.atomic import atomic_write, atomic_write_json
+from memkern.kernels.channel_mask_reference import generalization_channels, tied_mask_values
 
 GROUPS = ("noisy", "clean")
 ACCS = ("clean_acc", "noisy_acc", "test_acc")
@@ -17,25 +29,61 @@ def _mean(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
+def fitted(row: dict) -> bool:
+    """The model predicted the target's label before any channel was zeroed."""
+    return row.get("fitted", not (row["flipped"] and row["n_channels"] == 0))
+
+
+def _tied_entry(rows: list[dict], tied: dict[str, dict]) -> dict:
+    """Zeroed channels at tied sites: how many, the share that are memorization channels and the
+    share that are the target's own, each beside its share among all channels of those sites
+    (for own channels: the mean over targets of their own kept share)."""
+    total = sum(t["channels"] for t in tied.values())
+    zeroed = memorization = own = 0
+    own_base = []
+    for r in rows:
+        kept = {s: tied_mask_values(torch.tensor([r["index"]]), mode="own", **t)[0]
+                for s, t in tied.items()}
+        gens = {s: generalization_channels(t["p_gen"], t["channels"]) for s, t in tied.items()}
+        own_base.append(sum(float(k[gens[s]:].sum()) for s, k in kept.items()) / total)
+        for s, c in r["channels"]:
+            if s in tied:
+                zeroed += 1
+                memorization += c >= gens[s]
+                own += c >= gens[s] and bool(kept[s][c])
+    mem_base = sum(t["channels"] - generalization_channels(t["p_gen"], t["channels"])
+                   for t in tied.values()) / total
+    return {"zeroed": zeroed,
+            "memorization_share": memorization / zeroed if zeroed else None,
+            "memorization_baseline": mem_base,
+            "own_share": own / zeroed if zeroed else None,
+            "own_baseline": _mean(own_base)}
+
+
 def summarize(rows: list[dict], *, site_order: Sequence[str] | None = None,
               base: dict[str, float] | None = None,
-              site_widths: dict[str, int] | None = None) -> dict:
-    """Per group (noisy / clean targets): count, flip rate, median and mean channels of the
-    flipped ones, mean edited accuracies; per site: the fraction of each group's zeroed
-    channels that sit there and, given ``site_widths`` (channels per site), that fraction over
-    the site's share of all channels (1: zeroed in proportion to its width; above 1: favoured).
-    ``base``: the unedited model's accuracies, for the cost."""
+              site_widths: dict[str, int] | None = None,
+              tied: dict[str, dict] | None = None) -> dict:
+    """Per group (noisy / clean targets): count, unfitted count; over the fitted ones: flip rate,
+    median and mean channels of the flipped ones, mean edited accuracies; per site: the fraction
+    of each group's zeroed channels that sit there and, given ``site_widths`` (channels per
+    site), that fraction over the site's share of all channels (1: zeroed in proportion to its
+    width; above 1: favoured). ``base``: the unedited model's accuracies, for the cost.
+    ``tied``: ``{site: {"channels", "seed", "p_gen", "p_mem"}}`` of the tied-dropout sites among
+    the localized ones, for the memorization-channel shares (:func:`_tied_entry`)."""
     seen = [s for r in rows for s, _ in r["channels"]]
     sites = list(site_order) if site_order else sorted(set(seen))
     out: dict = {"examples": len(rows), "sites": sites, "base": base, "groups": {},
-                 "site_widths": site_widths}
+                 "site_widths": site_widths, "tied": tied}
     total_width = sum(site_widths[s] for s in sites) if site_widths else None
     for g in GROUPS:
-        rs = [r for r in rows if r["noisy"] == (g == "noisy")]
+        everyone = [r for r in rows if r["noisy"] == (g == "noisy")]
+        rs = [r for r in everyone if fitted(r)]
         flipped = [r["n_channels"] for r in rs if r["flipped"]]
         zeroed = [s for r in rs for s, _ in r["channels"]]
         entry = {
-            "count": len(rs),
+            "count": len(everyone),
+            "unfitted": len(everyone) - len(rs),
             "flip_rate": _mean([float(r["flipped"]) for r in rs]),
             "median_channels_flipped": statistics.median(flipped) if flipped else None,
             "mean_channels_flipped": _mean([float(v) for v in flipped]),
@@ -50,6 +98,8 @@ def summarize(rows: list[dict], *, site_order: Sequence[str] | None = None,
                 s: entry["site_fraction"][s] * total_width / site_widths[s] for s in sites}
         for a in ACCS:
             entry[f"edited_{a}"] = _mean([r[a] for r in rs])
+        if tied:
+            entry["tied"] = _tied_entry(rs, tied)
         out["groups"][g] = entry
     return out
 
@@ -60,15 +110,15 @@ def format_table(summary: dict) -> str:
         return "-" if v is None else format(v, spec)
 
     base = summary.get("base") or {}
-    lines = [f"{'targets':<8}{'count':>6}{'flipped':>9}{'median ch':>11}{'mean ch':>9}"
+    lines = [f"{'targets':<8}{'count':>6}{'unfit':>6}{'flipped':>9}{'median ch':>11}{'mean ch':>9}"
              f"{'sites/ex':>9}{'clean acc':>11}{'noisy acc':>11}{'test acc':>10}"]
     for g, e in summary["groups"].items():
-        lines.append(f"{g:<8}{e['count']:>6}{f(e['flip_rate']):>9}"
+        lines.append(f"{g:<8}{e['count']:>6}{e.get('unfitted', 0):>6}{f(e['flip_rate']):>9}"
                      f"{f(e['median_channels_flipped'], 'g'):>11}{f(e['mean_channels_flipped'], '.1f'):>9}"
                      f"{f(e['mean_sites_per_example'], '.1f'):>9}{f(e['edited_clean_acc']):>11}"
                      f"{f(e['edited_noisy_acc']):>11}{f(e['edited_test_acc']):>10}")
     if base:
-        lines.append(f"{'unedited':<8}{'':>6}{'':>9}{'':>11}{'':>9}{'':>9}{f(base['clean_acc']):>11}"
+        lines.append(f"{'unedited':<8}{'':>12}{'':>9}{'':>11}{'':>9}{'':>9}{f(base['clean_acc']):>11}"
                      f"{f(base['noisy_acc']):>11}{f(base['test_acc']):>10}")
     noisy, clean = summary["groups"]["noisy"], summary["groups"]["clean"]
     widths = summary.get("site_widths")
@@ -80,6 +130,14 @@ def format_table(summary: dict) -> str:
             line += (f"   {widths[s]:>5} ch {noisy['site_enrichment'][s]:>7.2f}"
                      f"{clean['site_enrichment'][s]:>8.2f}")
         lines.append(line)
+    if summary.get("tied"):
+        lines.append("tied-dropout sites: share of zeroed channels that are memorization channels "
+                     "/ the target's own (baseline: their share of all channels)")
+        for g, e in summary["groups"].items():
+            t = e["tied"]
+            lines.append(f"  {g:<8}{t['zeroed']:>5} zeroed   memorization {f(t['memorization_share'])}"
+                         f" ({f(t['memorization_baseline'])})   own {f(t['own_share'])}"
+                         f" ({f(t['own_baseline'])})")
     return "\n".join(lines)
 
 
@@ -128,9 +186,10 @@ def plot_summary(summary: dict, path: str | Path, *, max_channels: int | None = 
 
 def write_summary(rows: list[dict], out_dir: str | Path, *, site_order: Sequence[str] | None = None,
                   base: dict[str, float] | None = None, site_widths: dict[str, int] | None = None,
-                  max_channels: int | None = None) -> dict:
+                  max_channels: int | None = None, tied: dict[str, dict] | None = None) -> dict:
     """``localize_summary.json`` and ``localize.png`` in ``out_dir``; returns the summary."""
-    summary = summarize(rows, site_order=site_order, base=base, site_widths=site_widths)
+    summary = summarize(rows, site_order=site_order, base=base, site_widths=site_widths,
+                        tied=tied)
     out_dir = Path(out_dir)
     atomic_write_json(out_dir / "localize_summary.json", summary)
     plot_summary(summary, out_dir / "localize.png", max_channels=max_channels)

@@ -2,7 +2,7 @@
 
 A block is ``linear map (bias-free) -> pre-norm site -> norm -> activation -> post-activation
 site``. The map has no bias, so zeroing a channel at the pre-norm site is exactly the paper's
-"zero the filter" edit (PAPER.md Experiment 4).
+"zero the filter" edit (docs/method.md, Experiment 4).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""ResNet-9 as in the paper's experiments (PAPER.md "Models")."""
+"""ResNet-9 as in the paper's experiments (docs/method.md, "Setup")."""
 from __future__ import annotations
 
 import torch
