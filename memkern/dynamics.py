@@ -136,20 +136,18 @@ def rebuild_dynamics(run: RunDir, *, device: str = "auto", data_dir: str | Path 
                      progress: bool = True) -> Dynamics:
     """Evaluate every checkpoint after the initialization exactly as training does after each
     epoch, and write the run's dynamics file from scratch."""
-    from memkern.checkpoints import load_checkpoint, load_model_state
     from memkern.evaluate import mode_accuracies
-    from memkern.experiment import load_data, model_for, resolve_device
+    from memkern.experiment import open_run
 
     epochs = [e for e in run.epochs() if e > 0]
     if not epochs:
         raise RunDirError(f"{run.root} has no trained checkpoints: train it first (memkern train)")
-    config = run.load_config()
-    data = load_data(config, data_dir=data_dir)
-    model = model_for(config, data).to(resolve_device(device))
-    recorder = DynamicsRecorder(dynamics_path(run), data.train_labels, after_epoch=0)
+    context = open_run(run.root, device=device, data_dir=data_dir)
+    recorder = DynamicsRecorder(dynamics_path(run), context.data.train_labels, after_epoch=0)
     for epoch in tqdm(epochs, desc=f"dynamics {run.root.name}", unit="epoch",
                       disable=not progress):
-        load_model_state(model, load_checkpoint(run.checkpoint_path(epoch)))
-        mode_accuracies(model.eval(), data, mode="own", on_train_logits=recorder.collect)
+        context.load(epoch)
+        mode_accuracies(context.model, context.data, mode="own",
+                        on_train_logits=recorder.collect)
         recorder.finish_epoch(epoch)
     return recorder.dynamics

@@ -10,7 +10,6 @@ directory is removed.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import shutil
 import time
@@ -29,7 +28,7 @@ from memkern.errors import ConfigError
 from memkern.evaluate import predictions
 from memkern.experiment import load_trained
 from memkern.runs import RunDir
-from memkern.tied_dropout import needs_example_indices, tied_dropout_mode
+from memkern.tied_dropout import unindexed_rows
 
 
 @dataclass
@@ -78,9 +77,7 @@ def held_out_probabilities(ckpt: Path, images: torch.Tensor, *, device: str) -> 
     examples are evaluated: they have no mask of their own)."""
     trained = load_trained(ckpt, device=device)
     chunks = []
-    mode = (tied_dropout_mode(trained.model, "keep") if needs_example_indices(trained.model)
-            else contextlib.nullcontext())
-    with mode:
+    with unindexed_rows(trained.model):
         predictions(trained.model, images, on_logits=lambda z: chunks.append(z.double().cpu()))
     return torch.softmax(torch.cat(chunks), 1)
 

@@ -26,11 +26,11 @@ from memkern.data import PreparedData
 from memkern.dynamics import Dynamics, dynamics_path, example_stats
 from memkern.errors import RunDirError
 from memkern.evaluate import predictions
-from memkern.experiment import load_data, load_trained
+from memkern.experiment import load_data, open_run
 from memkern.runs import RunDir
 from memkern.scores.signals import COMBINED, DYNAMICS_SIGNALS, combined_score, dynamics_signals
 from memkern.tables import csv_text, read_csv
-from memkern.tied_dropout import has_tied_dropout, tied_dropout_mode
+from memkern.tied_dropout import tied_dropout_mode
 
 LOCALIZE_FILE = "localize.jsonl"
 SCORES_FILE = "scores.csv"
@@ -168,9 +168,8 @@ def collect_scores(run: str | Path, *, data: PreparedData | None = None, device:
         table.missing["channels_to_flip"] = (f"no {localized}: `memkern localize --ckpt ...` or "
                                              f"`memkern scores --compute` (top candidates)")
     if config.tied_dropout:
-        trained = load_trained(run.final_checkpoint(), device=device, data_dir=data_dir)
-        if has_tied_dropout(trained.model):
-            table.signals["tied_gap"] = tied_gap(trained.model, trained.data)
+        context = open_run(run.root, device=device, data_dir=data_dir)
+        table.signals["tied_gap"] = tied_gap(context.model, context.data)
     else:
         table.missing["tied_gap"] = "the run was trained without --tied-dropout"
     grad_totals = sorted(k for k in table.signals if k.startswith("grad_total_e"))
