@@ -285,6 +285,23 @@ def test_cross_validation_reuses_saved_folds_of_the_same_settings_only(tiny_run,
         cross_validate(run=run.root, folds=3, epochs=1, data=data, progress=False)
 
 
+def test_compute_lists_gradient_norms_it_cannot_take_and_goes_on(tiny_run, tmp_path,
+                                                               monkeypatch):
+    import memkern.accounting
+    from memkern.errors import UnsupportedLayerError
+    from memkern.scores.compute import compute_missing
+
+    def refuse(**kwargs):
+        raise UnsupportedLayerError("layer 'x' has no per-example rule")
+
+    monkeypatch.setattr(memkern.accounting, "gradient_accounting", refuse)
+    run = copy_run(tiny_run, tmp_path / "run")
+    done = compute_missing(run=run.root, localize_top=0, progress=False)
+    assert done == ["skipped per-example gradient norms at epochs [1, 3]: layer 'x' has no "
+                    "per-example rule"]
+    assert "grad_*" in collect_scores(run.root).missing
+
+
 @pytest.mark.parametrize("args, message", [
     (["--run", "{missing}"], "not a memkern run directory"),
     (["--run", "{run}", "--top", "0"], "--top must be at least 1"),
