@@ -308,6 +308,8 @@ def test_compute_lists_gradient_norms_it_cannot_take_and_goes_on(tiny_run, tmp_p
     (["--run", "{run}", "--folds", "1", "--benchmark"], "--folds must be 0"),
     (["--run", "{run}", "--grad-epochs", "x", "--compute"], "--grad-epochs takes"),
     (["--run", "{clean}", "--benchmark", "--folds", "0"], "has no flipped labels"),
+    pytest.param(["--run", "{run}", "--device", "cuda"], "no CUDA device",
+                 marks=pytest.mark.skipif(torch.cuda.is_available(), reason="needs no CUDA")),
 ])
 def test_bad_input_is_one_line_and_exit_2(tiny_run, tmp_path_factory, args, message):
     clean = tmp_path_factory.getbasetemp() / "clean-run"
@@ -319,3 +321,4 @@ def test_bad_input_is_one_line_and_exit_2(tiny_run, tmp_path_factory, args, mess
     assert result.returncode == 2, result.stdout + result.stderr
     assert result.stderr.startswith("memkern: error:") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tiny_run.root / "scores.csv").exists()  # nothing written

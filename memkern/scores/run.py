@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from memkern.errors import ConfigError
-from memkern.experiment import load_data
+from memkern.experiment import load_data, resolve_device
 from memkern.runs import RunDir
 from memkern.scores.benchmark import Benchmark, run_benchmark
 from memkern.scores.compute import compute_missing, scores_dir
@@ -44,6 +44,7 @@ def score_run(*, run: str | Path, compute: bool = False, benchmark: bool = False
     run = RunDir(run)
     config = run.load_config()
     run.final_checkpoint()  # a clear error for a run without checkpoints
+    resolve_device(device)  # a device that is not there fails before anything is written
     computed = (compute_missing(run=run.root, grad_epochs=grad_epochs, localize_top=localize_top,
                                 device=device, data_dir=data_dir, progress=progress)
                 if compute else [])
