@@ -21,7 +21,7 @@ from memkern.data import PreparedData
 from memkern.errors import ConfigError, RunDirError
 from memkern.runs import RunDir
 from memkern.scores.compute import read_timings, scores_dir
-from memkern.scores.crossval import cross_validate
+from memkern.scores.crossval import check_folds, cross_validate
 from memkern.scores.detection import auroc, average_precision, precision_at_k
 from memkern.scores.figures import detection_curves
 from memkern.scores.signals import DYNAMICS_SIGNALS, oriented
@@ -113,8 +113,7 @@ def run_benchmark(*, run: str | Path, table: ScoreTable, data: PreparedData, fol
     if not flipped.any():
         raise RunDirError(f"{run.root} has no flipped labels: the benchmark measures how well "
                           f"signals find them; train with --noise 0.1")
-    if folds == 1:
-        raise ConfigError("--folds must be 0 (no cleanlab) or at least 2, got 1")
+    check_folds(folds)
     train_seconds = sum(r["seconds"] for r in read_jsonl(run.metrics_path))
     timings = read_timings(run)
     rows, curves = [], {}

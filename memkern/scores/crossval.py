@@ -42,6 +42,12 @@ class CrossValidation:
     trainings: int
 
 
+def check_folds(folds: int) -> None:
+    """0 leaves cross-validation out; one fold would hold out everything."""
+    if folds < 0 or folds == 1:
+        raise ConfigError(f"--folds must be 0 (no cleanlab) or at least 2, got {folds}")
+
+
 def fold_assignment(labels: np.ndarray, *, folds: int, seed: int) -> np.ndarray:
     """int64 ``[N]``: the held-out fold of each example (stratified by label, shuffled)."""
     from sklearn.model_selection import StratifiedKFold

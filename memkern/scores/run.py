@@ -5,11 +5,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-from memkern.errors import ConfigError
+from memkern.errors import ConfigError, RunDirError
 from memkern.experiment import load_data, resolve_device
 from memkern.runs import RunDir
 from memkern.scores.benchmark import Benchmark, run_benchmark
 from memkern.scores.compute import compute_missing, scores_dir
+from memkern.scores.crossval import check_folds
 from memkern.scores.figures import write_grids
 from memkern.scores.table import SCORES_FILE, ScoreTable, collect_scores
 
@@ -37,14 +38,16 @@ def score_run(*, run: str | Path, compute: bool = False, benchmark: bool = False
     (:func:`memkern.scores.benchmark.run_benchmark`)."""
     if top < 1:
         raise ConfigError(f"--top must be at least 1, got {top}")
-    if folds < 0:
-        raise ConfigError(f"--folds must be 0 (no cleanlab) or at least 2, got {folds}")
+    check_folds(folds)
     if cv_epochs is not None and cv_epochs < 1:
         raise ConfigError(f"--cv-epochs must be at least 1, got {cv_epochs}")
     run = RunDir(run)
     config = run.load_config()
     run.final_checkpoint()  # a clear error for a run without checkpoints
     resolve_device(device)  # a device that is not there fails before anything is written
+    if benchmark and not run.load_noise()["noisy_indices"]:
+        raise RunDirError(f"{run.root} has no flipped labels: the benchmark measures how well "
+                          f"signals find them; train with --noise 0.1")
     computed = (compute_missing(run=run.root, grad_epochs=grad_epochs, localize_top=localize_top,
                                 device=device, data_dir=data_dir, progress=progress)
                 if compute else [])
