@@ -50,10 +50,12 @@ def _register() -> None:
     from memkern.cli.report import report
     from memkern.cli.retrain import retrain
     from memkern.cli.rewind import rewind
+    from memkern.cli.scores import scores
     from memkern.cli.sites import sites
     from memkern.cli.train import train
 
-    for command in (train, evaluate, grads, rewind, retrain, localize, report, demo, sites, env):
+    for command in (train, evaluate, grads, rewind, retrain, localize, scores, report, demo, sites,
+                    env):
         main.add_command(command)
 
 

@@ -13,14 +13,14 @@ data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False),
                                     "(not needed for digits); overrides the checkpoint's.")
 
 
-def parse_epochs(text: str | None) -> list[int] | None:
+def parse_epochs(text: str | None, *, option: str = "--epochs") -> list[int] | None:
     """``"0,10,20"`` -> ``[0, 10, 20]``; None or empty -> None (the command's default)."""
     if not text:
         return None
     try:
         return sorted({int(part) for part in text.split(",") if part.strip()})
     except ValueError:
-        raise ConfigError(f"--epochs takes comma-separated integers such as 0,10,20, got {text!r}")
+        raise ConfigError(f"{option} takes comma-separated integers such as 0,10,20, got {text!r}")
 
 
 def split_names(values: tuple[str, ...]) -> list[str]:

@@ -8,6 +8,7 @@ own, so in modes "train"/"own" ``test_acc`` is measured in mode "keep".
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,12 +29,13 @@ SPLITS = ("clean_acc", "noisy_acc", "test_acc")
 
 @torch.no_grad()
 def predictions(model: nn.Module, images: torch.Tensor, *, indices: torch.Tensor | None = None,
-                state: dict[str, torch.Tensor] | None = None,
-                batch_size: int = EVAL_BATCH) -> torch.Tensor:
+                state: dict[str, torch.Tensor] | None = None, batch_size: int = EVAL_BATCH,
+                on_logits: Callable[[torch.Tensor], None] | None = None) -> torch.Tensor:
     """argmax predictions, int64 ``[N]``; ``indices`` (dataset indices of ``images``' rows)
     reach the channel sites, so example-tied masks apply per example. ``state`` (parameter and
     buffer tensors by name, on the model's device) replaces the model's own for this call only,
-    through ``torch.func.functional_call``: one model instance serves many weight settings."""
+    through ``torch.func.functional_call``: one model instance serves many weight settings.
+    ``on_logits`` receives each chunk's logits (float ``[chunk, classes]``, rows in order)."""
     device = next(model.parameters()).device
     out = []
     for start in range(0, len(images), batch_size):
@@ -41,6 +43,8 @@ def predictions(model: nn.Module, images: torch.Tensor, *, indices: torch.Tensor
         with example_indices(idx):
             x = images[start:start + batch_size].to(device)
             logits = model(x) if state is None else functional_call(model, state, (x,))
+            if on_logits is not None:
+                on_logits(logits)
             out.append(logits.argmax(1).cpu())
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.long)
 
@@ -50,14 +54,18 @@ def _mean(hits: torch.Tensor) -> float:
 
 
 def split_accuracies(model: nn.Module, data: PreparedData, *,
-                     state: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+                     state: dict[str, torch.Tensor] | None = None,
+                     on_train_logits: Callable[[torch.Tensor], None] | None = None,
+                     ) -> dict[str, float]:
     """``clean_acc``, ``noisy_acc`` (against the noisy labels: memorization) and ``test_acc``,
     in eval mode, of ``model`` or of ``model`` under ``state`` (see :func:`predictions`).
     Train rows carry their dataset indices; test rows carry none, so a tied dropout model whose
-    masks need indices is tested in mode "keep"."""
+    masks need indices is tested in mode "keep". ``on_train_logits``: see :func:`predictions`
+    (the training set's logits, in index order)."""
     model.eval()
     train_idx = torch.arange(len(data.train_labels))
-    pred = predictions(model, data.train_images, indices=train_idx, state=state)
+    pred = predictions(model, data.train_images, indices=train_idx, state=state,
+                       on_logits=on_train_logits)
     hits = pred == data.train_labels
     noisy = data.noisy_mask
     with unindexed_rows(model):
@@ -66,7 +74,9 @@ def split_accuracies(model: nn.Module, data: PreparedData, *,
             "test_acc": _mean(test_pred == data.test_labels)}
 
 
-def mode_accuracies(model: nn.Module, data: PreparedData, *, mode: str) -> dict[str, float]:
+def mode_accuracies(model: nn.Module, data: PreparedData, *, mode: str,
+                    on_train_logits: Callable[[torch.Tensor], None] | None = None,
+                    ) -> dict[str, float]:
     """:func:`split_accuracies` with every tied dropout module in ``mode`` (one of
     ``EVAL_MODES``); a model without tied dropout takes only "own" (= plain evaluation)."""
     if mode not in EVAL_MODES:
@@ -75,15 +85,18 @@ def mode_accuracies(model: nn.Module, data: PreparedData, *, mode: str) -> dict[
         if mode != "own":
             raise ConfigError(f"mode {mode!r} needs a model trained with tied dropout (memkern "
                               f"train --tied-dropout); this one has none: use --mode own")
-        return split_accuracies(model, data)
+        return split_accuracies(model, data, on_train_logits=on_train_logits)
     with tied_dropout_mode(model, mode):
-        return split_accuracies(model, data)
+        return split_accuracies(model, data, on_train_logits=on_train_logits)
 
 
-def epoch_accuracies(model: nn.Module, data: PreparedData) -> dict[str, float]:
+def epoch_accuracies(model: nn.Module, data: PreparedData, *,
+                     on_train_logits: Callable[[torch.Tensor], None] | None = None,
+                     ) -> dict[str, float]:
     """The accuracies of one ``metrics.jsonl`` line: :func:`split_accuracies` in mode "own"
-    and, for a tied dropout model, also ``{clean,noisy,test}_acc_{keep,drop}``."""
-    out = mode_accuracies(model, data, mode="own")
+    and, for a tied dropout model, also ``{clean,noisy,test}_acc_{keep,drop}``.
+    ``on_train_logits`` sees the mode "own" pass over the training set (training dynamics)."""
+    out = mode_accuracies(model, data, mode="own", on_train_logits=on_train_logits)
     if has_tied_dropout(model):
         for mode in ("keep", "drop"):
             out.update({f"{k}_{mode}": v for k, v in mode_accuracies(model, data, mode=mode).items()})

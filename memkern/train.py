@@ -20,6 +20,7 @@ from memkern.checkpoints import load_checkpoint, load_model_state, restore_momen
 from memkern.config import TrainConfig, config_from_options, differing_fields
 from memkern.data import PreparedData
 from memkern.data.prepared import NATURAL_IMAGES, augment_batch, iterate_batches
+from memkern.dynamics import DynamicsRecorder, dynamics_path
 from memkern.errors import ConfigError, RunDirError
 from memkern.evaluate import epoch_accuracies
 from memkern.experiment import load_data, model_for, resolve_device
@@ -58,9 +59,15 @@ def _start(run: RunDir, config: TrainConfig, data: PreparedData, model) -> None:
 
 def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
           device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
-          progress: bool = True, track_grads: bool = False) -> RunDir:
+          progress: bool = True, track_grads: bool = False,
+          data: PreparedData | None = None) -> RunDir:
     """Train into run directory ``out`` (or continue it with ``resume``: the run's own config is
-    used, and a ``config`` given too must equal it). Returns the run directory.
+    used, and a ``config`` given too must equal it). Returns the run directory. Every epoch's
+    per-example margins, losses and correctness go to ``dynamics.safetensors``
+    (:mod:`memkern.dynamics`).
+
+    ``data``: train on these instead of the config's data (cross-validation folds; the run's
+    config then does not rebuild them).
 
     ``track_grads``: record every epoch's summed clean and noisy gradients of the real steps in
     ``grads/live.jsonl`` (:class:`memkern.subset_grads.LiveSubsetTracker`; one more backward
@@ -83,7 +90,8 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
         raise RunDirError(f"run directory {run.root} already exists: resume it (resume=True, "
                           f"`memkern train --resume`), or choose another output directory")
     dev = resolve_device(device)
-    data = load_data(config, data_dir=data_dir, download=download)
+    if data is None:
+        data = load_data(config, data_dir=data_dir, download=download)
     torch.manual_seed(config.seed)
     model = model_for(config, data).to(dev)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -108,6 +116,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     augment = config.augment and data.name in NATURAL_IMAGES
     tracker = (LiveSubsetTracker(model, run.grads / "live.jsonl", data.noisy_mask.to(dev),
                                  first_epoch=first_epoch) if track_grads else None)
+    dynamics = DynamicsRecorder(dynamics_path(run), data.train_labels, after_epoch=first_epoch - 1)
     bar = tqdm(total=total_steps, initial=(first_epoch - 1) * steps_per_epoch, unit="step",
                desc=f"train {run.root.name}", disable=not progress, dynamic_ncols=True)
     for epoch in range(first_epoch, config.epochs + 1):
@@ -137,9 +146,11 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
         if tracker is not None:
             tracker.finish_epoch(epoch)
         metrics = {"epoch": epoch, "train_loss": loss_sum / seen,
-                   "lr": optimizer.param_groups[0]["lr"], **epoch_accuracies(model, data)}
+                   "lr": optimizer.param_groups[0]["lr"],
+                   **epoch_accuracies(model, data, on_train_logits=dynamics.collect)}
         metrics["seconds"] = time.perf_counter() - started
         append_jsonl(run.metrics_path, metrics)
+        dynamics.finish_epoch(epoch)  # before the checkpoint: it always covers checkpointed epochs
         save_checkpoint(run.checkpoint_path(epoch), model, config=config, epoch=epoch,
                         optimizer=optimizer)
         bar.set_postfix(epoch=epoch, noisy=f"{metrics['noisy_acc']:.3f}",

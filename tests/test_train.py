@@ -75,6 +75,10 @@ def test_kill_mid_epoch_and_resume_is_bit_identical(tmp_path):
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert [r["epoch"] for r in read_jsonl(RunDir(killed).metrics_path)] == [1, 2, 3]
+    a, b = (load_file(RunDir(r).root / "dynamics.safetensors") for r in (killed, clean))
+    assert a["epochs"].tolist() == [1, 2, 3] and a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
 
 
 def test_train_on_mnist_idx_files(tmp_path):

@@ -1,0 +1,60 @@
+"""``memkern scores``."""
+from __future__ import annotations
+
+import click
+
+from memkern.cli.options import data_dir_option, device_option, parse_epochs
+
+
+@click.command()
+@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory written by `memkern train`.")
+@click.option("--compute", is_flag=True, help="First add the cheap signals the run lacks: "
+              "dynamics from the checkpoints, gradient norms, localization of top candidates.")
+@click.option("--grad-epochs", help="Epochs of per-example gradient norms for --compute. "
+              "[default: 10% of training and the final epoch]")
+@click.option("--localize-top", type=int, default=64, show_default=True,
+              help="--compute localizes this many highest combined scores (0: none).")
+@click.option("--top", type=int, default=32, show_default=True,
+              help="Examples per image grid.")
+@click.option("--benchmark", is_flag=True, help="AUROC / AP / precision@k of every signal "
+              "for finding the flipped labels, beside cleanlab on K-fold cross-validation.")
+@click.option("--folds", type=int, default=5, show_default=True,
+              help="K of cleanlab's cross-validation (K trainings; 0: leave cleanlab out).")
+@click.option("--cv-epochs", type=int, help="Epochs of each cross-validation training "
+              "(quick checks only). [default: the run's]")
+@data_dir_option
+@device_option
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def scores(run_dir, compute, grad_epochs, localize_top, top, benchmark, folds, cv_epochs,
+           data_dir, device, progress):
+    """Which training examples did the model memorize? Every per-example signal side by side.
+
+    Writes RUN/scores.csv (one row per training example: index, label, original_label, noisy,
+    one column per signal the run holds, memorization_score) and RUN/scores/top_*.png (the
+    highest-ranked examples of each signal, with trained and original labels). Signals the run
+    lacks are listed with the command that adds them. See docs/scores.md.
+
+    \b
+    Example:
+      memkern scores --run runs/digits
+      memkern scores --run runs/digits --compute --benchmark
+    """
+    from memkern.scores.run import score_run
+
+    result = score_run(run=run_dir, compute=compute, benchmark=benchmark, top=top,
+                       grad_epochs=parse_epochs(grad_epochs, option="--grad-epochs"),
+                       localize_top=localize_top, folds=folds, cv_epochs=cv_epochs,
+                       device=device, data_dir=data_dir, progress=progress)
+    for line in result.computed:
+        click.echo(f"computed: {line}")
+    click.echo(f"scores of {len(result.table.signals)} signals saved to {result.path}")
+    reasons: dict[str, list[str]] = {}
+    for name, why in result.table.missing.items():
+        reasons.setdefault(why, []).append(name)
+    for why, names in reasons.items():
+        click.echo(f"missing {', '.join(names)}: {why}")
+    click.echo(f"image grids: {result.grids[0].parent}" if result.grids else "no image grids")
+    if result.benchmark is not None:
+        click.echo(result.benchmark.markdown.read_text().rstrip())
+        click.echo(f"benchmark saved to {result.benchmark.csv} and {result.benchmark.figure}")
