@@ -19,6 +19,7 @@ from memkern.errors import CheckpointError, ConfigError
 from memkern.evaluate import split_accuracies
 from memkern.experiment import load_data, model_for, resolve_device
 from memkern.layer_figures import plot_rewind
+from memkern.locks import hold_run, locked
 from memkern.models.groups import LayerGroup, layer_groups
 from memkern.runs import RunDir
 
@@ -69,6 +70,7 @@ def _state_on(ckpt_path: Path, like: dict[str, torch.Tensor],
     return {k: v.to(device) for k, v in ckpt.model_state.items()}
 
 
+@locked(lambda a: hold_run(a["run"]))
 def rewind(*, run: str | Path, epochs: list[int] | None = None,
            groups: list[str] | None = None, device: str = "auto",
            data_dir: str | Path | None = None, progress: bool = True) -> list[dict]:
