@@ -3,11 +3,8 @@ a traceback or left files behind now gives one line and exit 2 (or the right res
 from __future__ import annotations
 
 import errno
-import gzip
 import json
-import math
 import os
-import pickle
 import shutil
 import stat
 import subprocess
@@ -17,12 +14,11 @@ import numpy as np
 import pytest
 import torch
 from cli_checks import assert_one_line_error, assert_unchanged, run_cli, snapshot
-from formats import idx_bytes, random_mnist, write_mnist
+from formats import random_mnist, write_mnist
 from safetensors.torch import load_file
 from test_data_files import cifar_batch, py2_dumps, tar_folder, write_cifar
 
 import memkern.atomic
-from memkern.atomic import read_jsonl
 from memkern.checkpoints import load_checkpoint
 from memkern.runs import RunDir
 
