@@ -397,6 +397,43 @@ def test_gzip_mnist_with_flipped_byte(tmp_path):
                                   "--out", tmp_path / "run", "--no-progress"), str(path))
 
 
+# ------------------------------------------------------------ 8. lines independent of the cut
+
+# The documented bound (README, "Localization"): trace values are float32 sums over the
+# reference batch and may differ in their last digits with how the work was cut; every other
+# field is identical. The torchrun test (test_localize_distributed.py) holds the same bound.
+TRACE_RTOL, TRACE_ATOL = 1e-5, 1e-6
+
+
+def assert_same_lines(got: list[dict], want: list[dict]) -> None:
+    assert sorted(r["index"] for r in got) == sorted(r["index"] for r in want)
+    want_by_index = {r["index"]: r for r in want}
+    for g in got:
+        w = want_by_index[g["index"]]
+        assert {k: v for k, v in g.items() if k != "trace"} == \
+            {k: v for k, v in w.items() if k != "trace"}, g["index"]
+        torch.testing.assert_close(torch.tensor(g["trace"]), torch.tensor(w["trace"]),
+                                   rtol=TRACE_RTOL, atol=TRACE_ATOL)
+
+
+def test_localize_lines_do_not_depend_on_chunk_or_resume(run):
+    opts = ["--ckpt", ckpt_of(run), "--examples", "all", "--ref-batch", "64", "--max-channels",
+            "10", "--no-progress", "--device", "cpu"]
+
+    def lines(name, *extra):
+        for args in extra:
+            result = run_cli("localize", *opts, "--out", run / name, *args)
+            assert result.exit_code == 0, result.output
+        return [strict_json(line) for line in (run / name).read_text().splitlines()]
+
+    want = lines("whole.jsonl", ["--limit", "16", "--chunk", "16"])
+    assert_same_lines(lines("one.jsonl", ["--limit", "16", "--chunk", "1"]), want)
+    assert_same_lines(lines("five.jsonl", ["--limit", "16", "--chunk", "5"]), want)
+    resumed = lines("resumed.jsonl", ["--limit", "5", "--chunk", "3"],
+                    ["--limit", "16", "--chunk", "4"])
+    assert_same_lines(resumed, want)
+
+
 # ------------------------------------------------------------ 9. messages that say what is wrong
 
 
