@@ -7,8 +7,8 @@ simply locked again by the next one (a stale lock is taken over, never honoured)
 removes the file on release; a process that opened it just before then notices, because the
 path no longer names the file it locked, and tries again.
 
-While a lock is held no other memkern process writes there, so the leftovers of killed writes
-(:func:`memkern.atomic.remove_interrupted_writes`) are cleaned on taking it.
+Taking a lock also removes the temporaries that killed writers left in the locked folders
+(:func:`memkern.atomic.remove_interrupted_writes`).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ _held: dict[Path, int] = {}  # lock file -> depth: a process may nest holds of o
 def _holder(path: Path) -> str:
     try:
         pid = path.read_text().strip()
-    except OSError:
+    except (OSError, ValueError):  # gone, or not text
         pid = ""
     return f"pid {pid}" if pid.isdigit() else "a process that is starting"
 
