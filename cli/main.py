@@ -1,7 +1,8 @@
 """The ``memkern`` command group. Commands are thin: parse options, call one library function.
 
 Bad input raises a :class:`memkern.errors.MemkernError`; here it becomes one line on stderr and
-exit code 2, with no traceback.
+exit code 2, with no traceback. An OSError that no library code turned into a typed error
+(permissions, a full disk, a vanished folder) gets the same treatment, as a last resort.
 """
 from __future__ import annotations
 
@@ -9,8 +10,19 @@ import sys
 
 import click
 
-from memkern.errors import MemkernError
+from memkern.errors import MemkernError, os_error_message, printable
 from memkern.kernels.errors import ChannelMaskError
+
+# How each command continues after Ctrl-C (the others have nothing to continue).
+_CONTINUE = {"train": "rerun with --resume to continue",
+             **{c: "rerun the same command to continue" for c in
+                ("grads", "retrain", "localize", "demo")}}
+
+
+def _fail(message: str) -> None:
+    """One ``memkern: error:`` line (paths that are not UTF-8 shown with escapes), exit 2."""
+    click.echo(f"memkern: error: {printable(' '.join(message.splitlines()))}", err=True)
+    sys.exit(2)
 
 
 class MemkernGroup(click.Group):
@@ -19,14 +31,15 @@ class MemkernGroup(click.Group):
             return super().invoke(ctx)
         except click.UsageError as e:  # one line instead of click's usage block
             where = f"memkern {e.ctx.info_name}" if e.ctx and e.ctx.parent else "memkern"
-            click.echo(f"memkern: error: {e.format_message()} (see `{where} --help`)", err=True)
-            sys.exit(2)
+            _fail(f"{e.format_message()} (see `{where} --help`)")
         except (MemkernError, ChannelMaskError) as e:
-            click.echo(f"memkern: error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e))
+        except OSError as e:
+            _fail(os_error_message(e))
         except KeyboardInterrupt:
-            click.echo("memkern: interrupted (completed work is saved; rerun with --resume "
-                       "where the command has it)", err=True)
+            how = _CONTINUE.get(ctx.invoked_subcommand or "")
+            click.echo("memkern: interrupted; " + (f"completed work is saved: {how}" if how else
+                                                   "nothing was left half-written"), err=True)
             sys.exit(130)
 
 

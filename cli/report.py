@@ -14,6 +14,7 @@ def report(run_dir):
     Example:
       memkern report --run runs/digits
     """
+    from memkern.errors import printable
     from memkern.report import write_report
 
-    click.echo(f"report written to {write_report(run_dir)}")
+    click.echo(f"report written to {printable(str(write_report(run_dir)))}")

@@ -29,6 +29,7 @@ from memkern.data import PreparedData, iterate_batches
 from memkern.errors import ConfigError, RunDirError
 from memkern.experiment import open_run
 from memkern.gradnorms import MODES, per_example_grad_norms
+from memkern.locks import hold_run, locked
 from memkern.models.groups import LayerGroup, layer_groups
 from memkern.runs import RunDir
 from memkern.sites import example_indices
@@ -93,6 +94,7 @@ def _per_example_rows(norms: torch.Tensor, data: PreparedData,
              TOTAL: f"{float(total[i]):.6g}"} for i in range(len(labels))]
 
 
+@locked(lambda a: hold_run(a["run"]))
 def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
                         mode: str = "auto", batch_size: int = 256, device: str = "auto",
                         data_dir: str | Path | None = None, progress: bool = True) -> RunDir:

@@ -1,26 +1,37 @@
-"""Crash-safe file writes: write beside the target, fsync, rename over it."""
+"""Crash-safe file writes: write beside the target, fsync, rename over it.
+
+A temporary file is named ``.<target>.<pid>.<random>.tmp``: the pid says which process was
+writing it, so :func:`remove_interrupted_writes` can delete the leftovers of a killed process
+(and only those) when the next command starts.
+"""
 from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Callable
 
+from memkern.errors import RunDirError
+
 _UMASK = os.umask(0)
 os.umask(_UMASK)
+_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     """Call ``write(tmp_path)`` and move the result onto ``path`` atomically; a crash leaves
-    either the old file or the new one, never half of one."""
+    either the old file or the new one, never half of one. The file gets the ordinary mode
+    of a new file under the user's umask, whatever ``write`` did to the temporary's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+                               dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file ordinary permissions
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; so may what ``write`` called
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -29,36 +40,97 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         raise
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # a live process of another user
+        return True
+    return True
+
+
+def remove_interrupted_writes(folder: str | Path) -> list[Path]:
+    """Delete the temporary files in ``folder`` whose writing process no longer runs (a write
+    that was killed); returns them. Temporaries of live processes are left alone."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for p in folder.iterdir():
+        m = _TEMP_NAME.match(p.name)
+        if m and p.is_file() and not _alive(int(m.group(1))):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _json_line(obj, path: str | Path, **kw) -> str:
+    try:
+        return json.dumps(obj, sort_keys=True, allow_nan=False, **kw)
+    except ValueError:  # NaN or inf: would make the file invalid JSON
+        raise RunDirError(f"refusing to write a non-finite number into {path}: {obj}") from None
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    atomic_write_text(path, _json_line(obj, path, indent=2) + "\n")
 
 
 def append_jsonl(path: str | Path, obj) -> None:
     """Append one JSON line and fsync: a line is either wholly on disk or absent after a kill
     (a torn last line is dropped by :func:`read_jsonl`)."""
+    line = _json_line(obj, path) + "\n"
     with open(path, "a") as f:
-        f.write(json.dumps(obj, sort_keys=True) + "\n")
+        f.write(line)
         f.flush()
         os.fsync(f.fileno())
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """All complete lines of a JSON-lines file; a torn final line (killed mid-write) is skipped."""
+    """All complete lines of a JSON-lines file, each a JSON object. Only the last line may be
+    unreadable (a kill mid-append tears it) and is skipped; an unreadable line before it means
+    the file was edited or is not memkern's, which is an error naming the line."""
     path = Path(path)
     if not path.exists():
         return []
+    try:
+        lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1)
+                 if line.strip()]
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is not a text file of JSON lines; move it away or pass "
+                          f"another path") from None
     rows = []
-    for line in path.read_text().splitlines():
+    for k, (n, line) in enumerate(lines):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            if k == len(lines) - 1:
+                break  # torn by a kill
+            raise RunDirError(f"{path}, line {n}: not JSON; was the file edited? restore it, "
+                              f"or move it away") from None
+        if not isinstance(row, dict):
+            raise RunDirError(f"{path}, line {n}: expected a JSON object, found "
+                              f"{type(row).__name__}; restore the file, or move it away")
+        rows.append(row)
     return rows
 
 
+def read_json_object(path: str | Path) -> dict:
+    """A JSON file holding one object (a memkern record); anything else is an error naming it."""
+    path = Path(path)
+    try:
+        obj = json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        obj = None
+    if not isinstance(obj, dict):
+        raise RunDirError(f"{path} is not a JSON object as memkern writes it; was it edited? "
+                          f"restore it, or move it away")
+    return obj
+
+
 def rewrite_jsonl(path: str | Path, rows: list[dict]) -> None:
-    atomic_write_text(path, "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows))
+    atomic_write_text(path, "".join(_json_line(r, path) + "\n" for r in rows))

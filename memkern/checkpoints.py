@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import nn
 
 from memkern.atomic import atomic_write
@@ -36,7 +36,8 @@ class Checkpoint:
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, config: TrainConfig, epoch: int,
                     optimizer: torch.optim.Optimizer | None = None) -> None:
-    """Write atomically: a kill mid-save leaves no partial checkpoint behind."""
+    """Write atomically: a kill mid-save leaves no partial checkpoint behind. The bytes are
+    written by us (safetensors' own file writer renames a temporary of its own, mode 0600)."""
     tensors = {MODEL_PREFIX + k: v.detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
     if optimizer is not None:
@@ -48,7 +49,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, config: TrainConfig, 
                     tensors[MOMENTUM_PREFIX + names[id(p)]] = buf.detach().cpu().contiguous()
     metadata = {"format": FORMAT, "version": VERSION, "epoch": str(epoch),
                 "config": config.to_json()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(save(tensors, metadata=metadata)))
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -62,9 +63,10 @@ def _read_metadata(path: Path) -> dict[str, str]:
             raise CheckpointError(f"{path}: not a safetensors checkpoint (bad header length)")
         try:
             header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise CheckpointError(f"{path}: not a safetensors checkpoint (unreadable header)")
-    return header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return meta if isinstance(meta, dict) else {}
 
 
 def load_checkpoint(path: str | Path) -> Checkpoint:
@@ -72,6 +74,11 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # safetensors takes UTF-8 paths only
+        raise CheckpointError(f"the path {path} is not valid UTF-8; rename the file (or its "
+                              f"folder) to a UTF-8 name") from None
     meta = _read_metadata(path)
     if meta.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a memkern checkpoint (no memkern metadata); "
@@ -79,12 +86,26 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     if meta.get("version") != VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {meta.get('version')}, "
                               f"this memkern reads version {VERSION}")
+    config_text, epoch = meta.get("config"), meta.get("epoch")
+    if not (isinstance(config_text, str) and isinstance(epoch, str) and epoch.isascii()
+            and epoch.isdigit()):
+        raise CheckpointError(f"{path} is corrupt: its metadata lacks the config or the epoch; "
+                              f"use another checkpoint of the run")
+    try:
+        config = TrainConfig.from_json(config_text, source=f"{path}: the config")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
     try:
         tensors = load_file(path)
-        config = TrainConfig.from_json(meta["config"])
-        epoch = int(meta["epoch"])
-    except (SafetensorError, OSError, KeyError, ValueError, ConfigError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({str(e).splitlines()[0]})")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({(str(e).splitlines() or [type(e).__name__])[0]}); use "
+                              f"another checkpoint of the run") from None
+    epoch = int(epoch)
+    bad = next((k for k, t in tensors.items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN or inf (a diverged run); use an "
+                              f"earlier checkpoint, or retrain with a smaller --lr")
     return Checkpoint(
         path=path, config=config, epoch=epoch,
         model_state={k[len(MODEL_PREFIX):]: v for k, v in tensors.items()
@@ -103,8 +124,9 @@ def load_model_state(model: nn.Module, ckpt: Checkpoint) -> None:
     if missing or extra or bad_shapes:
         detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
                   else f"shape mismatch at {bad_shapes[:3]}")
-        raise CheckpointError(f"{ckpt.path} does not fit model {ckpt.config.model!r} ({detail}): "
-                              f"a checkpoint of another architecture?")
+        raise CheckpointError(f"{ckpt.path} holds a {ckpt.config.model!r} model that does not fit "
+                              f"the {type(model).__name__} model it is loaded into ({detail}): "
+                              f"a checkpoint of another architecture, or of another run?")
     model.load_state_dict(ckpt.model_state)
 
 

@@ -7,11 +7,27 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 
 from memkern.errors import ConfigError
 
 DEFAULT_DROPOUT_SITES: tuple[str, ...] = ()  # empty: the model's own default placement
+# Seeds feed torch.Generator.manual_seed, also as seed * 1_000_003 + epoch, which must stay
+# below 2**64: 2**32 leaves room for any number of epochs.
+MAX_SEED = 2**32 - 1
+
+
+def check_seed(seed: int, *, name: str = "seed") -> None:
+    if not 0 <= seed <= MAX_SEED:
+        raise ConfigError(f"{name} must be in 0..{MAX_SEED}, got {seed}")
+
+
+def check_finite(name: str, value: float) -> None:
+    if not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value}")
 
 
 @dataclass(frozen=True)
@@ -35,6 +51,10 @@ class TrainConfig:
     dropout_sites: tuple[str, ...] = field(default=DEFAULT_DROPOUT_SITES)
 
     def __post_init__(self):
+        for f in dataclasses.fields(self):
+            if _kind(f) is float:
+                check_finite(f.name, getattr(self, f.name))
+        check_seed(self.seed)
         if not 0.0 <= self.noise < 1.0:
             raise ConfigError(f"noise rate must be in [0, 1), got {self.noise}")
         for name in ("epochs", "batch_size"):
@@ -42,6 +62,10 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:
             raise ConfigError(f"lr must be positive, got {self.lr}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay must be at least 0, got {self.weight_decay}")
+        if not 0.0 <= self.momentum < 1.0:
+            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
         if self.tied_dropout:
@@ -60,15 +84,62 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
-        data = json.loads(text)
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
+    def from_json(cls, text: str, *, source: str = "config") -> "TrainConfig":
+        """Parse a config written by :meth:`to_json`, checking each field's type; ``source``
+        (e.g. the file) starts every error message."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{source} is not valid JSON ({e}); restore it") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source} must hold a JSON object of config fields, found "
+                              f"{json.dumps(data)[:40]}; restore it")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = set(data) - set(fields)
         if unknown:
-            raise ConfigError(f"config has unknown fields {sorted(unknown)}: written by a newer "
+            raise ConfigError(f"{source} has unknown fields {sorted(unknown)}: written by a newer "
                               f"memkern? upgrade memkern to read it")
-        data["dropout_sites"] = tuple(data.get("dropout_sites", ()))
-        return cls(**data)
+        values = {name: _field_value(fields[name], value, source)
+                  for name, value in data.items()}
+        try:
+            return cls(**values)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+
+def _kind(f: dataclasses.Field) -> type:
+    """The JSON-level type of a field: str, int, float, bool, (str | None) as str, tuple."""
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return str
+    return typing.get_origin(hint) or hint
+
+
+def _field_value(f: dataclasses.Field, value, source: str):
+    kind = _kind(f)
+    optional = f.default is None
+    if value is None and optional:
+        return None
+    if kind is tuple:
+        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        expected = "a list of strings"
+    elif kind is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        expected = "a number"
+    elif kind is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        expected = "an integer"
+    elif isinstance(value, kind):
+        return value
+    else:
+        expected = {str: "a string", bool: "true or false"}[kind]
+    shown = json.dumps(value)
+    shown = shown if len(shown) <= 40 else shown[:37] + "..."
+    raise ConfigError(f"{source}: field {f.name!r} must be {expected}"
+                      f"{' or null' if optional else ''}, got {shown}; restore it")
 
 
 # Paper settings (docs/method.md, "Setup"): SGD lr 0.01 (0.001 on SVHN), batch 512, 50 epochs.

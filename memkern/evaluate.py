@@ -18,6 +18,7 @@ from memkern.atomic import atomic_write_json
 from memkern.data import PreparedData
 from memkern.errors import ConfigError
 from memkern.experiment import load_trained
+from memkern.locks import for_checkpoint, hold_run, locked
 from memkern.runs import RunDir
 from memkern.sites import example_indices
 from memkern.tied_dropout import has_tied_dropout, tied_dropout_mode, unindexed_rows
@@ -103,6 +104,8 @@ def epoch_accuracies(model: nn.Module, data: PreparedData, *,
     return out
 
 
+@locked(lambda a: for_checkpoint(
+    a["ckpt"], lambda: hold_run(RunDir.of_checkpoint(a["ckpt"]).root)))
 def evaluate_checkpoint(*, ckpt: str | Path, mode: str, device: str = "auto",
                         data_dir: str | Path | None = None) -> tuple[dict, Path]:
     """Accuracies of checkpoint ``ckpt`` in ``mode``, written atomically to

@@ -5,8 +5,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from memkern.atomic import atomic_write, atomic_write_text, read_jsonl
-from memkern.errors import RunDirError
+from memkern.atomic import atomic_write, atomic_write_text, read_json_object
+from memkern.errors import RunDirError, printable
+from memkern.locks import hold_run, locked
 from memkern.runs import RunDir
 
 CURVES = (("clean_acc", "clean train"), ("noisy_acc", "noisy train (noisy labels)"),
@@ -39,7 +40,7 @@ def _localization_lines(path: Path) -> list[str]:
     """The localization summary as a table, with the tied-dropout shares on a tied run."""
     if not path.is_file():
         return []
-    summary = json.loads(path.read_text())
+    summary = read_json_object(path)
 
     def f(v):
         return "-" if v is None else f"{v:.3f}"
@@ -65,18 +66,23 @@ def _localization_lines(path: Path) -> list[str]:
     return lines
 
 
+@locked(lambda a: hold_run(a["run_dir"]))
 def write_report(run_dir: str | Path) -> Path:
     """Write ``report/training.png`` and ``report/index.md``; returns the index path."""
     run = RunDir(run_dir)
     config = run.load_config()
-    rows = read_jsonl(run.metrics_path)
+    rows = run.load_metrics()
     if not rows:
         raise RunDirError(f"{run.root} has no completed epoch in metrics.jsonl yet")
+    missing = [k for k, _ in CURVES if any(k not in r for r in rows)]
+    if missing:
+        raise RunDirError(f"{run.metrics_path} lacks {missing[0]} in some lines; was it edited? "
+                          f"restore it")
+    noise = run.load_noise()
     out = run.root / "report"
     plot_training_curves(rows, out / "training.png")
     last = rows[-1]
-    noise = run.load_noise()
-    lines = [f"# memkern report: {run.root.name}", "",
+    lines = [f"# memkern report: {printable(run.root.name)}", "",
              f"{config.model} on {config.dataset}, {len(noise['noisy_indices'])} of "
              f"{noise['num_train']} training labels flipped (rate {config.noise}, seed "
              f"{config.seed}), {config.epochs} epochs" +
@@ -92,10 +98,11 @@ def write_report(run_dir: str | Path) -> Path:
     lines += _localization_lines(run.root / "localize_summary.json")
     if figures:
         lines += ["", "## Experiments", ""]
-        lines += [f"### {p.stem}\n\n![{p.stem}](../{p.relative_to(run.root)})\n" for p in figures]
+        lines += [printable(f"### {p.stem}\n\n![{p.stem}](../{p.relative_to(run.root)})\n")
+                  for p in figures]
     if tables:
         lines += ["", "## Tables", ""]
-        lines += [f"- [{p.name}](../{p.name})" for p in tables]
+        lines += [printable(f"- [{p.name}](../{p.name})") for p in tables]
     lines += ["", "## Config", "", "```json", json.dumps(json.loads(config.to_json()), indent=2),
               "```", ""]
     index = out / "index.md"

@@ -13,7 +13,6 @@ their running statistics and never update them; the retrained group's own BatchN
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -23,13 +22,14 @@ from torch import nn
 from tqdm import tqdm
 
 from memkern.tables import read_table, write_table
-from memkern.atomic import atomic_write_json
+from memkern.atomic import atomic_write_json, read_json_object
 from memkern.config import TrainConfig
 from memkern.data import PreparedData, iterate_batches
 from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
 from memkern.experiment import open_run
 from memkern.layer_figures import plot_retrain
+from memkern.locks import hold_run, locked
 from memkern.models.groups import LayerGroup
 from memkern.rewind import select_groups, with_group_from
 from memkern.runs import RunDir
@@ -114,7 +114,7 @@ def _resumable_rows(run: RunDir, settings: dict, *, overwrite: bool) -> list[dic
     csv_path, json_path = run.root / "retrain.csv", run.root / "retrain.json"
     if overwrite or not json_path.is_file():
         return []
-    saved = json.loads(json_path.read_text())
+    saved = read_json_object(json_path)
     differing = sorted(k for k in settings if saved.get(k) != settings[k])
     if differing:
         was = ", ".join(f"{k}={saved.get(k)}" for k in differing)
@@ -126,6 +126,7 @@ def _resumable_rows(run: RunDir, settings: dict, *, overwrite: bool) -> list[dic
     return [r for r in rows if r["group"] in done]
 
 
+@locked(lambda a: hold_run(a["run"]))
 def retrain(*, run: str | Path, groups: list[str] | None = None,
             from_epoch: int = DEFAULT_FROM_EPOCH, epochs: int = DEFAULT_EPOCHS,
             lr: float | None = None, device: str = "auto", data_dir: str | Path | None = None,
@@ -137,8 +138,8 @@ def retrain(*, run: str | Path, groups: list[str] | None = None,
     "test_acc"}``."""
     if epochs < 1:
         raise ConfigError(f"--epochs must be at least 1, got {epochs}")
-    if lr is not None and lr <= 0:
-        raise ConfigError(f"--lr must be positive, got {lr}")
+    if lr is not None and not (math.isfinite(lr) and lr > 0):
+        raise ConfigError(f"--lr must be a positive finite number, got {lr}")
     run = RunDir(run)
     run.load_config()
     run.final_checkpoint()
@@ -152,12 +153,13 @@ def retrain(*, run: str | Path, groups: list[str] | None = None,
     settings = _settings(config, final_epoch=ctx.checkpoint.epoch, from_epoch=from_epoch,
                          epochs=epochs, lr=lr)
     rows = _resumable_rows(run, settings, overwrite=overwrite)
-    # Table first, then settings: a kill between the two leaves no rows under foreign settings.
-    write_table(run.root / "retrain.csv", rows)
-    atomic_write_json(run.root / "retrain.json", settings)
 
     done = {r["group"] for r in rows}
     todo = [g for g in chosen if g.name not in done]
+    # Every input checked: now write. Table first, then settings: a kill between the two
+    # leaves no rows under foreign settings.
+    write_table(run.root / "retrain.csv", rows)
+    atomic_write_json(run.root / "retrain.json", settings)
     steps = math.ceil(int((~data.noisy_mask).sum()) / config.batch_size) * epochs
     bar = tqdm(total=steps * len(todo), unit="step", desc=f"retrain {run.root.name}",
                disable=not progress, dynamic_ncols=True)

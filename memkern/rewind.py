@@ -18,6 +18,7 @@ from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
 from memkern.experiment import open_run
 from memkern.layer_figures import plot_rewind
+from memkern.locks import hold_run, locked
 from memkern.models.groups import LayerGroup, layer_groups
 from memkern.runs import RunDir
 
@@ -59,6 +60,7 @@ def default_epochs(available: list[int]) -> list[int]:
     return sorted({min(earlier, key=lambda e: (abs(e - t), e)) for t in targets})
 
 
+@locked(lambda a: hold_run(a["run"]))
 def rewind(*, run: str | Path, epochs: list[int] | None = None,
            groups: list[str] | None = None, device: str = "auto",
            data_dir: str | Path | None = None, progress: bool = True) -> list[dict]:

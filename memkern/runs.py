@@ -5,8 +5,11 @@ import json
 import re
 from pathlib import Path
 
+from memkern.atomic import read_jsonl
 from memkern.config import TrainConfig
 from memkern.errors import RunDirError
+
+RUN_LOCK = ".memkern.lock"  # held by the command writing the run (memkern.locks)
 
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{3,})\.safetensors$")
 
@@ -76,12 +79,50 @@ class RunDir:
         return self.checkpoint_path(have[-1])
 
     def load_config(self) -> TrainConfig:
+        """The run's config, checked field by field; a damaged file names the field."""
         if not self.config_path.is_file():
             raise RunDirError(f"{self.root} is not a memkern run directory (no config.json)")
-        return TrainConfig.from_json(self.config_path.read_text())
+        return TrainConfig.from_json(_read_text(self.config_path), source=str(self.config_path))
 
     def load_noise(self) -> dict:
-        return json.loads(self.noise_path.read_text())
+        """noise.json: the rate, seed, training-set size and the flipped indices and labels."""
+        try:
+            noise = json.loads(_read_text(self.noise_path))
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{self.noise_path} is not JSON ({e}); only `memkern train` writes "
+                              f"it: restore the file") from None
+        fields = {"num_train": int, "noisy_indices": list, "original_labels": list,
+                  "noisy_labels": list}
+        bad = [k for k, kind in fields.items() if not isinstance(noise, dict)
+               or not isinstance(noise.get(k), kind) or isinstance(noise.get(k), bool)]
+        if bad:
+            raise RunDirError(f"{self.noise_path} is not memkern's noise record (field {bad[0]} "
+                              f"missing or of the wrong type); restore it")
+        return noise
+
+    def load_metrics(self, *, until: int | None = None) -> list[dict]:
+        """metrics.jsonl's lines (those of epochs up to ``until``), each checked to be an epoch's
+        record: an integer ``epoch`` and numbers for the rest."""
+        rows = read_jsonl(self.metrics_path)
+        for n, row in enumerate(rows, 1):
+            epoch = row.get("epoch")
+            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+                raise RunDirError(f"{self.metrics_path}, record {n}: no positive integer "
+                                  f"'epoch'; was the file edited? restore it or remove the line")
+            wrong = [k for k, v in row.items()
+                     if isinstance(v, bool) or not isinstance(v, (int, float))]
+            if wrong:
+                raise RunDirError(f"{self.metrics_path}, record {n}: field {wrong[0]!r} is not "
+                                  f"a number; restore the file or remove the line")
+        return [r for r in rows if until is None or r["epoch"] <= until]
 
     def has_content(self) -> bool:
-        return self.root.exists() and any(self.root.iterdir())
+        """Anything in the run directory besides a lock."""
+        return self.root.exists() and any(p.name != RUN_LOCK for p in self.root.iterdir())
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is not a UTF-8 text file; restore it from the run") from None

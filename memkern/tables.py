@@ -13,6 +13,7 @@ from typing import Sequence
 
 from memkern.atomic import atomic_write_text
 from memkern.errors import RunDirError
+from memkern.outputs import require_table_output
 
 COLUMNS = ("group", "epoch", "clean_acc", "noisy_acc", "test_acc")
 
@@ -37,6 +38,8 @@ def read_csv(path: str | Path) -> list[dict]:
 
 
 def write_table(path: str | Path, rows: list[dict]) -> None:
+    """Replace ``path`` (an accuracy table, or nothing) by ``rows``."""
+    require_table_output(path, columns=COLUMNS, what="a memkern accuracy table")
     atomic_write_text(path, csv_text(rows, COLUMNS))
 
 
@@ -49,5 +52,12 @@ def read_table(path: str | Path) -> list[dict]:
     if tuple(reader.fieldnames or ()) != COLUMNS:
         raise RunDirError(f"{path} is not a memkern accuracy table (columns {reader.fieldnames}, "
                           f"expected {', '.join(COLUMNS)}); move it away and rerun")
-    return [{"group": r["group"], "epoch": int(r["epoch"]),
-             **{k: float(r[k]) for k in COLUMNS[2:]}} for r in reader]
+    rows = []
+    for n, r in enumerate(reader, 2):
+        try:
+            rows.append({"group": r["group"], "epoch": int(r["epoch"]),
+                         **{k: float(r[k]) for k in COLUMNS[2:]}})
+        except (TypeError, ValueError):  # a short row (None) or a non-number
+            raise RunDirError(f"{path}, line {n}: not a row of group, epoch and three "
+                              f"accuracies; was it edited? move it away and rerun") from None
+    return rows

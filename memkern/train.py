@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from memkern.atomic import append_jsonl, atomic_write_json, atomic_write_text, read_jsonl, rewrite_jsonl
+from memkern.atomic import append_jsonl, atomic_write_json, atomic_write_text, rewrite_jsonl
 from memkern.checkpoints import load_checkpoint, load_model_state, restore_momentum, save_checkpoint
 from memkern.config import TrainConfig, config_from_options, differing_fields
 from memkern.data import PreparedData
@@ -24,6 +24,8 @@ from memkern.dynamics import DynamicsRecorder, dynamics_path
 from memkern.errors import ConfigError, RunDirError
 from memkern.evaluate import epoch_accuracies
 from memkern.experiment import load_data, model_for, resolve_device
+from memkern.finite import check_loss, check_model
+from memkern.locks import hold_run, locked
 from memkern.runs import RunDir
 from memkern.sites import example_indices
 from memkern.subset_grads import LiveSubsetTracker
@@ -57,6 +59,7 @@ def _start(run: RunDir, config: TrainConfig, data: PreparedData, model) -> None:
     save_checkpoint(run.checkpoint_path(0), model, config=config, epoch=0)
 
 
+@locked(lambda a: hold_run(a["out"]))
 def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
           device: str = "auto", data_dir: str | Path | None = None, download: bool = False,
           progress: bool = True, track_grads: bool = False,
@@ -103,8 +106,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
         restore_momentum(model, optimizer, ckpt)
         first_epoch = ckpt.epoch + 1
         # Lines for epochs after the last checkpoint were written before a kill: redo them.
-        rewrite_jsonl(run.metrics_path,
-                      [r for r in read_jsonl(run.metrics_path) if r["epoch"] <= ckpt.epoch])
+        rewrite_jsonl(run.metrics_path, run.load_metrics(until=ckpt.epoch))
     else:
         run.root.mkdir(parents=True, exist_ok=True)
         _start(run, config, data, model)
@@ -135,14 +137,17 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
             with example_indices(idx.to(dev)):
                 logits = model(x)
                 loss = F.cross_entropy(logits, y)
+            value = float(loss.detach())
+            check_loss(value, epoch=epoch, step=i + 1)
             optimizer.zero_grad(set_to_none=True)
             loss.backward(retain_graph=tracker is not None)
             if tracker is not None:
                 tracker.add_step(logits, y, idx)
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
+            loss_sum += value * len(y)
             seen += len(y)
             bar.update(1)
+        check_model(model, epoch=epoch)
         if tracker is not None:
             tracker.finish_epoch(epoch)
         metrics = {"epoch": epoch, "train_loss": loss_sum / seen,

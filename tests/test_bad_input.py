@@ -4,26 +4,13 @@ import struct
 
 import pytest
 import torch
-from click.testing import CliRunner
+from cli_checks import assert_one_line_error, run_cli
 from safetensors.torch import save_file
 
 from memkern.checkpoints import load_checkpoint, load_model_state
-from memkern.cli.main import main
 from memkern.errors import CheckpointError
 from memkern.models import build_model
 from memkern.runs import RunDir
-
-
-def run_cli(*args):
-    return CliRunner().invoke(main, list(args))
-
-
-def assert_one_line_error(result, *fragments):
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert "Traceback" not in result.output
-    assert len(lines) == 1 and lines[0].startswith("memkern: error: "), lines
-    assert all(f in lines[0] for f in fragments), lines[0]
 
 
 @pytest.mark.parametrize("args,fragments", [

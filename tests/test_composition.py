@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memkern.data.prepared import prepare
+from memkern.data.prepared import PreparedData, prepare
 from memkern.data.splits import RawSplits
 from memkern.evaluate import mode_accuracies, split_accuracies
 from memkern.gradnorms import per_example_grad_norms
@@ -29,7 +29,7 @@ MODELS = {"cnn": (8, ["block1.pre", "hidden.post"]), "mlp": (8, ["hidden1.pre", 
 CASES = [(m, v) for m in MODELS for v in ("plain", "tied")]
 
 
-def _data(size: int) -> "PreparedData":
+def _data(size: int) -> PreparedData:
     g = torch.Generator().manual_seed(1)
     raw = RawSplits(name="tiny", num_classes=10,
                     train_images=torch.randint(0, 256, (10, 3, size, size), generator=g,

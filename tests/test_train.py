@@ -5,7 +5,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -20,7 +19,7 @@ from memkern.errors import ConfigError
 from memkern.runs import RunDir
 from memkern.train import learning_rate, train
 
-# Small batches make an epoch long enough (~90 steps) to be killed in the middle of.
+# Small batches make an epoch long (~90 steps): step 40 of epoch 2 is in its middle.
 KILL_ARGS = ["--dataset", "digits", "--model", "mlp", "--noise", "0.1", "--epochs", "3",
              "--batch-size", "16", "--seed", "5", "--no-progress"]
 
@@ -51,20 +50,31 @@ def test_schedule_warms_up_then_decays_to_zero():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] < 1e-3
 
 
+# Runs `memkern` with a SIGKILL at a fixed step of epoch 2: the same point on any machine,
+# however busy (a kill timed from outside may come after the run has finished).
+KILL_AT_STEP = """
+import os, signal, sys
+import memkern.train
+real, epochs = memkern.train.iterate_batches, []
+def batches(*args, **kwargs):
+    epochs.append(1)
+    for step, batch in enumerate(real(*args, **kwargs)):
+        if len(epochs) == 2 and step == int(os.environ["KILL_AT_STEP"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        yield batch
+memkern.train.iterate_batches = batches
+from memkern.cli.main import main
+sys.exit(main())
+"""
+
+
 def test_kill_mid_epoch_and_resume_is_bit_identical(tmp_path):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.Popen([sys.executable, "-m", "memkern.cli", "train", *KILL_ARGS,
-                             "--out", str(killed)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    first = RunDir(killed).checkpoint_path(1)
-    deadline = time.monotonic() + 120
-    while not first.exists() and time.monotonic() < deadline and proc.poll() is None:
-        time.sleep(0.02)
-    assert first.exists() and proc.poll() is None, "run ended before it could be killed"
-    time.sleep(0.3)  # into epoch 2
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    assert RunDir(killed).epochs()[-1] < 3
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP, "train", *KILL_ARGS,
+                           "--out", str(killed)], capture_output=True, text=True,
+                          env={**os.environ, "KILL_AT_STEP": "40"})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    assert RunDir(killed).epochs() == [0, 1]
     resumed = memkern("train", "--out", str(killed), "--resume", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
     train(TrainConfig(model="mlp", noise=0.1, epochs=3, batch_size=16, seed=5), out=clean,

@@ -1,6 +1,7 @@
 """CIFAR-10 from its "python version" batches, unpickled without running any code."""
 from __future__ import annotations
 
+import gzip
 import os
 import pickle
 import tarfile
@@ -20,6 +21,7 @@ _TRAIN = [f"data_batch_{i}" for i in range(1, 6)]
 _TEST = "test_batch"
 _NUM_CLASSES = 10
 _ROW = 3 * 32 * 32
+_READ = 1 << 20
 
 # The only globals a real batch references (pickled by Python 2 numpy: the `data` array).
 # numpy 2 moved numpy.core to numpy._core; both spellings name the same function, which we
@@ -63,23 +65,40 @@ def read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not (is_rows and data.shape[1] == _ROW):
         raise DataError(f"{path} is not a CIFAR-10 batch: expected b'data', a uint8 [N, {_ROW}] array")
     if not (isinstance(labels, list) and len(labels) == len(data)
-            and all(isinstance(y, int) for y in labels)):
+            and all(isinstance(y, int) and not isinstance(y, bool) for y in labels)):
         raise DataError(f"{path} is not a CIFAR-10 batch: expected b'labels', a list of {len(data)} ints")
+    # Checked as Python ints: a corrupt label such as 2**70 does not fit int64.
+    if labels and (min(labels) < 0 or max(labels) >= _NUM_CLASSES):
+        raise DataError(f"{path}: labels span {min(labels)}..{max(labels)}, outside "
+                        f"0..{_NUM_CLASSES - 1}; delete it and extract the archive again")
     labels = np.asarray(labels, dtype=np.int64)
-    if labels.size and (labels.min() < 0 or labels.max() >= _NUM_CLASSES):
-        raise DataError(f"{path}: labels span {labels.min()}..{labels.max()}, outside 0..{_NUM_CLASSES - 1}")
     # Rows are the red plane, then green, then blue, each 32x32 row-major: already CHW.
     return data.reshape(-1, 3, 32, 32), labels
 
 
+def check_gzip(archive: Path) -> None:
+    """Read ``archive`` to the end through gzip, which checks the CRC and length in its trailer
+    (tarfile stops reading at the tar end marker, before the trailer, so a flipped byte in a
+    member would otherwise be extracted unnoticed)."""
+    try:
+        with gzip.open(archive, "rb") as f:
+            while f.read(_READ):
+                pass
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise DataError(f"{archive} is not a readable tar.gz, it is corrupt ({e}); delete it "
+                        f"and download it again (--download fetches and checks it)") from None
+
+
 def _extract(archive: Path) -> None:
-    """Unpack the batches from ``archive`` into ``archive.parent / cifar-10-batches-py``.
+    """Unpack the batches from ``archive`` into ``archive.parent / cifar-10-batches-py`` once
+    the whole archive passed :func:`check_gzip`.
 
     Only the six known member names are read and each is written to a path built from our own
     names, so a crafted archive cannot write outside the folder (no traversal, no links).
     """
     out = archive.parent / _BATCH_DIR
     wanted = {f"{_BATCH_DIR}/{n}": n for n in [*_TRAIN, _TEST]}
+    check_gzip(archive)
     try:
         with tarfile.open(archive, "r:gz") as tar:
             members = {m.name: m for m in tar.getmembers() if m.name in wanted and m.isfile()}

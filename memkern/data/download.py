@@ -9,7 +9,7 @@ import urllib.request
 from pathlib import Path
 from typing import Callable
 
-from memkern.data.sources import SOURCES, file_url
+from memkern.data.sources import MIRROR_ENV, SOURCES, file_url
 from memkern.errors import DataError
 
 _CHUNK = 1 << 20
@@ -42,6 +42,9 @@ def fetch(url: str, dest: str | os.PathLike, *, md5: str) -> Path:
         except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
             reason = getattr(e, "reason", e)
             raise _NetworkError(f"could not download {url} ({reason})") from None
+        except ValueError as e:  # not a URL at all, e.g. a mistyped $MEMKERN_DATA_MIRROR
+            raise DataError(f"cannot download {url!r}: {e}; a mirror (${MIRROR_ENV}) must be "
+                            f"an http(s):// or file:// URL") from None
         actual = digest.hexdigest()
         if actual != md5:
             raise DataError(

@@ -35,6 +35,9 @@ def read_idx(path: Path, *, magic: int) -> np.ndarray:
         raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"{path} is not a valid gzip file ({e}); delete it and download it again") from None
+    except IsADirectoryError:
+        raise DataError(f"{path} is a directory, not an idx file; move it away and put the "
+                        f"dataset file there") from None
     ndim = magic & 0xFF
     header = 4 + 4 * ndim
     if len(raw) < 4 or int.from_bytes(raw[:4], "big") != magic:

@@ -9,6 +9,7 @@ from torch.utils.data import Dataset
 
 from memkern.data.noise import LabelNoise, apply_label_noise
 from memkern.data.splits import ImageShape, RawSplits
+from memkern.errors import DataError
 
 NATURAL_IMAGES = ("cifar10", "svhn")  # datasets where crop (+ flip for cifar10) augmentation fits
 
@@ -33,6 +34,10 @@ class PreparedData(ImageShape):
 
 
 def prepare(raw: RawSplits, *, noise_rate: float, seed: int) -> PreparedData:
+    for split, labels in (("train", raw.train_labels), ("test", raw.test_labels)):
+        if not len(labels):
+            raise DataError(f"the {raw.name} {split} split holds no examples; check the "
+                            f"dataset files in --data-dir")
     train = raw.train_images.float()
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)

@@ -38,15 +38,20 @@ def select_examples(data: PreparedData, examples: str, *, limit: int | None = No
 def _read_indices(path: Path, num_train: int) -> torch.Tensor:
     if not path.is_file():
         raise ConfigError(f"--examples {path}: not one of {', '.join(CHOICES)} and no such file")
-    tokens = [t for t in re.split(r"[\s,]+", path.read_text()) if t]
+    try:
+        tokens = [t for t in re.split(r"[\s,]+", path.read_text()) if t]
+    except UnicodeDecodeError:
+        raise ConfigError(f"--examples {path}: not a text file of indices") from None
     values = []
     for t in tokens:
-        if not re.fullmatch(r"\d+", t):
-            raise ConfigError(f"--examples {path}: {t!r} is not a non-negative integer index")
-        v = int(t)
+        if not re.fullmatch(r"[0-9]+", t):
+            raise ConfigError(f"--examples {path}: {t[:20]!r} is not a non-negative integer "
+                              f"index")
+        v = int(t) if len(t) <= 18 else num_train  # longer: out of range anyway
         if v >= num_train:
-            raise ConfigError(f"--examples {path}: index {v} is out of range (the training set "
-                              f"has {num_train} examples, indices 0..{num_train - 1})")
+            raise ConfigError(f"--examples {path}: index {t[:20]} is out of range (the "
+                              f"training set has {num_train} examples, indices "
+                              f"0..{num_train - 1})")
         values.append(v)
     if not values:
         raise ConfigError(f"--examples {path}: the file holds no indices")

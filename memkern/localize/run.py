@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from memkern.atomic import append_jsonl, read_jsonl, rewrite_jsonl
+from memkern.config import check_seed
 from memkern.distributed import World, joined
 from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
@@ -31,6 +32,8 @@ from memkern.localize.greedy import greedy_localize
 from memkern.localize.objective import LocalizationObjective, reference_indices
 from memkern.localize.settings import check_resumable, localize_settings
 from memkern.localize.summary import fitted, write_summary
+from memkern.locks import for_checkpoint, hold_output, locked
+from memkern.outputs import require_jsonl_output
 from memkern.runs import RunDir
 from memkern.tied_dropout import tied_sites
 
@@ -102,6 +105,14 @@ def merge_parts(out: Path, targets: Sequence[int]) -> list[dict]:
     return rows
 
 
+def _lock(args: dict):
+    """The lock of this rank on the output (memkern.locks.hold_output)."""
+    world = World.from_env()
+    return for_checkpoint(args["ckpt"], lambda: hold_output(
+        args["out"] or default_output(args["ckpt"]), rank=world.rank, size=world.size))
+
+
+@locked(_lock)
 def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = None,
              method: str = "greedy", max_channels: int = 50, eot: int = 0, ref_batch: int = 512,
              candidates: int | None = None, sites: Sequence[str] | None = None,
@@ -123,6 +134,9 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
             raise ConfigError(f"--{name} must be at least {low}, got {value}")
     if candidates is not None and candidates < 1:
         raise ConfigError(f"--candidates must be at least 1, got {candidates}")
+    check_seed(seed, name="--seed")
+    require_jsonl_output(out or default_output(ckpt), keys=("index", "settings"),
+                         what="a localize output")
     world = World.from_env()
     place = world.place(resolve_device(device))
     trained = load_trained(ckpt, device=place, data_dir=data_dir)

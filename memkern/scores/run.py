@@ -7,6 +7,7 @@ from typing import Sequence
 
 from memkern.errors import ConfigError, RunDirError
 from memkern.experiment import load_data, resolve_device
+from memkern.locks import hold_run, locked
 from memkern.runs import RunDir
 from memkern.scores.benchmark import Benchmark, run_benchmark
 from memkern.scores.compute import compute_missing, scores_dir
@@ -27,6 +28,7 @@ class ScoresResult:
     benchmark: Benchmark | None
 
 
+@locked(lambda a: hold_run(a["run"]))
 def score_run(*, run: str | Path, compute: bool = False, benchmark: bool = False, top: int = 32,
               grad_epochs: Sequence[int] | None = None, localize_top: int = 64, folds: int = 5,
               cv_epochs: int | None = None, device: str = "auto",

@@ -1,0 +1,30 @@
+"""The NaN/inf guard of training: a non-finite loss or parameter stops the run before anything
+non-finite is saved, so the last checkpoint on disk is the last good one."""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from memkern.errors import DivergedError
+
+
+def _advice(epoch: int) -> str:
+    return (f"checkpoints up to epoch {epoch - 1} are kept; resuming would diverge again, so "
+            f"train a new run with a smaller --lr")
+
+
+def check_loss(loss: float, *, epoch: int, step: int) -> None:
+    """``step`` counts from 1 within ``epoch``."""
+    if not math.isfinite(loss):
+        raise DivergedError(f"training diverged: the loss is {loss} at epoch {epoch}, step "
+                            f"{step}; {_advice(epoch)}")
+
+
+def check_model(model: nn.Module, *, epoch: int) -> None:
+    """Every floating-point parameter and buffer is finite (after ``epoch``'s last step)."""
+    for name, t in (*model.named_parameters(), *model.named_buffers()):
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DivergedError(f"training diverged: {name} holds non-finite values after "
+                                f"epoch {epoch}; {_advice(epoch)}")
