@@ -1,4 +1,5 @@
 """kernels/ and cli/ ship only inside the memkern namespace, in editable and wheel installs."""
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -27,8 +28,15 @@ def test_installed_layout_maps_kernels_and_cli(tmp_path):
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
     out = tmp_path_factory.mktemp("wheel")
+    # Built from a copy of the sources: a build/ folder left in the checkout by an earlier build
+    # can hold stale modules that setuptools reuses.
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    for name in ("memkern", "kernels", "cli"):
+        shutil.copytree(REPO / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation",
-                    "-q", "-w", str(out), str(REPO)], check=True, capture_output=True)
+                    "-q", "-w", str(out), str(src)], check=True, capture_output=True)
     return next(out.glob("memkern-*.whl"))
 
 
