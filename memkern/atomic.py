@@ -7,6 +7,7 @@ writing it, so :func:`remove_interrupted_writes` can delete the leftovers of a k
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import tempfile
@@ -69,10 +70,22 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
 
 
+def _undefined_as_null(obj):
+    """NaN (an undefined value, such as the accuracy of an empty subset: no noisy examples at
+    noise 0) becomes null; infinities stay, to be refused."""
+    if isinstance(obj, float) and math.isnan(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _undefined_as_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_undefined_as_null(v) for v in obj]
+    return obj
+
+
 def _json_line(obj, path: str | Path, **kw) -> str:
     try:
-        return json.dumps(obj, sort_keys=True, allow_nan=False, **kw)
-    except ValueError:  # NaN or inf: would make the file invalid JSON
+        return json.dumps(_undefined_as_null(obj), sort_keys=True, allow_nan=False, **kw)
+    except ValueError:  # inf: would make the file invalid JSON
         raise RunDirError(f"refusing to write a non-finite number into {path}: {obj}") from None
 
 

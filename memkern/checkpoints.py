@@ -117,6 +117,12 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
 
 def load_model_state(model: nn.Module, ckpt: Checkpoint) -> None:
     """Load weights and buffers strictly; a checkpoint of another architecture is a clear error."""
+    check_fits(model, ckpt)
+    model.load_state_dict(ckpt.model_state)
+
+
+def check_fits(model: nn.Module, ckpt: Checkpoint) -> None:
+    """CheckpointError naming both models unless ``ckpt`` holds exactly ``model``'s tensors."""
     own = model.state_dict()
     missing = sorted(set(own) - set(ckpt.model_state))
     extra = sorted(set(ckpt.model_state) - set(own))
@@ -127,7 +133,6 @@ def load_model_state(model: nn.Module, ckpt: Checkpoint) -> None:
         raise CheckpointError(f"{ckpt.path} holds a {ckpt.config.model!r} model that does not fit "
                               f"the {type(model).__name__} model it is loaded into ({detail}): "
                               f"a checkpoint of another architecture, or of another run?")
-    model.load_state_dict(ckpt.model_state)
 
 
 def restore_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:

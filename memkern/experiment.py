@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from memkern.checkpoints import Checkpoint, load_checkpoint, load_model_state
+from memkern.checkpoints import Checkpoint, check_fits, load_checkpoint, load_model_state
 from memkern.config import TrainConfig
 from memkern.data import PreparedData, load_dataset, prepare
-from memkern.errors import CheckpointError, ConfigError
+from memkern.errors import ConfigError
 from memkern.models import build_model
 from memkern.runs import RunDir
 from memkern.tied_dropout import attach_tied_dropout, has_tied_dropout, set_tied_dropout_mode
@@ -100,19 +100,14 @@ class RunContext:
     def state(self, epoch: int) -> dict[str, torch.Tensor]:
         """The weights and buffers of ``epoch`` on ``device`` (for ``functional_call``), without
         loading them; a checkpoint holding other tensors than the model is a CheckpointError."""
-        path = self.run.require_checkpoint(epoch)
-        ckpt = load_checkpoint(path)
-        own = self.model.state_dict()
-        if set(ckpt.model_state) != set(own):
-            raise CheckpointError(f"{path} holds other tensors than the run's model: a "
-                                  f"checkpoint of another architecture in this run?")
+        ckpt = load_checkpoint(self.run.require_checkpoint(epoch))
+        check_fits(self.model, ckpt)
         return {k: v.to(self.device) for k, v in ckpt.model_state.items()}
 
 
-def _context(run: RunDir, ckpt: Checkpoint, *, device: str | torch.device,
-             data_dir: str | Path | None) -> RunContext:
+def _context(run: RunDir, config: TrainConfig, ckpt: Checkpoint, *,
+             device: str | torch.device, data_dir: str | Path | None) -> RunContext:
     dev = resolve_device(device)
-    config = ckpt.config  # the checkpoint's own config: the truth for its weights
     data = load_data(config, data_dir=data_dir)
     model = model_for(config, data)
     load_model_state(model, ckpt)
@@ -126,14 +121,16 @@ def load_trained(ckpt: str | Path, *, device: str | torch.device = "auto",
                  data_dir: str | Path | None = None) -> RunContext:
     """The context of one checkpoint file: its own config rebuilds everything (the run is the
     folder holding ``checkpoints/``, or the checkpoint's folder when kept elsewhere)."""
-    return _context(RunDir.of_checkpoint(ckpt), load_checkpoint(ckpt), device=device,
+    ckpt = load_checkpoint(ckpt)
+    return _context(RunDir.of_checkpoint(ckpt.path), ckpt.config, ckpt, device=device,
                     data_dir=data_dir)
 
 
 def open_run(run: str | Path, *, epoch: int | None = None, device: str | torch.device = "auto",
              data_dir: str | Path | None = None) -> RunContext:
-    """The context of a run directory with ``epoch``'s weights (default: the final checkpoint)."""
+    """The context of a run directory with ``epoch``'s weights (default: the final checkpoint):
+    the model is the run's (config.json), and a checkpoint that does not fit it is an error."""
     run = RunDir(run)
-    run.load_config()  # a clear error for a folder that is not a run
+    config = run.load_config()
     path = run.final_checkpoint() if epoch is None else run.require_checkpoint(epoch)
-    return _context(run, load_checkpoint(path), device=device, data_dir=data_dir)
+    return _context(run, config, load_checkpoint(path), device=device, data_dir=data_dir)

@@ -102,7 +102,8 @@ class RunDir:
 
     def load_metrics(self, *, until: int | None = None) -> list[dict]:
         """metrics.jsonl's lines (those of epochs up to ``until``), each checked to be an epoch's
-        record: an integer ``epoch`` and numbers for the rest."""
+        record: an integer ``epoch`` and numbers for the rest (null for an accuracy that is
+        undefined, as of an empty subset)."""
         rows = read_jsonl(self.metrics_path)
         for n, row in enumerate(rows, 1):
             epoch = row.get("epoch")
@@ -110,7 +111,7 @@ class RunDir:
                 raise RunDirError(f"{self.metrics_path}, record {n}: no positive integer "
                                   f"'epoch'; was the file edited? restore it or remove the line")
             wrong = [k for k, v in row.items()
-                     if isinstance(v, bool) or not isinstance(v, (int, float))]
+                     if isinstance(v, bool) or not isinstance(v, (int, float, type(None)))]
             if wrong:
                 raise RunDirError(f"{self.metrics_path}, record {n}: field {wrong[0]!r} is not "
                                   f"a number; restore the file or remove the line")

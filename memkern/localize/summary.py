@@ -97,7 +97,7 @@ def summarize(rows: list[dict], *, site_order: Sequence[str] | None = None,
             entry["site_enrichment"] = {
                 s: entry["site_fraction"][s] * total_width / site_widths[s] for s in sites}
         for a in ACCS:
-            entry[f"edited_{a}"] = _mean([r[a] for r in rs])
+            entry[f"edited_{a}"] = _mean([r[a] for r in rs if r[a] is not None])
         if tied:
             entry["tied"] = _tied_entry(rs, tied)
         out["groups"][g] = entry
