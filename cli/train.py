@@ -8,7 +8,7 @@ from memkern.config import PRESETS
 from memkern.data import DATASETS
 from memkern.models import MODELS
 
-# CLI option name -> TrainConfig field, one to one (STYLE.md item 7).
+# CLI option name -> TrainConfig field, one to one.
 CONFIG_OPTIONS = {"dataset": "dataset", "model": "model", "norm": "norm", "noise": "noise",
                   "seed": "seed", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
                   "weight_decay": "weight_decay", "warmup": "warmup", "augment": "augment",

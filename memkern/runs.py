@@ -1,4 +1,4 @@
-"""The run directory: the contract between memkern's commands (DESIGN.md "Data flow")."""
+"""The run directory: the contract between memkern's commands (README.md, "The CLI at a glance")."""
 from __future__ import annotations
 
 import json

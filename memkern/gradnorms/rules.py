@@ -1,7 +1,7 @@
 """Per-layer ghost rules: per-example squared gradient norms of one layer's own parameters from
 the layer's input activation and the gradient of the summed loss with respect to its output.
 
-A rule is registered for a layer type with :func:`register` (STYLE.md item 3); ``ghost`` mode
+A rule is registered for a layer type with :func:`register`; ``ghost`` mode
 hooks every module that has one, anything else goes through ``torch.func``. Each rule returns
 ``{local parameter name: float [B] squared norm}`` for the parameters it covers.
 
