@@ -45,7 +45,8 @@ def resolve_device(device: str | torch.device) -> torch.device:
                               f"{torch.__version__}); use --device cpu, or install a CUDA build "
                               f"of torch on a machine with a GPU")
         if dev.index is not None and dev.index >= count:
-            raise ConfigError(f"--device {device}: only {count} CUDA device(s) here (0..{count - 1})")
+            raise ConfigError(f"--device {device}: only {count} CUDA device(s) here "
+                              f"(0..{count - 1})")
     elif dev.type != "cpu":
         raise ConfigError(f"device {device!r} is not supported: use one of {', '.join(DEVICES)}")
     return dev

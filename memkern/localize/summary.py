@@ -7,8 +7,8 @@ where a memorized label is kept.
 
 On a tied-dropout run, the zeroed channels at tied sites are split into generalization and
 memorization channels, and among the memorization channels, the target's own (the ones its
-training mask kept): docs/method.md (Experiment 5) expects memorized examples to be flipped through their
-own memorization channels.
+training mask kept): docs/method.md (Experiment 5) expects memorized examples to be flipped
+through their own memorization channels.
 """
 from __future__ import annotations
 
@@ -135,7 +135,8 @@ def format_table(summary: dict) -> str:
                      "/ the target's own (baseline: their share of all channels)")
         for g, e in summary["groups"].items():
             t = e["tied"]
-            lines.append(f"  {g:<8}{t['zeroed']:>5} zeroed   memorization {f(t['memorization_share'])}"
+            lines.append(f"  {g:<8}{t['zeroed']:>5} zeroed   memorization "
+                         f"{f(t['memorization_share'])}"
                          f" ({f(t['memorization_baseline'])})   own {f(t['own_share'])}"
                          f" ({f(t['own_baseline'])})")
     return "\n".join(lines)
