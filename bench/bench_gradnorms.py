@@ -14,13 +14,33 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import QUICK, rounds
 from gradnorm_methods import METHODS, make_case
 
+from memkern.gradnorms import per_example_grad_norms
+
 HERE = Path(__file__).parent
 BATCHES = (8,) if QUICK else (32, 128)
 _medians: dict[tuple, float] = {}  # (norm, batch, method) -> median seconds, for ratios
+
+
+def total_norms(result: torch.Tensor) -> torch.Tensor:
+    """Each example's whole-model gradient norm, from ``[B]`` or per-group ``[B, G]`` norms."""
+    result = result.detach()
+    return result.square().sum(1).sqrt() if result.ndim == 2 else result
+
+
+_references: dict[tuple, torch.Tensor] = {}
+
+
+def reference_norms(norm: str, batch: int) -> torch.Tensor:
+    """The one-backward-per-example loop on the same case, once per (norm, batch)."""
+    if (norm, batch) not in _references:
+        model, x, y = make_case(norm, batch)
+        _references[(norm, batch)] = total_norms(per_example_grad_norms(model, x, y, mode="loop"))
+    return _references[(norm, batch)]
 
 
 def peak_extra_mb(method: str, norm: str, batch: int) -> float | None:
@@ -42,9 +62,12 @@ def bench_gradnorms(benchmark, context_info, norm, batch, method):
     model, x, y = make_case(norm, batch)
     try:
         run = METHODS[method](model, x, y)
-        run()  # warm-up, and a peer that rejects the model says so here
+        got = run()  # warm-up, and a peer that rejects the model says so here
     except (NotImplementedError, ValueError, AttributeError) as e:
         pytest.skip(f"{method} cannot run ResNet-9 with {norm} norm: {str(e).splitlines()[0]}")
+    if method != "plain fwd+bwd":  # the floor computes no norms; every other method must agree
+        torch.testing.assert_close(total_norms(got), reference_norms(norm, batch),
+                                   rtol=1e-3, atol=1e-5, msg=f"{method} computes other norms")
     benchmark.group = f"gradnorms resnet9-32x32 {norm}norm batch{batch}"
     benchmark.extra_info.update(context_info, model="resnet9", image=32, norm=norm, batch=batch,
                                 dtype="float32", device="cpu")

@@ -42,6 +42,18 @@ def _deep_copy(model, data, states):
     return out
 
 
+def _accuracies(predictions: torch.Tensor, data) -> list[dict]:
+    """``[configs, train + test]`` predictions -> the accuracies :func:`split_accuracies` gives."""
+    n = len(data.train_labels)
+    out = []
+    for pred in predictions:
+        train, test = pred[:n] == data.train_labels, pred[n:] == data.test_labels
+        out.append({"clean_acc": float(train[~data.noisy_mask].float().mean()),
+                    "noisy_acc": float(train[data.noisy_mask].float().mean()),
+                    "test_acc": float(test.float().mean())})
+    return out
+
+
 @torch.no_grad()
 def _vmap(model, data, states):
     x = torch.cat([data.train_images, data.test_images])
@@ -55,6 +67,12 @@ def test_rewind_evaluation(benchmark, setup, method, context_info, quick):
     if quick:
         states = states[:2]
     run = {"functional_call": _functional, "vmap": _vmap, "deep_copy": _deep_copy}[method]
+    # Every method first proves it computes the deep copy's accuracies (the obvious reference).
+    got = run(model, data, states)
+    got = _accuracies(got, data) if method == "vmap" else got
+    want = _deep_copy(model, data, states)
+    for g, w in zip(got, want, strict=True):
+        assert g == pytest.approx(w, abs=1e-6), (method, g, w)
     benchmark.group = "rewind-evaluation"
     benchmark.extra_info.update(context_info, configurations=len(states),
                                 examples=len(data.train_labels) + len(data.test_labels))

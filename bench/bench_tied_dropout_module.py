@@ -18,7 +18,7 @@ from memkern.sites import example_indices
 from memkern.tied_dropout import ExampleTiedDropout
 
 from conftest import QUICK, rounds
-from paper_cached_dropout import PaperCachedDropout
+from paper_cached_dropout import PaperCachedDropout, assert_same_kind_of_mask
 
 P_GEN, P_MEM = 0.2, 0.1  # the reference code's defaults
 SHAPE = (16, 128, 16, 16) if QUICK else (128, 128, 16, 16)
@@ -59,6 +59,7 @@ def test_memkern_tied_dropout(benchmark, context_info, backward):
         with example_indices(ids):
             return module(a)
 
+    assert_same_kind_of_mask(call, SHAPE, p_gen=P_GEN, p_mem=P_MEM)
     _record(benchmark, context_info, backward, "memkern-hash", mask_bytes=0,
             **{f"mask_bytes_{k}_x{SITES}_sites": 0 for k in DATASETS})
     benchmark.pedantic(_step, args=(call, x, grad, backward), rounds=rounds(20),
@@ -76,6 +77,8 @@ def test_no_dropout(benchmark, context_info, backward):
 def test_paper_cached_masks(benchmark, context_info, backward, phase):
     x, grad, ids = _activation()
     module = PaperCachedDropout(SHAPE[1], P_GEN, P_MEM)
+    assert_same_kind_of_mask(lambda a: module(a, ids), SHAPE, p_gen=P_GEN, p_mem=P_MEM)
+    module.cache.clear()
     module(x.detach(), ids)  # fill the cache, to measure it (and for the "cached" phase)
     per_example = module.cache_bytes() // SHAPE[0]
 

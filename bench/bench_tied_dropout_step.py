@@ -25,7 +25,7 @@ from memkern.sites import channel_sites, example_indices
 from memkern.tied_dropout import attach_tied_dropout
 
 from conftest import QUICK, rounds
-from paper_cached_dropout import PaperSiteDropout
+from paper_cached_dropout import PaperSiteDropout, assert_same_kind_of_mask
 
 P_GEN, P_MEM = 0.2, 0.1
 BATCH = 8 if QUICK else 128
@@ -110,6 +110,10 @@ def test_resnet9_sgd_step(benchmark, context_info, variant):
         info.update(mask_bytes_per_example=per_example,
                     **{f"mask_bytes_{k}": per_example * n for k, n in DATASETS.items()})
     if variant != "no-dropout":
+        with torch.no_grad(), example_indices(ids):
+            for name, a in zip(sites, inputs):
+                assert_same_kind_of_mask(channel_sites(model)[name].ops[0], tuple(a.shape),
+                                         p_gen=P_GEN, p_mem=P_MEM)
         info["module_forward_ms"] = _module_forward_ms(model, sites, inputs, ids, reset)
     benchmark.group = "tied-dropout-step"
     benchmark.pedantic(step, setup=lambda: reset() or ((), {}), rounds=rounds(3),

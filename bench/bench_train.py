@@ -30,8 +30,18 @@ def test_digits_epoch(benchmark, model_name, quick, context_info):
             loss.backward()
             opt.step()
 
+    def loss_now() -> float:
+        """Training loss on the timed examples (eval mode), to check the epochs trained."""
+        model.eval()
+        with torch.no_grad(), example_indices(torch.arange(limit)):
+            loss = float(F.cross_entropy(model(images), labels))
+        model.train()
+        return loss
+
     benchmark.group = "train epoch (digits)"
+    before = loss_now()
     benchmark.pedantic(epoch, rounds=rounds(5), warmup_rounds=1)
+    assert loss_now() < before, "the timed epochs did not train the model"
     seconds = benchmark.stats.stats.median
     benchmark.extra_info.update(context_info, model=model_name, examples=limit,
                                 batch_size=config.batch_size,

@@ -6,6 +6,8 @@ dataset. Shared by the tied-dropout benchmarks; our code, same behaviour.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -48,3 +50,21 @@ class PaperSiteDropout(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.cached(x, current_example_indices())
+
+
+def assert_same_kind_of_mask(op, shape: tuple[int, ...], *, p_gen: float, p_mem: float) -> None:
+    """Before timing: ``op`` (ones ``[N, C, *spatial]`` -> ``ones * m``) applies what both
+    approaches compute, an example-tied channel mask: constant over each channel, 0 or 1, 1 on
+    the first floor(p_gen * C) channels, the other channels kept with frequency p_mem (within 5
+    sigma). The masks themselves differ by construction (hash vs seeded torch.rand)."""
+    y = op(torch.ones(shape))
+    n, c = shape[:2]
+    m = y.flatten(2)
+    assert torch.equal(m, m[..., :1].expand_as(m)), "mask varies within a channel"
+    m = m[..., 0]
+    assert bool(((m == 0) | (m == 1)).all()), "mask values other than 0 and 1"
+    gen = generalization_channels(p_gen, c)
+    assert bool((m[:, :gen] == 1).all()), "a generalization channel was dropped"
+    kept, count = float(m[:, gen:].sum()), n * (c - gen)
+    sigma = math.sqrt(count * p_mem * (1 - p_mem))
+    assert abs(kept - count * p_mem) <= 5 * sigma, (kept, count * p_mem, sigma)
