@@ -4,8 +4,9 @@ from __future__ import annotations
 import click
 
 from memkern.errors import ConfigError
+from memkern.experiment import DEVICES
 
-device_option = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]),
+device_option = click.option("--device", type=click.Choice(DEVICES),
                              default="auto", show_default=True,
                              help="auto: CUDA when available, else CPU.")
 data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False),

@@ -88,11 +88,10 @@ class RunContext:
     device: torch.device
     checkpoint: Checkpoint
 
-    def load(self, epoch: int | str | Path) -> Checkpoint:
-        """Load the weights of ``epoch`` (of this run) or of a checkpoint file into ``model``
-        (validated against the architecture) and return that checkpoint."""
-        path = self.run.require_checkpoint(epoch) if isinstance(epoch, int) else Path(epoch)
-        ckpt = load_checkpoint(path)
+    def load(self, epoch: int) -> Checkpoint:
+        """Load the weights of this run's ``epoch`` into ``model`` (validated against the
+        architecture) and return that checkpoint."""
+        ckpt = load_checkpoint(self.run.require_checkpoint(epoch))
         load_model_state(self.model, ckpt)
         self.model.eval()
         self.checkpoint = ckpt
