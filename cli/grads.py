@@ -28,10 +28,13 @@ def grads(run_dir, epochs, mode, batch_size, data_dir, device, progress):
     Example:
       memkern grads --run runs/digits --epochs 0,10,20,30
     """
-    from memkern.accounting import gradient_accounting
+    from memkern.accounting import gradient_accounting, summary_path
     from memkern.cli.options import parse_epochs
+    from memkern.summaries import accounting_summary
+    from memkern.tables import read_csv
 
     run = gradient_accounting(run=run_dir, epochs=parse_epochs(epochs), mode=mode,
                               batch_size=batch_size, device=device, data_dir=data_dir,
                               progress=progress)
+    click.echo(accounting_summary(read_csv(summary_path(run))))
     click.echo(f"gradient accounting saved to {run.grads}")

@@ -35,9 +35,11 @@ def retrain(run_dir, groups, from_epoch, epochs, lr, overwrite, data_dir, device
       memkern retrain --run runs/digits --groups block2,hidden --from-epoch 3 --epochs 5
     """
     from memkern.retrain import retrain as run_retrain
+    from memkern.summaries import retrain_summary
 
     rows = run_retrain(run=run_dir, groups=split_names(groups), from_epoch=from_epoch,
                        epochs=epochs, lr=lr, device=device, data_dir=data_dir,
                        overwrite=overwrite, progress=progress)
+    click.echo(retrain_summary(rows))
     click.echo(f"{len({r['group'] for r in rows})} groups retrained; wrote {run_dir}/retrain.csv "
                f"and {run_dir}/retrain.png")

@@ -4,14 +4,15 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import data_dir_option, device_option, split_names
-from memkern.config import PRESETS
+from memkern.config import LR_SCHEDULES, PRESETS
 from memkern.data import DATASETS
 from memkern.models import MODELS
 
 # CLI option name -> TrainConfig field, one to one.
 CONFIG_OPTIONS = {"dataset": "dataset", "model": "model", "norm": "norm", "noise": "noise",
                   "seed": "seed", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-                  "weight_decay": "weight_decay", "warmup": "warmup", "augment": "augment",
+                  "weight_decay": "weight_decay", "warmup": "warmup",
+                  "lr_schedule": "lr_schedule", "augment": "augment",
                   "tied_dropout": "tied_dropout", "p_gen": "p_gen", "p_mem": "p_mem",
                   "sites": "dropout_sites"}
 
@@ -40,6 +41,9 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--lr", type=float, help="Peak learning rate. [default: preset's]")
 @click.option("--weight-decay", type=float)
 @click.option("--warmup", type=float, help="Fraction of steps of linear warm-up.")
+@click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="cosine",
+              show_default=True, help="After the warm-up: cosine decay to zero, or constant "
+              "(with --warmup 0 such a run can later be extended).")
 @click.option("--augment/--no-augment", default=False, help="Crop (+flip) for cifar10/svhn.")
 @click.option("--tied-dropout/--no-tied-dropout", default=False,
               help="Example-tied dropout at channel sites (docs/method.md, Experiment 5).")
@@ -51,7 +55,8 @@ def _explicit(ctx: click.Context) -> dict:
               "repeated); default: the model's. See `memkern sites`.")
 @data_dir_option
 @click.option("--download", is_flag=True, help="Fetch missing dataset files (checksum-verified).")
-@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint.")
+@click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint; "
+              "with a larger --epochs, extend a finished run whose schedule allows it.")
 @device_option
 @click.option("--track-grads", is_flag=True, help="Record each epoch's summed clean and noisy "
               "gradient norms and cosine per layer group in OUT/grads/live.jsonl.")
@@ -65,8 +70,11 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
     Example:
       memkern train --dataset digits --model cnn --noise 0.1 --epochs 30 --out runs/digits
       memkern train --out runs/digits --resume
+      memkern train --out runs/flat --lr-schedule constant --warmup 0 --epochs 20
+      memkern train --out runs/flat --resume --epochs 40
       memkern train --out runs/digits-tracked --track-grads
     """
+    from memkern.summaries import training_summary
     from memkern.train import train_from_options
 
     options = _explicit(ctx)
@@ -75,5 +83,6 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
     run = train_from_options(out=out, options=options, preset=preset, resume=resume,
                              device=device, data_dir=data_dir, download=download,
                              progress=progress, track_grads=track_grads)
+    click.echo(training_summary(run.load_metrics()))
     click.echo(f"run saved to {run.root} (checkpoints: {len(run.epochs())}, "
                f"metrics: {run.metrics_path})")

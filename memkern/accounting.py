@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
 from memkern.atomic import atomic_write_text, read_jsonl
 from memkern.data import PreparedData, iterate_batches
@@ -30,6 +29,7 @@ from memkern.errors import ConfigError, RunDirError
 from memkern.experiment import open_run
 from memkern.gradnorms import MODES, per_example_grad_norms
 from memkern.locks import hold_run, locked
+from memkern.progress import Progress
 from memkern.models.groups import LayerGroup, layer_groups
 from memkern.runs import RunDir
 from memkern.sites import example_indices
@@ -119,7 +119,8 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
     summary = read_csv(summary_path(run))
     done = {int(r["epoch"]) for r in summary}
     todo = [e for e in epochs if not (e in done and per_example_path(run, e).is_file())]
-    for epoch in tqdm(todo, desc=f"grads {run.root.name}", unit="epoch", disable=not progress):
+    bar = Progress(total=len(todo), desc=f"grads {run.root.name}", unit="epoch", bar=progress)
+    for epoch in todo:
         ctx.load(epoch)
         norms, rows = account_epoch(model, data, groups, mode=mode, batch_size=batch_size)
         per_example = _per_example_rows(norms, data, groups)
@@ -129,6 +130,9 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
         summary += [{"epoch": epoch, **r} for r in rows]
         summary.sort(key=lambda r: int(r["epoch"]))
         atomic_write_text(summary_path(run), csv_text(summary, list(summary[-1])))
+        bar.advance()
+        bar.step(f"epoch {epoch} accounted ({todo.index(epoch) + 1}/{len(todo)})")
+    bar.close()
     from memkern.accounting_plots import plot_accounting
     plot_accounting(run, summary)
     live = read_jsonl(run.grads / "live.jsonl")

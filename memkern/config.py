@@ -18,6 +18,7 @@ DEFAULT_DROPOUT_SITES: tuple[str, ...] = ()  # empty: the model's own default pl
 # Seeds feed torch.Generator.manual_seed, also as seed * 1_000_003 + epoch, which must stay
 # below 2**64: 2**32 leaves room for any number of epochs.
 MAX_SEED = 2**32 - 1
+LR_SCHEDULES = ("cosine", "constant")
 
 
 def check_seed(seed: int, *, name: str = "seed") -> None:
@@ -42,7 +43,8 @@ class TrainConfig:
     lr: float = 0.05
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    warmup: float = 0.1  # fraction of all steps with a linear warm-up, then cosine to zero
+    warmup: float = 0.1  # fraction of all steps with a linear warm-up, then lr_schedule
+    lr_schedule: str = "cosine"  # after the warm-up: cosine decay to zero, or constant
     augment: bool = False
     data_dir: str | None = None
     tied_dropout: bool = False
@@ -68,6 +70,9 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
+                              f"{self.lr_schedule!r}")
         if self.tied_dropout:
             if not (0.0 < self.p_gen < 1.0 and 0.0 < self.p_mem <= 1.0):
                 raise ConfigError(f"need 0 < p_gen < 1 and 0 < p_mem <= 1, got p_gen={self.p_gen}"

@@ -22,10 +22,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 from memkern.atomic import atomic_write
 from memkern.errors import RunDirError
+from memkern.progress import Progress
 from memkern.runs import RunDir
 
 FILE_NAME = "dynamics.safetensors"
@@ -144,10 +144,13 @@ def rebuild_dynamics(run: RunDir, *, device: str = "auto", data_dir: str | Path 
         raise RunDirError(f"{run.root} has no trained checkpoints: train it first (memkern train)")
     context = open_run(run.root, device=device, data_dir=data_dir)
     recorder = DynamicsRecorder(dynamics_path(run), context.data.train_labels, after_epoch=0)
-    for epoch in tqdm(epochs, desc=f"dynamics {run.root.name}", unit="epoch",
-                      disable=not progress):
-        context.load(epoch)
-        mode_accuracies(context.model, context.data, mode="own",
-                        on_train_logits=recorder.collect)
-        recorder.finish_epoch(epoch)
+    with Progress(total=len(epochs), desc=f"dynamics {run.root.name}", unit="epoch",
+                  bar=progress) as bar:
+        for epoch in epochs:
+            context.load(epoch)
+            mode_accuracies(context.model, context.data, mode="own",
+                            on_train_logits=recorder.collect)
+            recorder.finish_epoch(epoch)
+            bar.advance()
+            bar.step(f"epoch {epoch}/{epochs[-1]}")
     return recorder.dynamics

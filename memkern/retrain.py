@@ -19,7 +19,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from memkern.tables import read_table, write_table
 from memkern.atomic import atomic_write_json, read_json_object
@@ -31,9 +30,11 @@ from memkern.experiment import open_run
 from memkern.layer_figures import plot_retrain
 from memkern.locks import hold_run, locked
 from memkern.models.groups import LayerGroup
+from memkern.progress import Progress
 from memkern.rewind import select_groups, with_group_from
 from memkern.runs import RunDir
 from memkern.sites import example_indices
+from memkern.summaries import ACCURACIES, number
 from memkern.train import epoch_generator, learning_rate
 
 # Default reset point: the initialization. It removes everything the group learned, so any
@@ -70,7 +71,7 @@ def freeze_all_but(model: nn.Module, group: LayerGroup) -> list[nn.Parameter]:
 
 def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData, *, epochs: int,
                   lr: float, weight_decay: float, batch_size: int, seed: int,
-                  momentum: float = 0.9, bar: tqdm | None = None) -> list[dict]:
+                  momentum: float = 0.9, bar: Progress | None = None) -> list[dict]:
     """Fine-tune ``group`` of ``model`` (in place, on the model's device) on the clean training
     examples for ``epochs`` epochs: SGD with momentum and cosine decay from ``lr`` to zero.
     Returns one row per epoch, epoch 0 being the model as given (right after the reset)."""
@@ -95,8 +96,11 @@ def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData, *, ep
             loss.backward()
             optimizer.step()
             if bar is not None:
-                bar.update(1)
+                bar.advance()
         rows.append({"group": group.name, "epoch": epoch, **split_accuracies(model, data)})
+        if bar is not None:
+            accs = "  ".join(f"{k.removesuffix('_acc')} {number(rows[-1][k])}" for k in ACCURACIES)
+            bar.step(f"{group.name} epoch {epoch}/{epochs}  {accs}")
         freeze_all_but(model, group)  # split_accuracies left the whole model in eval mode
     model.requires_grad_(True)
     model.eval()
@@ -161,10 +165,9 @@ def retrain(*, run: str | Path, groups: list[str] | None = None,
     write_table(run.root / "retrain.csv", rows)
     atomic_write_json(run.root / "retrain.json", settings)
     steps = math.ceil(int((~data.noisy_mask).sum()) / config.batch_size) * epochs
-    bar = tqdm(total=steps * len(todo), unit="step", desc=f"retrain {run.root.name}",
-               disable=not progress, dynamic_ncols=True)
+    bar = Progress(total=steps * len(todo), unit="step", desc=f"retrain {run.root.name}",
+                   bar=progress)
     for group in todo:
-        bar.set_postfix(group=group.name)
         model.load_state_dict(with_group_from(final, early, [group]))
         rows += retrain_group(model, group, data, epochs=epochs, lr=lr,
                               weight_decay=config.weight_decay, batch_size=config.batch_size,

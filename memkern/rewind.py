@@ -11,7 +11,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from memkern.tables import write_table
 from memkern.errors import ConfigError
@@ -20,6 +19,7 @@ from memkern.experiment import open_run
 from memkern.layer_figures import plot_rewind
 from memkern.locks import hold_run, locked
 from memkern.models.groups import LayerGroup, layer_groups
+from memkern.progress import Progress
 from memkern.runs import RunDir
 
 BASELINE = "final"  # the ``group`` of rewind.csv's row for the unchanged final model
@@ -86,17 +86,19 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     # single-group configurations, 2 shared CPU cores): functional_call 7.00 s, vmap 7.82 s,
     # deep copy per configuration 9.29 s; on the 30-epoch run's 15 configurations: 14.0 s vs
     # vmap in chunks of 5: 24.4 s.
-    bar = tqdm(total=1 + len(epochs) * len(chosen), unit="config", desc=f"rewind {run.root.name}",
-               disable=not progress, dynamic_ncols=True)
+    bar = Progress(total=1 + len(epochs) * len(chosen), unit="config",
+                   desc=f"rewind {run.root.name}", bar=progress)
     rows = [{"group": BASELINE, "epoch": available[-1], **split_accuracies(model, data)}]
-    bar.update(1)
+    bar.advance()
     for epoch in epochs:
         earlier = ctx.state(epoch)
         for group in chosen:
             state = with_group_from(final, earlier, [group])
             rows.append({"group": group.name, "epoch": epoch,
                          **split_accuracies(model, data, state=state)})
-            bar.update(1)
+            bar.advance()
+        bar.step(f"rewound {len(chosen)} groups to epoch {epoch} "
+                 f"({epochs.index(epoch) + 1}/{len(epochs)} epochs)")
     bar.close()
     write_table(run.root / "rewind.csv", rows)
     plot_rewind(rows, run.root / "rewind.png", title=f"layer rewinding: {run.root.name}")

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
 from memkern.atomic import append_jsonl, atomic_write_json, atomic_write_text, rewrite_jsonl
 from memkern.checkpoints import load_checkpoint, load_model_state, restore_momentum, save_checkpoint
@@ -26,18 +25,46 @@ from memkern.evaluate import epoch_accuracies
 from memkern.experiment import load_data, model_for, resolve_device
 from memkern.finite import check_loss, check_model
 from memkern.locks import hold_run, locked
+from memkern.progress import Progress
 from memkern.runs import RunDir
 from memkern.sites import example_indices
+from memkern.summaries import epoch_line
 from memkern.subset_grads import LiveSubsetTracker
 
 
-def learning_rate(step: int, *, total_steps: int, base_lr: float, warmup: float) -> float:
-    """Linear warm-up over the first ``warmup`` fraction of steps, then cosine decay to zero."""
+def learning_rate(step: int, *, total_steps: int, base_lr: float, warmup: float,
+                  schedule: str = "cosine") -> float:
+    """Linear warm-up over the first ``warmup`` fraction of steps, then cosine decay to zero
+    (``schedule="cosine"``) or ``base_lr`` (``"constant"``)."""
     warm = max(1, round(warmup * total_steps))
     if step < warm:
         return base_lr * (step + 1) / warm
+    if schedule == "constant":
+        return base_lr
     progress = (step - warm) / max(1, total_steps - warm)
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
+
+
+def check_extension(config: TrainConfig, *, epochs: int, steps_per_epoch: int) -> None:
+    """Continuing a run trained for ``config.epochs`` up to ``epochs`` is the same schedule only
+    if every step already taken had the learning rate it would have had in an ``epochs``-long
+    run; otherwise a ConfigError says why (a cosine decay or a warm-up spans all epochs)."""
+    if epochs < config.epochs:
+        raise ConfigError(f"the run was set up for {config.epochs} epochs; extending takes more "
+                          f"epochs, not {epochs}")
+    done, longer = config.epochs * steps_per_epoch, epochs * steps_per_epoch
+    same = all(learning_rate(s, total_steps=done, base_lr=config.lr, warmup=config.warmup,
+                             schedule=config.lr_schedule)
+               == learning_rate(s, total_steps=longer, base_lr=config.lr, warmup=config.warmup,
+                                schedule=config.lr_schedule) for s in range(done))
+    if same:
+        return
+    why = ("its cosine decay spans all epochs (it reached zero at epoch "
+           f"{config.epochs})" if config.lr_schedule == "cosine" else
+           f"its warm-up lasts warmup={config.warmup} of all steps")
+    raise ConfigError(f"cannot extend the run from {config.epochs} to {epochs} epochs with the "
+                      f"same schedule: {why}; train a new run for {epochs} epochs (only runs "
+                      f"with lr_schedule='constant' and warmup=0 can be extended)")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -65,7 +92,8 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
           progress: bool = True, track_grads: bool = False,
           data: PreparedData | None = None) -> RunDir:
     """Train into run directory ``out`` (or continue it with ``resume``: the run's own config is
-    used, and a ``config`` given too must equal it). Returns the run directory. Every epoch's
+    used, and a ``config`` given too must equal it, except for more ``epochs``, which extends a
+    run whose schedule allows it, see :func:`check_extension`). Returns the run directory. Every epoch's
     per-example margins, losses and correctness go to ``dynamics.safetensors``
     (:mod:`memkern.dynamics`).
 
@@ -76,22 +104,26 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     ``grads/live.jsonl`` (:class:`memkern.subset_grads.LiveSubsetTracker`; one more backward
     per step, the weights stay bit-identical)."""
     run = RunDir(out)
+    extend_to = None
     if resume:
         if not run.config_path.is_file():
             raise RunDirError(f"cannot resume: {run.root} is not a memkern run (no config.json)")
         saved = run.load_config()
         if config is not None and config != saved:
             differing = differing_fields(saved, dataclasses.asdict(config))
-            raise ConfigError(f"resume continues {run.root} with its saved config; the config "
-                              f"given differs in {', '.join(differing)}: pass config=None (or "
-                              f"the same options) to resume, or another output to start anew")
+            if differing != ["epochs"]:
+                raise ConfigError(f"resume continues {run.root} with its saved config; the "
+                                  f"config given differs in {', '.join(differing)}: pass "
+                                  f"config=None (or the same config, with more epochs to extend "
+                                  f"the run) to resume, or another out= to start anew")
+            extend_to = config.epochs
         config = saved
     elif config is None:
         raise ConfigError("a new run needs a config: pass a TrainConfig (or resume=True to "
                           "continue an existing run)")
     elif run.has_content():
-        raise RunDirError(f"run directory {run.root} already exists: resume it (resume=True, "
-                          f"`memkern train --resume`), or choose another output directory")
+        raise RunDirError(f"run directory {run.root} already holds a run: pass resume=True to "
+                          f"continue it, or another out= to start a new one")
     dev = resolve_device(device)
     if data is None:
         data = load_data(config, data_dir=data_dir, download=download)
@@ -100,6 +132,10 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     first_epoch = 1
+    steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
+    if extend_to is not None:
+        check_extension(config, epochs=extend_to, steps_per_epoch=steps_per_epoch)
+        config = dataclasses.replace(config, epochs=extend_to)
     if resume and run.epochs():
         ckpt = load_checkpoint(run.checkpoint_path(run.epochs()[-1]))
         load_model_state(model, ckpt)
@@ -107,11 +143,12 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
         first_epoch = ckpt.epoch + 1
         # Lines for epochs after the last checkpoint were written before a kill: redo them.
         rewrite_jsonl(run.metrics_path, run.load_metrics(until=ckpt.epoch))
+        if extend_to is not None:
+            atomic_write_text(run.config_path, config.to_json() + "\n")
     else:
         run.root.mkdir(parents=True, exist_ok=True)
         _start(run, config, data, model)
 
-    steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     train_x, train_y = data.train_images.to(dev), data.train_labels.to(dev)
     flip = data.name == "cifar10"
@@ -119,8 +156,8 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     tracker = (LiveSubsetTracker(model, run.grads / "live.jsonl", data.noisy_mask.to(dev),
                                  first_epoch=first_epoch) if track_grads else None)
     dynamics = DynamicsRecorder(dynamics_path(run), data.train_labels, after_epoch=first_epoch - 1)
-    bar = tqdm(total=total_steps, initial=(first_epoch - 1) * steps_per_epoch, unit="step",
-               desc=f"train {run.root.name}", disable=not progress, dynamic_ncols=True)
+    bar = Progress(total=total_steps, initial=(first_epoch - 1) * steps_per_epoch, unit="step",
+                   desc=f"train {run.root.name}", bar=progress)
     for epoch in range(first_epoch, config.epochs + 1):
         started = time.perf_counter()
         model.train()
@@ -131,7 +168,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
             step = (epoch - 1) * steps_per_epoch + i
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, total_steps=total_steps, base_lr=config.lr,
-                                            warmup=config.warmup)
+                                            warmup=config.warmup, schedule=config.lr_schedule)
             if augment:
                 x = augment_batch(x, gen, flip=flip)
             with example_indices(idx.to(dev)):
@@ -146,7 +183,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
             optimizer.step()
             loss_sum += value * len(y)
             seen += len(y)
-            bar.update(1)
+            bar.advance()
         check_model(model, epoch=epoch)
         if tracker is not None:
             tracker.finish_epoch(epoch)
@@ -158,8 +195,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
         dynamics.finish_epoch(epoch)  # before the checkpoint: it always covers checkpointed epochs
         save_checkpoint(run.checkpoint_path(epoch), model, config=config, epoch=epoch,
                         optimizer=optimizer)
-        bar.set_postfix(epoch=epoch, noisy=f"{metrics['noisy_acc']:.3f}",
-                        test=f"{metrics['test_acc']:.3f}")
+        bar.step(epoch_line(metrics, epochs=config.epochs))
     bar.close()
     return run
 
@@ -168,13 +204,20 @@ def train_from_options(*, out: str | Path, options: dict, preset: str | None = N
                        resume: bool = False, **kwargs) -> RunDir:
     """:func:`train` for the command line: a new run's config is ``preset`` with the ``options``
     the user set (``{config field: value}``); with ``resume``, those options must agree with the
-    run's saved config (ConfigError naming the ones that differ). ``kwargs`` go to train."""
-    if not resume:
-        return train(config_from_options(options, preset=preset), out=out, **kwargs)
+    run's saved config (ConfigError naming the ones that differ), except a larger ``epochs``,
+    which extends the run. Errors name the command's flags. ``kwargs`` go to train."""
     run = RunDir(out)
-    if run.config_path.is_file():
-        differing = differing_fields(run.load_config(), options)
-        if differing or preset:
-            raise ConfigError(f"--resume continues {out} with its saved config; these options "
-                              f"differ from it: {', '.join(differing or ['preset'])}")
-    return train(None, out=out, resume=True, **kwargs)
+    if not resume:
+        if run.has_content():
+            raise RunDirError(f"run directory {run.root} already exists: resume it with --resume "
+                              f"(add --epochs N to extend a finished run), or choose another --out")
+        return train(config_from_options(options, preset=preset), out=out, **kwargs)
+    if not run.config_path.is_file():
+        return train(None, out=out, resume=True, **kwargs)  # the error of a non-run
+    saved = run.load_config()
+    differing = differing_fields(saved, options)
+    if preset or [d for d in differing if d != "epochs"]:
+        raise ConfigError(f"--resume continues {out} with its saved config; these options "
+                          f"differ from it: {', '.join(differing + (['preset'] if preset else []))}")
+    extended = dataclasses.replace(saved, epochs=options["epochs"]) if differing else None
+    return train(extended, out=out, resume=True, **kwargs)

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from tqdm import tqdm
 
 from memkern.atomic import append_jsonl, read_jsonl, rewrite_jsonl
 from memkern.config import check_seed
@@ -34,6 +33,7 @@ from memkern.localize.settings import check_resumable, localize_settings
 from memkern.localize.summary import fitted, write_summary
 from memkern.locks import for_checkpoint, hold_output, locked
 from memkern.outputs import require_jsonl_output
+from memkern.progress import Progress
 from memkern.runs import RunDir
 from memkern.tied_dropout import tied_sites
 
@@ -164,9 +164,9 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
         todo = [t for t in targets if t not in done]
         mine = torch.tensor(todo[world.rank::world.size], dtype=torch.long)
         sink = out if world.size == 1 else part_path(out, world.rank, world.size)
-        bar = tqdm(total=len(targets), initial=len(targets) - len(todo), unit="example",
-                   desc=f"localize ({method})", disable=not (progress and world.main),
-                   dynamic_ncols=True)
+        bar = Progress(total=len(targets), initial=len(targets) - len(todo), unit="example",
+                       desc=f"localize ({method})", bar=progress, silent=not world.main)
+        finished = len(targets) - len(todo)
         # Every rank runs the same number of rounds (rank 0's shard is the longest) and sums
         # progress after each, so waits stay within one chunk and rank 0's bar counts all.
         longest = math.ceil(len(todo) / world.size)
@@ -175,14 +175,17 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
             shown = [0]
 
             def on_step(finished: int) -> None:
-                bar.update(finished - shown[0])
+                bar.advance(finished - shown[0])
                 shown[0] = finished
 
             if len(part):
                 _localize_chunk(model, data, objective, part, sink, method=method, space=space,
                                 max_channels=max_channels, candidates=candidates,
                                 max_rows=max_rows, settings=settings, on_step=on_step)
-            bar.update(world.sum(len(part)) - shown[0])
+            done_now = world.sum(len(part))
+            bar.advance(done_now - shown[0])
+            finished += done_now
+            bar.step(f"{finished}/{len(targets)} examples localized")
         bar.close()
         world.barrier()  # every part file is complete (each line was fsync'd)
         if not world.main:

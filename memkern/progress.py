@@ -1,0 +1,62 @@
+"""Progress of long commands (train, grads, rewind, retrain, localize, demo and the score
+builders): a bar on a terminal, one plain line per step everywhere else.
+
+A bar redraws itself with carriage returns, which fill a log file with noise, and a run with
+the bar switched off should still say where it is. So a bar (tqdm, on stderr) is drawn only
+when ``bar`` is on and stdout is a terminal; otherwise each :meth:`Progress.step` prints one
+line on stdout, flushed, so a batch log gets one line per epoch or step as it happens.
+
+    with Progress(total=steps, desc="train digits", unit="step", bar=progress) as p:
+        for ...:
+            p.advance()                       # the bar moves; no line
+        p.step("epoch 3/30  test 0.947")      # bar: shown beside it; log: one line
+"""
+from __future__ import annotations
+
+import sys
+
+from tqdm import tqdm
+
+
+def draws_bar(bar: bool) -> bool:
+    """Whether progress shows as a bar: asked for, and stdout is a terminal."""
+    return bar and sys.stdout.isatty()
+
+
+class Progress:
+    """``total`` units of work (``initial`` of them already done), named ``desc``.
+
+    ``bar``: draw a bar when stdout is a terminal (else plain lines); ``silent``: show nothing
+    (the non-reporting ranks of a torchrun launch)."""
+
+    def __init__(self, *, total: int, desc: str, unit: str, initial: int = 0, bar: bool = True,
+                 silent: bool = False):
+        self.desc = desc
+        self.silent = silent
+        self._bar = (tqdm(total=total, initial=initial, unit=unit, desc=desc, dynamic_ncols=True)
+                     if draws_bar(bar) and not silent else None)
+
+    def advance(self, n: int = 1) -> None:
+        """``n`` more units done (moves the bar; prints no line)."""
+        if self._bar is not None:
+            self._bar.update(n)
+
+    def step(self, text: str) -> None:
+        """A milestone (an epoch, a group, a chunk): beside the bar, or one line of its own."""
+        if self.silent:
+            return
+        if self._bar is not None:
+            self._bar.set_postfix_str(text)
+        else:
+            print(f"{self.desc}: {text}", flush=True)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def __enter__(self) -> "Progress":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

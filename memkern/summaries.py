@@ -1,0 +1,137 @@
+"""What each command found, in numbers: the text it prints when it ends.
+
+Pure functions of the rows the commands return or write (metrics.jsonl lines, grads/summary.csv
+rows, rewind.csv / retrain.csv rows, localize_summary.json), so the command line, ``memkern
+demo`` and tests share one wording. An accuracy that is undefined (no noisy examples) shows "-".
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+ACCURACIES = ("clean_acc", "noisy_acc", "test_acc")
+ACCURACY_HEADER = ("clean-train", "noisy-train", "test")
+
+
+def number(value, spec: str = ".3f") -> str:
+    """``value`` formatted, or "-" when it is missing or not a number (nan, empty cells)."""
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return "-"
+    return "-" if math.isnan(value) else format(value, spec)
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    """Columns padded to their widest cell: the first left-aligned, the rest right-aligned."""
+    cells = [[str(c) for c in header], *[[str(c) for c in row] for row in rows]]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(row, widths))).rstrip()
+                     for row in cells)
+
+
+def _accuracies(row: dict, suffix: str = "") -> list[str]:
+    return [number(row.get(k + suffix)) for k in ACCURACIES]
+
+
+def epoch_line(metrics: dict, *, epochs: int) -> str:
+    """One epoch of training: ``epoch 3/30  loss 0.512  clean 0.950  noisy 0.215  test 0.931``."""
+    return (f"epoch {metrics['epoch']}/{epochs}  loss {number(metrics.get('train_loss'), '.4f')}"
+            f"  clean {number(metrics.get('clean_acc'))}  noisy {number(metrics.get('noisy_acc'))}"
+            f"  test {number(metrics.get('test_acc'))}")
+
+
+def training_summary(metrics: list[dict]) -> str:
+    """Accuracies after the last epoch of ``metrics`` (metrics.jsonl lines); for a tied-dropout
+    run also with memorization channels kept (x p_mem) and dropped. Noisy-train accuracy is
+    measured against the flipped labels: 1.0 means every flipped label was memorized."""
+    if not metrics:
+        return "no epoch trained yet"
+    last = metrics[-1]
+    rows = [["each example's own masks" if "noisy_acc_keep" in last else "model",
+             *_accuracies(last)]]
+    if "noisy_acc_keep" in last:
+        rows += [["memorization channels kept x p_mem", *_accuracies(last, "_keep")],
+                 ["memorization channels dropped", *_accuracies(last, "_drop")]]
+    return (f"after epoch {last['epoch']} (noisy-train: accuracy on the flipped labels)\n"
+            + text_table(("accuracy", *ACCURACY_HEADER), rows))
+
+
+def accounting_summary(rows: list[dict]) -> str:
+    """Clean vs noisy summed gradients at the last epoch of grads/summary.csv's ``rows``: per
+    group the two norms, their ratio (noisy / clean) and their cosine."""
+    if not rows:
+        return "no epoch accounted"
+    last = max(int(r["epoch"]) for r in rows)
+    table = []
+    for r in rows:
+        if int(r["epoch"]) != last:
+            continue
+        clean, noisy = float(r["clean_norm"]), float(r["noisy_norm"])
+        table.append([r["group"], number(clean, ".4g"), number(noisy, ".4g"),
+                      number(noisy / clean if clean > 0 else float("nan"), ".2f"),
+                      number(r["cosine"], ".3f")])
+    return (f"summed gradients of the clean and the noisy examples at epoch {last}\n"
+            + text_table(("group", "clean norm", "noisy norm", "noisy/clean", "cosine"), table))
+
+
+def _by_group(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["group"], []).append(r)
+    return out
+
+
+def rewind_summary(rows: list[dict], *, baseline: str = "final") -> str:
+    """The key rows of rewind.csv: the final model, then each group rewound to the earliest and
+    to the latest rewind epoch, and the group whose rewinding costs the noisy examples most."""
+    base = next(r for r in rows if r["group"] == baseline)
+    groups = _by_group([r for r in rows if r["group"] != baseline])
+    if not groups:
+        return "no configuration rewound"
+    table = [[f"{baseline} (epoch {base['epoch']})", "-", *_accuracies(base)]]
+    earliest = {}
+    for name, rs in groups.items():
+        ordered = sorted(rs, key=lambda r: r["epoch"])
+        earliest[name] = ordered[0]
+        for r in {ordered[0]["epoch"]: ordered[0], ordered[-1]["epoch"]: ordered[-1]}.values():
+            table.append([name, r["epoch"], *_accuracies(r)])
+    worst = min(earliest.values(), key=lambda r: _sort_key(r["noisy_acc"]))
+    return (text_table(("group", "rewound to", *ACCURACY_HEADER), table) + "\n"
+            + f"rewinding {worst['group']} to epoch {worst['epoch']} drops noisy-train accuracy "
+              f"to {number(worst['noisy_acc'])} while test accuracy is "
+              f"{number(worst['test_acc'])} (final model: {number(base['noisy_acc'])} and "
+              f"{number(base['test_acc'])})")
+
+
+def _sort_key(value) -> float:
+    text = number(value, ".9f")
+    return math.inf if text == "-" else float(text)
+
+
+def retrain_summary(rows: list[dict]) -> str:
+    """Per group of retrain.csv: accuracies right after the reset and after the last epoch of
+    retraining on clean examples; noisy-train accuracy that comes back was memorized elsewhere."""
+    groups = _by_group(rows)
+    if not groups:
+        return "no group retrained"
+    table = []
+    for name, rs in groups.items():
+        first = min(rs, key=lambda r: r["epoch"])
+        last = max(rs, key=lambda r: r["epoch"])
+        table.append([name, number(first["noisy_acc"]), last["epoch"], *_accuracies(last)])
+    return ("each group reset, the rest frozen, retrained on clean examples only\n"
+            + text_table(("group", "noisy after reset", "epochs", *ACCURACY_HEADER), table))
+
+
+def localize_headline(summary: dict) -> str:
+    """Channels needed to flip noisy vs clean examples (localize_summary.json's ``summary``)."""
+    parts = []
+    for name in ("noisy", "clean"):
+        g = summary["groups"].get(name)
+        if g and g["count"]:
+            parts.append(f"{name} examples flip after a median of "
+                         f"{number(g['median_channels_flipped'], 'g')} zeroed channels "
+                         f"(flip rate {number(g['flip_rate'], '.2f')} of {g['count']})")
+    return "; ".join(parts) if parts else "no example localized"
