@@ -12,7 +12,7 @@ from memkern.cli.options import device_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
 def demo(out, device, progress):
     """Run every experiment on the embedded digits data (minutes on a laptop CPU; rerun the same
-    command to resume).
+    command to resume: finished steps are not computed again).
 
     Trains a cnn with 10% label noise with and without example-tied dropout, then runs
     gradient accounting, layer rewinding, retraining and localization on both, and writes a
@@ -22,9 +22,16 @@ def demo(out, device, progress):
     Example:
       memkern demo --out runs/demo
     """
+    from pathlib import Path
+
     from memkern.demo import run_demo
+    from memkern.summaries import run_findings
 
     reports = run_demo(out=out, device=device, progress=progress,
                        say=lambda line: click.echo(line, err=True))
+    for name in reports:
+        click.echo(f"{name} run ({Path(out) / name}):")
+        for line in run_findings(Path(out) / name):
+            click.echo(f"  {line}")
     for name, path in reports.items():
         click.echo(f"{name} report: {path}")

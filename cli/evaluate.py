@@ -5,30 +5,31 @@ import json
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option
+from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_option,
+                                 device_option)
 from memkern.evaluate import EVAL_MODES, SPLITS
 
 
 @click.command()
-@click.option("--ckpt", required=True, type=click.Path(dir_okay=False),
-              help="A checkpoint written by `memkern train`.")
+@checkpoint_options("A checkpoint written by `memkern train`")
 @click.option("--mode", type=click.Choice(EVAL_MODES), default="own", show_default=True,
               help="Tied-dropout masks: own (each training example's own; test in keep mode), "
                    "keep (memorization channels x p_mem), drop (memorization channels removed).")
 @click.option("--json", "as_json", is_flag=True, help="Print the record as one JSON line.")
 @data_dir_option
 @device_option
-def evaluate(ckpt, mode, as_json, data_dir, device):
+def evaluate(ckpt, run_dir, mode, as_json, data_dir, device):
     """Clean-train, noisy-train and test accuracy of a checkpoint, written to
     <run>/evaluate_<epoch>_<mode>.json.
 
     \b
     Example:
-      memkern evaluate --ckpt runs/tied/checkpoints/epoch_030.safetensors --mode drop
+      memkern evaluate --ckpt runs/tied/checkpoints/epoch_010.safetensors --mode drop
+      memkern evaluate --run runs/tied --mode keep
     """
     from memkern.evaluate import evaluate_checkpoint
 
-    record, path = evaluate_checkpoint(ckpt=ckpt, mode=mode, device=device, data_dir=data_dir)
+    record, path = evaluate_checkpoint(ckpt=checkpoint_from(ckpt, run_dir), mode=mode, device=device, data_dir=data_dir)
     if as_json:
         click.echo(json.dumps(record, sort_keys=True))
         return

@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option
+from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_option,
+                                 device_option)
 
 
 @click.command()
-@click.option("--ckpt", required=True, type=click.Path(dir_okay=False),
-              help="Checkpoint (its run's config rebuilds model, data and noise).")
+@checkpoint_options("Checkpoint (its run's config rebuilds model, data and noise)")
 @click.option("--examples", default="noisy", show_default=True,
               help="noisy | clean | all (noisy and clean interleaved) | FILE of indices.")
 @click.option("--limit", type=int, help="Localize at most N of the selected examples.")
@@ -33,7 +33,7 @@ from memkern.cli.options import data_dir_option, device_option
 @device_option
 @data_dir_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def localize(ckpt, examples, limit, method, max_channels, eot, ref_batch, candidates, sites, out,
+def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batch, candidates, sites, out,
              chunk, seed, device, data_dir, progress):
     """Find the channels whose zeroing flips each example's prediction (docs/method.md, Experiment 4).
 
@@ -46,13 +46,14 @@ def localize(ckpt, examples, limit, method, max_channels, eot, ref_batch, candid
     Example:
       memkern localize --ckpt runs/digits/checkpoints/epoch_030.safetensors \\
           --examples all --limit 288
+      memkern localize --run runs/digits --examples noisy
       torchrun --nproc-per-node 2 -m memkern.cli localize \\
           --ckpt runs/digits/checkpoints/epoch_030.safetensors --examples all
     """
     from memkern.localize import format_table, localize as run_localize
 
     result = run_localize(
-        ckpt=ckpt, examples=examples, limit=limit, method=method, max_channels=max_channels,
+        ckpt=checkpoint_from(ckpt, run_dir), examples=examples, limit=limit, method=method, max_channels=max_channels,
         eot=eot, ref_batch=ref_batch, candidates=candidates,
         sites=[s for v in sites for s in v.split(",") if s] or None, out=out, chunk=chunk,
         seed=seed, device=device, data_dir=data_dir, progress=progress)

@@ -3,8 +3,11 @@ from __future__ import annotations
 
 import click
 
+from pathlib import Path
+
 from memkern.errors import ConfigError
 from memkern.experiment import DEVICES
+from memkern.runs import RunDir
 
 device_option = click.option("--device", type=click.Choice(DEVICES),
                              default="auto", show_default=True,
@@ -12,6 +15,25 @@ device_option = click.option("--device", type=click.Choice(DEVICES),
 data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False),
                                help="Directory with the dataset's standard files "
                                     "(not needed for digits); overrides the checkpoint's.")
+
+
+def checkpoint_options(what: str):
+    """``--ckpt PATH`` or ``--run DIR`` (that run's final checkpoint), exactly one of them; the
+    command gets ``ckpt`` and ``run_dir`` and passes them to :func:`checkpoint_from`."""
+    def decorate(command):
+        command = click.option("--run", "run_dir", type=click.Path(file_okay=False),
+                               help="Run directory: use its final checkpoint.")(command)
+        return click.option("--ckpt", type=click.Path(dir_okay=False),
+                            help=f"{what}; or give --run.")(command)
+    return decorate
+
+
+def checkpoint_from(ckpt: str | None, run_dir: str | None) -> Path:
+    """The checkpoint named by ``--ckpt``, or the final one of ``--run``."""
+    if (ckpt is None) == (run_dir is None):
+        raise ConfigError(f"give {'only one of' if ckpt else 'one of'} --ckpt (a checkpoint) and "
+                          f"--run (a run directory: its final checkpoint)")
+    return Path(ckpt) if ckpt is not None else RunDir(run_dir).final_checkpoint()
 
 
 def parse_epochs(text: str | None, *, option: str = "--epochs") -> list[int] | None:

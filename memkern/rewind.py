@@ -1,6 +1,10 @@
 """Layer rewinding (docs/method.md, Experiment 2): the final model with one layer group's parameters
 *and* BatchNorm running statistics taken from an earlier checkpoint.
 
+``rewind.json`` beside ``rewind.csv`` records what the table was computed from (the groups, the
+epochs and every checkpoint's digest); a rerun on unchanged inputs reads the table back instead
+of evaluating every configuration again.
+
 (The reference code rewinds weights but keeps the final running statistics; here a group's
 buffers travel with its parameters.) Every configuration is evaluated through
 ``torch.func.functional_call`` on one model instance with a swapped tensor dict: no model copy.
@@ -12,11 +16,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from memkern.tables import write_table
+from memkern.atomic import atomic_write_json, read_json_object
+from memkern.tables import read_table, write_table
 from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
 from memkern.experiment import open_run
 from memkern.layer_figures import plot_rewind
+from memkern.localize.settings import checkpoint_digest
 from memkern.locks import hold_run, locked
 from memkern.models.groups import LayerGroup, layer_groups
 from memkern.progress import Progress
@@ -60,6 +66,25 @@ def default_epochs(available: list[int]) -> list[int]:
     return sorted({min(earlier, key=lambda e: (abs(e - t), e)) for t in targets})
 
 
+def rewind_settings(run: RunDir, *, final: int, epochs: list[int],
+                    groups: list[LayerGroup]) -> dict:
+    """What rewind.csv depends on: the groups, the epochs and the digest of each checkpoint."""
+    return {"final_epoch": final, "epochs": list(epochs), "groups": [g.name for g in groups],
+            "checkpoint_sha256": {str(e): checkpoint_digest(run.checkpoint_path(e))
+                                  for e in sorted({final, *epochs})}}
+
+
+def _finished_rows(run: RunDir, settings: dict) -> list[dict] | None:
+    """rewind.csv's rows when an earlier call computed them from the same inputs."""
+    json_path, csv_path = run.root / "rewind.json", run.root / "rewind.csv"
+    if not (json_path.is_file() and csv_path.is_file()):
+        return None
+    if read_json_object(json_path) != settings:
+        return None
+    rows = read_table(csv_path)
+    return rows if len(rows) == 1 + len(settings["epochs"]) * len(settings["groups"]) else None
+
+
 @locked(lambda a: hold_run(a["run"]))
 def rewind(*, run: str | Path, epochs: list[int] | None = None,
            groups: list[str] | None = None, device: str = "auto",
@@ -67,7 +92,8 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     """Evaluate every (group, rewind epoch) of ``run``; write ``rewind.csv`` and ``rewind.png``
     into it. Returns the rows: the baseline (``group == "final"``, the final epoch) first, then
     ``{"group", "epoch", "clean_acc", "noisy_acc", "test_acc"}`` per configuration, grouped by
-    epoch. Each checkpoint and the dataset are read once."""
+    epoch. Each checkpoint and the dataset are read once; when rewind.csv already holds these
+    configurations of these checkpoints, its rows are returned without evaluating again."""
     run = RunDir(run)
     run.load_config()
     available = run.epochs()
@@ -80,6 +106,11 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     model, data = ctx.model, ctx.data
     chosen = select_groups(model, groups)
     final = {k: v.detach() for k, v in model.state_dict().items()}
+    settings = rewind_settings(run, final=available[-1], epochs=epochs, groups=chosen)
+    finished = _finished_rows(run, settings)
+    if finished is not None:
+        plot_rewind(finished, run.root / "rewind.png", title=f"layer rewinding: {run.root.name}")
+        return finished
 
     # One functional_call per configuration beats vmap over stacked dicts on CPU, where batched
     # weights turn each conv into a grouped conv. bench/bench_rewind.py (digits cnn, the 5
@@ -100,6 +131,8 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
         bar.step(f"rewound {len(chosen)} groups to epoch {epoch} "
                  f"({epochs.index(epoch) + 1}/{len(epochs)} epochs)")
     bar.close()
+    (run.root / "rewind.json").unlink(missing_ok=True)  # never beside another table's rows
     write_table(run.root / "rewind.csv", rows)
+    atomic_write_json(run.root / "rewind.json", settings)
     plot_rewind(rows, run.root / "rewind.png", title=f"layer rewinding: {run.root.name}")
     return rows
