@@ -19,7 +19,8 @@ def quick() -> bool:
 
 @pytest.fixture
 def context_info() -> dict:
-    """Versions and machine facts recorded with every benchmark (STYLE.md item 6)."""
+    """Versions and machine facts recorded with every benchmark, so a saved result says what
+    it was measured on."""
     return {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -133,3 +133,21 @@ def test_grads_rewind_retrain_end_with_their_numbers(tiny_run, tmp_path):
     assert "retrain run: head epoch 1/1" in retrain.stdout
     row = retrain.stdout.splitlines()[-2].split()
     assert row[0] == "head" and row[2] == "1"
+
+
+@pytest.mark.parametrize("command, target, advice", [
+    (["demo", "--out", "OUT"], "memkern.demo.run_demo", "rerun the same command to continue"),
+    (["train", "--out", "OUT"], "memkern.train.train_from_options", "rerun with --resume"),
+    (["grads", "--run", "OUT"], "memkern.accounting.gradient_accounting", "rerun the same command"),
+    (["rewind", "--run", "OUT"], "memkern.rewind.rewind", "nothing was left half-written"),
+])
+def test_ctrl_c_advice_fits_the_command(command, target, advice, monkeypatch, tmp_path):
+    def interrupted(**_):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(target, interrupted)
+    result = run_cli(*[str(tmp_path) if a == "OUT" else a for a in command])
+    assert result.exit_code == 130
+    assert advice in result.stderr
+    if command[0] != "train":
+        assert "--resume" not in result.stderr
