@@ -29,7 +29,8 @@ def evaluate(ckpt, run_dir, mode, as_json, data_dir, device):
     """
     from memkern.evaluate import evaluate_checkpoint
 
-    record, path = evaluate_checkpoint(ckpt=checkpoint_from(ckpt, run_dir), mode=mode, device=device, data_dir=data_dir)
+    record, path = evaluate_checkpoint(ckpt=checkpoint_from(ckpt, run_dir), mode=mode,
+                                       device=device, data_dir=data_dir)
     if as_json:
         click.echo(json.dumps(record, sort_keys=True))
         return

@@ -33,8 +33,8 @@ from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_o
 @device_option
 @data_dir_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
-def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batch, candidates, sites, out,
-             chunk, seed, device, data_dir, progress):
+def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batch, candidates,
+             sites, out, chunk, seed, device, data_dir, progress):
     """Find the channels whose zeroing flips each example's prediction (docs/method.md, Experiment 4).
 
     Appends one line per example to the output (a killed run resumes where it stopped),
@@ -53,7 +53,8 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
     from memkern.localize import format_table, localize as run_localize
 
     result = run_localize(
-        ckpt=checkpoint_from(ckpt, run_dir), examples=examples, limit=limit, method=method, max_channels=max_channels,
+        ckpt=checkpoint_from(ckpt, run_dir), examples=examples, limit=limit, method=method,
+        max_channels=max_channels,
         eot=eot, ref_batch=ref_batch, candidates=candidates,
         sites=[s for v in sites for s in v.split(",") if s] or None, out=out, chunk=chunk,
         seed=seed, device=device, data_dir=data_dir, progress=progress)

@@ -93,8 +93,8 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
           data: PreparedData | None = None) -> RunDir:
     """Train into run directory ``out`` (or continue it with ``resume``: the run's own config is
     used, and a ``config`` given too must equal it, except for more ``epochs``, which extends a
-    run whose schedule allows it, see :func:`check_extension`). Returns the run directory. Every epoch's
-    per-example margins, losses and correctness go to ``dynamics.safetensors``
+    run whose schedule allows it, see :func:`check_extension`). Returns the run directory.
+    Every epoch's per-example margins, losses and correctness go to ``dynamics.safetensors``
     (:mod:`memkern.dynamics`).
 
     ``data``: train on these instead of the config's data (cross-validation folds; the run's
@@ -217,7 +217,8 @@ def train_from_options(*, out: str | Path, options: dict, preset: str | None = N
     saved = run.load_config()
     differing = differing_fields(saved, options)
     if preset or [d for d in differing if d != "epochs"]:
+        named = differing + (["preset"] if preset else [])
         raise ConfigError(f"--resume continues {out} with its saved config; these options "
-                          f"differ from it: {', '.join(differing + (['preset'] if preset else []))}")
+                          f"differ from it: {', '.join(named)}")
     extended = dataclasses.replace(saved, epochs=options["epochs"]) if differing else None
     return train(extended, out=out, resume=True, **kwargs)

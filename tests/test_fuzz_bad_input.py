@@ -206,7 +206,8 @@ def test_fuzz_analysis_options(base, case, data):
 
 FIELD_TYPES = {"dataset": str, "model": str, "norm": str, "noise": float, "seed": int,
                "epochs": int, "batch_size": int, "lr": float, "momentum": float,
-               "weight_decay": float, "warmup": float, "augment": bool, "data_dir": str,
+               "weight_decay": float, "warmup": float, "lr_schedule": str, "augment": bool,
+               "data_dir": str,
                "tied_dropout": bool, "p_gen": float, "p_mem": float, "dropout_sites": list}
 
 
