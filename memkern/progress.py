@@ -3,8 +3,9 @@ builders): a bar on a terminal, one plain line per step everywhere else.
 
 A bar redraws itself with carriage returns, which fill a log file with noise, and a run with
 the bar switched off should still say where it is. So a bar (tqdm, on stderr) is drawn only
-when ``bar`` is on and stdout is a terminal; otherwise each :meth:`Progress.step` prints one
-line on stdout, flushed, so a batch log gets one line per epoch or step as it happens.
+when ``bar`` is on and both stdout and stderr are terminals; otherwise each
+:meth:`Progress.step` prints one line on stdout, flushed, so a batch log gets one line per
+epoch or step as it happens.
 
     with Progress(total=steps, desc="train digits", unit="step", bar=progress) as p:
         for ...:
@@ -19,14 +20,14 @@ from tqdm import tqdm
 
 
 def draws_bar(bar: bool) -> bool:
-    """Whether progress shows as a bar: asked for, and stdout is a terminal."""
-    return bar and sys.stdout.isatty()
+    """Whether progress shows as a bar: asked for, and neither output goes to a file or pipe."""
+    return bar and sys.stdout.isatty() and sys.stderr.isatty()
 
 
 class Progress:
     """``total`` units of work (``initial`` of them already done), named ``desc``.
 
-    ``bar``: draw a bar when stdout is a terminal (else plain lines); ``silent``: show nothing
+    ``bar``: draw a bar on a terminal (else plain lines); ``silent``: show nothing
     (the non-reporting ranks of a torchrun launch)."""
 
     def __init__(self, *, total: int, desc: str, unit: str, initial: int = 0, bar: bool = True,

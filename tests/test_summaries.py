@@ -126,7 +126,7 @@ def test_progress_draws_a_bar_on_a_terminal(monkeypatch):
         def isatty(self):
             return True
 
-    out, err = Terminal(), io.StringIO()
+    out, err = Terminal(), Terminal()
     monkeypatch.setattr(sys, "stdout", out)
     monkeypatch.setattr(sys, "stderr", err)
     with Progress(total=4, desc="train x", unit="step") as bar:
@@ -138,6 +138,12 @@ def test_progress_draws_a_bar_on_a_terminal(monkeypatch):
     with Progress(total=1, desc="train x", unit="step", bar=False) as bar:
         bar.step("epoch 1/1")
     assert out.getvalue() == "train x: epoch 1/1\n"
+    # stderr (where the bar goes) sent to a file: plain lines, no redraws in the file
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    with Progress(total=1, desc="train x", unit="step") as bar:
+        bar.advance()
+        bar.step("epoch 1/1")
+    assert out.getvalue() == "train x: epoch 1/1\n" * 2 and sys.stderr.getvalue() == ""
 
 
 def test_silent_progress_shows_nothing(capsys):
