@@ -34,7 +34,7 @@ from memkern.progress import Progress
 from memkern.rewind import select_groups, with_group_from
 from memkern.runs import RunDir
 from memkern.sites import example_indices
-from memkern.summaries import ACCURACIES, number
+from memkern.summaries import accuracy_text
 from memkern.train import epoch_generator, learning_rate
 
 # Default reset point: the initialization. It removes everything the group learned, so any
@@ -99,8 +99,7 @@ def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData, *, ep
                 bar.advance()
         rows.append({"group": group.name, "epoch": epoch, **split_accuracies(model, data)})
         if bar is not None:
-            accs = "  ".join(f"{k.removesuffix('_acc')} {number(rows[-1][k])}" for k in ACCURACIES)
-            bar.step(f"{group.name} epoch {epoch}/{epochs}  {accs}")
+            bar.step(f"{group.name} epoch {epoch}/{epochs}  {accuracy_text(rows[-1])}")
         freeze_all_but(model, group)  # split_accuracies left the whole model in eval mode
     model.requires_grad_(True)
     model.eval()

@@ -2,7 +2,8 @@
 
 Pure functions of the rows the commands return or write (metrics.jsonl lines, grads/summary.csv
 rows, rewind.csv / retrain.csv rows, localize_summary.json), so the command line, ``memkern
-demo`` and tests share one wording. An accuracy that is undefined (no noisy examples) shows "-".
+demo`` and tests share one wording; :func:`run_findings` reads those files from a run
+directory. An accuracy that is undefined (no noisy examples) shows "-".
 """
 from __future__ import annotations
 
@@ -36,11 +37,15 @@ def _accuracies(row: dict, suffix: str = "") -> list[str]:
     return [number(row.get(k + suffix)) for k in ACCURACIES]
 
 
+def accuracy_text(row: dict) -> str:
+    """``clean 0.950  noisy 0.215  test 0.931`` (noisy: against the flipped labels)."""
+    return "  ".join(f"{k.removesuffix('_acc')} {number(row.get(k))}" for k in ACCURACIES)
+
+
 def epoch_line(metrics: dict, *, epochs: int) -> str:
-    """One epoch of training: ``epoch 3/30  loss 0.512  clean 0.950  noisy 0.215  test 0.931``."""
+    """One epoch of training: ``epoch 3/30  loss 0.5120  clean 0.950  noisy 0.215  test 0.931``."""
     return (f"epoch {metrics['epoch']}/{epochs}  loss {number(metrics.get('train_loss'), '.4f')}"
-            f"  clean {number(metrics.get('clean_acc'))}  noisy {number(metrics.get('noisy_acc'))}"
-            f"  test {number(metrics.get('test_acc'))}")
+            f"  {accuracy_text(metrics)}")
 
 
 def training_summary(metrics: list[dict]) -> str:
