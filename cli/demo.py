@@ -15,8 +15,8 @@ def demo(out, device, progress):
     command to resume).
 
     Trains a cnn with 10% label noise with and without example-tied dropout, then runs
-    gradient accounting, layer rewinding, retraining and localization on both, and writes a
-    report for each.
+    gradient accounting, layer rewinding, retraining and localization on both, and writes one
+    report page that shows the two runs side by side (OUT/report/index.html).
 
     \b
     Example:
@@ -24,7 +24,6 @@ def demo(out, device, progress):
     """
     from memkern.demo import run_demo
 
-    reports = run_demo(out=out, device=device, progress=progress,
-                       say=lambda line: click.echo(line, err=True))
-    for name, path in reports.items():
-        click.echo(f"{name} report: {path}")
+    page = run_demo(out=out, device=device, progress=progress,
+                    say=lambda line: click.echo(line, err=True))
+    click.echo(f"report (plain and tied runs side by side): {page}")
