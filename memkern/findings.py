@@ -169,22 +169,32 @@ def _site_phrase(entry: dict, sites: list[str]) -> str:
     return f"{top} holds the largest share of them ({num(entry['site_fraction'][top])})"
 
 
+def _channels_phrase(entry: dict, kind: str) -> str:
+    """How many channels flipping a group's fitted targets took, or why there is no number."""
+    fitted = entry["count"] - entry.get("unfitted", 0)
+    if not fitted:
+        return f"the model fitted none of the {entry['count']} {kind} targets: nothing to flip"
+    if entry["median_channels_flipped"] is None:
+        return f"none of the {fitted} fitted {kind} targets flipped within the channel cap"
+    return (f"flipping a {kind} target takes a median of {entry['median_channels_flipped']:g} "
+            f"channels ({num(entry['flip_rate'])} of {fitted} flipped)")
+
+
 def localization_finding(summary: dict) -> str | None:
     """Channels needed to flip a noisy vs a clean example, where the noisy examples' channels
     sit, and what the edits cost (docs/method.md, Experiment 4)."""
     groups = summary.get("groups", {})
     noisy, clean = groups.get("noisy"), groups.get("clean")
-    if not noisy or not noisy["count"] or noisy["median_channels_flipped"] is None:
+    if not noisy or not noisy["count"]:
         return None
-    text = (f"Flipping a memorized (noisy) example takes a median of "
-            f"{noisy['median_channels_flipped']:g} channels ({num(noisy['flip_rate'])} of "
-            f"{noisy['count'] - noisy.get('unfitted', 0)} flipped)")
-    if clean and clean["count"] and clean["median_channels_flipped"] is not None:
-        text += (f", a clean one {clean['median_channels_flipped']:g} "
-                 f"({num(clean['flip_rate'])} of {clean['count'] - clean.get('unfitted', 0)} "
-                 f"flipped)")
+    text = _channels_phrase(noisy, "noisy (memorized)")
+    text = text[0].upper() + text[1:]
+    if clean and clean["count"]:
+        text += "; " + _channels_phrase(clean, "clean")
+    if noisy["median_channels_flipped"] is None:
+        return text + "."
     used = [s for s in summary["sites"] if noisy["site_fraction"][s] > 0]
-    text += (f". The noisy examples' channels sit in {len(used)} of {len(summary['sites'])} "
+    text += (f". The noisy targets' channels sit in {len(used)} of {len(summary['sites'])} "
              f"sites; {_site_phrase(noisy, summary['sites'])}.")
     base = summary.get("base")
     if base and noisy.get("edited_test_acc") is not None:

@@ -102,12 +102,23 @@ def test_accounting_reads_the_first_trained_epoch():
 
 def test_localization_compares_noisy_and_clean_and_names_the_favoured_site():
     assert findings.localization_finding(LOCALIZE) == (
-        "Flipping a memorized (noisy) example takes a median of 4 channels (1.00 of 144 flipped),"
-        " a clean one 8 (0.88 of 144 flipped). The noisy examples' channels sit in 4 of 4 sites;"
-        " relative to its width, block1.pre holds most of them (6.24 times its share of "
-        "channels). An edit costs on average 0.02 test accuracy (unedited 0.95).")
+        "Flipping a noisy (memorized) target takes a median of 4 channels (1.00 of 144 flipped);"
+        " flipping a clean target takes a median of 8 channels (0.88 of 144 flipped). The noisy "
+        "targets' channels sit in 4 of 4 sites; relative to its width, block1.pre holds most of "
+        "them (6.24 times its share of channels). An edit costs on average 0.02 test accuracy "
+        "(unedited 0.95).")
     no_noisy = {**LOCALIZE, "groups": {"noisy": {**LOCALIZE["groups"]["noisy"], "count": 0}}}
     assert findings.localization_finding(no_noisy) is None
+
+
+def test_localization_says_why_there_is_no_channel_count():
+    """A 3-epoch mlp fits none of its flipped labels; a cap of 8 channels flips no clean one."""
+    summary = {"sites": ["hidden.pre"], "groups": {
+        "noisy": {"count": 3, "unfitted": 3, "flip_rate": None, "median_channels_flipped": None},
+        "clean": {"count": 3, "unfitted": 0, "flip_rate": 0.0, "median_channels_flipped": None}}}
+    assert findings.localization_finding(summary) == (
+        "The model fitted none of the 3 noisy (memorized) targets: nothing to flip; none of the "
+        "3 fitted clean targets flipped within the channel cap.")
 
 
 def test_tied_sentences_quote_own_keep_and_drop():
