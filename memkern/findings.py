@@ -234,11 +234,21 @@ def comparison_finding(plain: dict, tied: dict) -> str:
 
 
 def scores_finding(benchmark: list[dict]) -> str | None:
-    """The signal that ranks the flipped labels best (``scores/benchmark.csv`` rows)."""
+    """The signal that ranks the flipped labels best among those scoring every example (a
+    signal computed for a subset, as channels_to_flip, is ranked on easier ground), and the
+    combined memorization_score beside it (``scores/benchmark.csv`` rows)."""
     rows = [r for r in benchmark if r.get("auroc") not in (None, "")
             and not math.isnan(float(r["auroc"]))]
     if not rows:
         return None
+    everyone = max(int(r["covered"]) for r in rows)
+    rows = [r for r in rows if int(r["covered"]) == everyone]
     best = max(rows, key=lambda r: float(r["auroc"]))
-    return (f"Of {len(rows)} signals, {best['method']} finds the flipped labels best: AUROC "
-            f"{num(float(best['auroc']))}, average precision {num(float(best['ap']))}.")
+    text = (f"Of {len(rows)} signals scoring all {everyone} examples, {best['method']} finds "
+            f"the flipped labels best: AUROC {num(float(best['auroc']))}, average precision "
+            f"{num(float(best['ap']))}")
+    combined = next((r for r in rows if r["method"] == "memorization_score"), None)
+    if combined and combined is not best:
+        text += (f"; the combined memorization_score: AUROC {num(float(combined['auroc']))}, "
+                 f"average precision {num(float(combined['ap']))}")
+    return text + "."

@@ -137,13 +137,18 @@ def test_tied_sentences_quote_own_keep_and_drop():
     assert "sits in" not in findings.comparison_finding(PLAIN_LAST, weak)
 
 
-def test_scores_finding_picks_the_best_auroc_and_skips_undefined():
-    rows = [{"method": "aum", "auroc": "0.91", "ap": "0.5"},
-            {"method": "memorization_score", "auroc": "0.97", "ap": "0.8"},
-            {"method": "channels_to_flip", "auroc": "", "ap": ""},
-            {"method": "x", "auroc": "nan", "ap": "nan"}]
-    assert findings.scores_finding(rows) == ("Of 2 signals, memorization_score finds the flipped "
-                                             "labels best: AUROC 0.97, average precision 0.80.")
+def test_scores_finding_ranks_signals_that_score_everyone():
+    """Rows of the demo's plain run's scores/benchmark.csv (`memkern scores --benchmark
+    --folds 0`), as written; channels_to_flip covers only the 288 localized examples."""
+    rows = [{"method": "variability", "covered": "1437", "auroc": "0.9998", "ap": "0.9983"},
+            {"method": "memorization_score", "covered": "1437", "auroc": "0.9815", "ap": "0.8526"},
+            {"method": "forgetting_events", "covered": "1437", "auroc": "0.764", "ap": "0.2902"},
+            {"method": "channels_to_flip", "covered": "288", "auroc": "0.864", "ap": "0.8355"}]
+    assert findings.scores_finding(rows) == (
+        "Of 3 signals scoring all 1437 examples, variability finds the flipped labels best: "
+        "AUROC 1.00, average precision 1.00; the combined memorization_score: AUROC 0.98, "
+        "average precision 0.85.")
+    assert findings.scores_finding([{"method": "x", "covered": "5", "auroc": "", "ap": ""}]) is None
     assert findings.scores_finding([]) is None
 
 

@@ -20,7 +20,7 @@ from browser_checks import find_browser, probe_page
 SECTION_ORDER = ["training", "grads", "rewind", "retrain", "localize", "tied", "scores"]
 
 
-def _analysed(root, name, config):
+def _analysed(root, name, config, *, scores=False):
     from memkern.accounting import gradient_accounting
     from memkern.localize.run import localize
     from memkern.retrain import retrain
@@ -36,14 +36,18 @@ def _analysed(root, name, config):
     for examples in ("noisy", "clean"):
         localize(ckpt=final, examples=examples, limit=3, ref_batch=64, max_channels=8,
                  device="cpu", progress=False)
+    if scores:
+        from memkern.scores.run import score_run
+        score_run(run=run, benchmark=True, folds=0, device="cpu", progress=False)
     return run
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Real 3-epoch runs, plain and tied, with every analysis but scores (about 30 s)."""
+    """Real 3-epoch runs, plain and tied, with every analysis (scores on the plain one only:
+    the tied run shows the missing section), about 30 s."""
     root = tmp_path_factory.mktemp("report")
-    return (_analysed(root, "plain", TrainConfig(model="mlp", epochs=3, noise=0.1)),
+    return (_analysed(root, "plain", TrainConfig(model="mlp", epochs=3, noise=0.1), scores=True),
             _analysed(root, "tied", TrainConfig(model="mlp", epochs=3, noise=0.1,
                                                 tied_dropout=True)))
 
@@ -76,11 +80,11 @@ def test_sections_follow_the_method_with_caption_and_finding_or_missing(pages):
     assert re.findall(r'<section id="(\w+)">', page) == SECTION_ORDER
     for key, body in zip(SECTION_ORDER, sections(page)):
         assert '<p class="caption">' in body, key
-        if key in ("tied", "scores"):  # a plain run without scores: listed as missing
+        if key == "tied":  # a plain run: listed as missing, with what to do
             assert '<p class="missing">Missing:' in body, key
         else:
             assert '<p class="finding">' in body and "Missing:" not in body, key
-    assert "memkern scores --run" in page and "not a tied-dropout run" in page
+    assert "not a tied-dropout run" in page
 
 
 def test_findings_quote_the_runs_own_tables(runs, pages):
@@ -88,7 +92,8 @@ def test_findings_quote_the_runs_own_tables(runs, pages):
     text = squeeze(text_of(pages[0]))
     for sentence in (findings.rewind_finding(read_table(plain / "rewind.csv")),
                      findings.retrain_finding(read_table(plain / "retrain.csv")),
-                     findings.accounting_finding(read_csv(plain / "grads" / "summary.csv"))):
+                     findings.accounting_finding(read_csv(plain / "grads" / "summary.csv")),
+                     findings.scores_finding(read_csv(plain / "scores" / "benchmark.csv"))):
         assert sentence and squeeze(sentence) in text
     last = RunDir(plain).load_metrics()[-1]
     assert f"test accuracy is {findings.num(last['test_acc'])}" in text
@@ -123,6 +128,7 @@ def test_compare_puts_plain_and_tied_side_by_side(runs, pages):
     assert squeeze(findings.comparison_finding(plain_last, tied_last)) in text
     assert "tied, memorization channels dropped" in text
     assert "Generalization gap" in text
+    assert "Missing: no memorization scores: memkern scores --run" in text  # the tied run
     # every section has one cell per run
     source = pages[1].read_text()
     assert len(sections(source)) == len(SECTION_ORDER)
