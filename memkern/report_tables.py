@@ -70,6 +70,38 @@ def _grads_summary(run: RunDir) -> list[dict] | None:
     return rows or None
 
 
+LOCALIZE_FIELDS = ("count", "flip_rate", "median_channels_flipped", "mean_channels_flipped",
+                   "site_fraction", "edited_clean_acc", "edited_noisy_acc", "edited_test_acc")
+
+
+def _localize_summary(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    summary = read_json_object(path)
+    groups = summary.get("groups")
+    fine = (isinstance(summary.get("sites"), list) and isinstance(groups, dict) and groups
+            and all(isinstance(e, dict) and all(k in e for k in LOCALIZE_FIELDS)
+                    for e in groups.values()))
+    if not fine:
+        raise RunDirError(f"{path} is not memkern's localization summary (fields missing); "
+                          f"rerun memkern localize on the run, which rewrites it")
+    return summary
+
+
+def _benchmark(path: Path) -> list[dict] | None:
+    rows = read_csv(path)
+    if rows and not {"method", "covered", "auroc", "ap"} <= set(rows[0]):
+        raise RunDirError(f"{path} is not memkern's benchmark table; rerun memkern scores "
+                          f"--benchmark")
+    try:
+        for r in rows:
+            int(r["covered"]), float(r["auroc"] or "nan"), float(r["ap"] or "nan")
+    except (TypeError, ValueError):
+        raise RunDirError(f"{path} holds a row that is not numbers; was it edited? rerun "
+                          f"memkern scores --benchmark") from None
+    return rows or None
+
+
 def load_run_tables(run_dir: str | Path) -> RunTables:
     """Read everything the report shows from ``run_dir``; a missing analysis stays None."""
     run = RunDir(run_dir)
@@ -81,14 +113,13 @@ def load_run_tables(run_dir: str | Path) -> RunTables:
     if missing:
         raise RunDirError(f"{run.metrics_path} lacks {missing[0]} in some lines; was it edited? "
                           f"restore it")
-    summary = run.root / "localize_summary.json"
-    benchmark = read_csv(run.root / "scores" / "benchmark.csv")
     return RunTables(
         run=run, config=config, noise=run.load_noise(), metrics=metrics,
         grads=_grads_summary(run), rewind=read_table(run.root / "rewind.csv") or None,
         retrain=read_table(run.root / "retrain.csv") or None,
-        localize=read_json_object(summary) if summary.is_file() else None,
-        scores=(run.root / "scores.csv").is_file(), benchmark=benchmark or None,
+        localize=_localize_summary(run.root / "localize_summary.json"),
+        scores=(run.root / "scores.csv").is_file(),
+        benchmark=_benchmark(run.root / "scores" / "benchmark.csv"),
         figures={k: run.root / p for k, p in FIGURES.items() if (run.root / p).is_file()})
 
 

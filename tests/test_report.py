@@ -4,6 +4,7 @@ rendered alone and side by side, and checked in headless Chromium when one is in
 import base64
 import html
 import re
+import shutil
 
 import pytest
 from click.testing import CliRunner
@@ -142,6 +143,20 @@ def test_bad_compare_is_one_clear_line(runs, tmp_path):
         result = CliRunner().invoke(main, ["report", "--run", str(plain), "--compare", str(other)])
         assert result.exit_code == 2 and words in result.output, result.output
         assert result.output.startswith("memkern: error:") and result.output.count("\n") == 1
+
+
+@pytest.mark.parametrize("name,damage,words", [
+    ("localize_summary.json", '{"groups": {"noisy": {}}, "sites": []}', "rerun memkern localize"),
+    ("grads/summary.csv", "epoch,group\n0,head\n", "rerun memkern grads"),
+    ("scores/benchmark.csv", "method,covered,auroc,ap\nx,many,0.5,0.5\n", "not numbers"),
+    ("rewind.csv", "group,epoch\n", "not a memkern accuracy table")])
+def test_a_damaged_table_is_one_clear_line(runs, tmp_path, name, damage, words):
+    run = tmp_path / "run"
+    shutil.copytree(runs[0], run, ignore=shutil.ignore_patterns("report"))
+    (run / name).write_text(damage)
+    result = CliRunner().invoke(main, ["report", "--run", str(run)])
+    assert result.exit_code == 2 and words in result.output, result.output
+    assert result.output.count("\n") == 1 and not (run / "report" / "index.html").exists()
 
 
 browser = find_browser()
