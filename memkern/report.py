@@ -194,17 +194,19 @@ def _localize_tables(summary: dict) -> list[Table]:
         rows.append(["unedited model", "", "", "", "", "", num(base["clean_acc"]),
                      num(base["noisy_acc"]), num(base["test_acc"])])
     tables = [Table("channels needed to flip a target, and the edited model's accuracy",
-                    ["targets", "count", "unfitted", "flipped", "median channels",
-                     "mean channels", "clean acc", "noisy acc", "test acc"], rows)]
+                    ["targets", "count", "unfitted", "flipped", "median ch.", "mean ch.",
+                     "clean acc", "noisy acc", "test acc"], rows)]
     widths = summary.get("site_widths")
     site_rows = [[s] + ([str(widths[s])] if widths else [])
                  + [num(groups[g]["site_fraction"][s]) for g in groups]
                  + ([num(groups[g]["site_enrichment"][s]) for g in groups] if widths else [])
                  for s in summary["sites"]]
-    tables.append(Table("where the zeroed channels sit",
-                        ["site"] + (["channels"] if widths else [])
-                        + [f"share ({g})" for g in groups]
-                        + ([f"share / width share ({g})" for g in groups] if widths else []),
+    tables.append(Table("where the zeroed channels sit: share of them, and that share over the "
+                        "site's share of all channels" if widths else
+                        "where the zeroed channels sit: share of them",
+                        ["site"] + (["width"] if widths else [])
+                        + [f"share {g}" for g in groups]
+                        + ([f"vs width {g}" for g in groups] if widths else []),
                         site_rows))
     if summary.get("tied"):
         tables.append(Table("tied-dropout sites: which channels were zeroed",

@@ -6,7 +6,7 @@ import io
 from memkern.figure_style import SPLITS, legend_outside
 
 MODE_LINES = {"": "-", "_keep": "-.", "_drop": ":"}
-MODE_NAMES = {"": "", "_keep": ", memorization channels kept", "_drop": ", dropped"}
+MODE_NAMES = {"": ", own masks", "_keep": ", memorization channels kept", "_drop": ", dropped"}
 
 
 def training_curves_png(rows: list[dict], *, title: str) -> bytes:
@@ -26,7 +26,7 @@ def training_curves_png(rows: list[dict], *, title: str) -> bytes:
                 continue
             ax.plot(epochs, [r[f"{key}{mode}"] for r in rows], MODE_LINES[mode] if tied else line,
                     color=colour, marker=marker, markevery=every, ms=4,
-                    label=label + MODE_NAMES[mode])
+                    label=label + (MODE_NAMES[mode] if tied else ""))
     ax.set(xlabel="epoch", ylabel="accuracy (fraction correct)", ylim=(-0.02, 1.02),
            title=title)
     ax.grid(alpha=0.3)

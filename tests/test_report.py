@@ -105,7 +105,7 @@ def test_key_tables_are_rendered(runs, pages):
     text = squeeze(text_of(pages[0]))
     grads = read_csv(plain / "grads" / "summary.csv")
     assert f"grads/summary.csv ({len(grads)} rows)" in text
-    assert "median channels" in text and "where the zeroed channels sit" in text
+    assert "median ch." in text and "where the zeroed channels sit" in text
     assert "noisy-train accuracy after rewinding" in text and "at the reset and after" in text
     assert "Headline numbers" in text
 
