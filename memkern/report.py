@@ -91,12 +91,14 @@ CAPTIONS = {
 }
 
 
-def _png(path: Path) -> str:
-    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+def data_uri(png: bytes) -> str:
+    """A PNG as an ``<img src>`` that needs no file beside the page."""
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
 def _figures(t: RunTables, *names: tuple[str, str]) -> list[Figure]:
-    return [Figure(title, _png(t.figures[key])) for key, title in names if key in t.figures]
+    return [Figure(title, data_uri(t.figures[key].read_bytes()))
+            for key, title in names if key in t.figures]
 
 
 def _g(value) -> str:
@@ -106,7 +108,6 @@ def _g(value) -> str:
 
 
 def training_cell(t: RunTables) -> Cell:
-    png = training_curves_png(t.metrics, title=f"training: {printable(t.name)}")
     last = t.last
     modes = [("", "final epoch")] + ([("_keep", "kept"), ("_drop", "dropped")] if t.tied else [])
     columns = ["set"] + [name for _, name in modes]
@@ -114,8 +115,8 @@ def training_cell(t: RunTables) -> Cell:
     return Cell(t.name, findings.training_finding(last, epochs=last["epoch"],
                                                   noisy=len(t.noise["noisy_indices"]),
                                                   train=t.noise["num_train"]),
-                [Figure("accuracy per epoch", "data:image/png;base64,"
-                        + base64.b64encode(png).decode("ascii"))],
+                [Figure("accuracy per epoch",
+                        data_uri(training_curves_png(t.metrics, title=f"training: {t.name}")))],
                 [Table(f"accuracy at epoch {last['epoch']}"
                        + (" (memorization channels kept / dropped)" if t.tied else ""),
                        columns, rows)])
