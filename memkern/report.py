@@ -332,7 +332,10 @@ def build_sections(runs: list[RunTables]) -> list[Section]:
     tied = [t for t in runs if t.tied]
     plain = [t for t in runs if not t.tied]
     if len(runs) == 2 and tied and plain:
-        next(s for s in sections if s.key == "tied").joint = tied_joint(plain[0], tied[0])
+        section = next(s for s in sections if s.key == "tied")
+        section.joint = tied_joint(plain[0], tied[0])
+        section.cells[runs.index(plain[0])] = Cell(
+            plain[0].name, "Trained without tied dropout: the plain side of the comparison above.")
     return sections
 
 
