@@ -15,8 +15,8 @@ def demo(out, device, progress):
     command to resume: finished steps are not computed again).
 
     Trains a cnn with 10% label noise with and without example-tied dropout, then runs
-    gradient accounting, layer rewinding, retraining and localization on both, and writes a
-    report for each.
+    gradient accounting, layer rewinding, retraining and localization on both, and writes one
+    report page that shows the two runs side by side (OUT/report/index.html).
 
     \b
     Example:
@@ -27,11 +27,10 @@ def demo(out, device, progress):
     from memkern.demo import run_demo
     from memkern.summaries import run_findings
 
-    reports = run_demo(out=out, device=device, progress=progress,
-                       say=lambda line: click.echo(line, err=True))
-    for name in reports:
+    page = run_demo(out=out, device=device, progress=progress,
+                    say=lambda line: click.echo(line, err=True))
+    for name in ("plain", "tied"):
         click.echo(f"{name} run ({Path(out) / name}):")
         for line in run_findings(Path(out) / name):
             click.echo(f"  {line}")
-    for name, path in reports.items():
-        click.echo(f"{name} report: {path}")
+    click.echo(f"report (plain and tied runs side by side): {page}")

@@ -21,14 +21,13 @@ RUNS = {"plain": "cnn-digits", "tied": "cnn-digits-tied"}
 
 
 def run_demo(*, out: str | Path, device: str = "auto", progress: bool = True,
-             say: Callable[[str], None] = print) -> dict[str, Path]:
+             say: Callable[[str], None] = print) -> Path:
     """Train a plain and a tied-dropout cnn with 10% label noise, then evaluate, account
     gradients, rewind, retrain and localize both; ``say`` gets one line per step. Returns the
-    report index of each run (``{"plain": ..., "tied": ...}``)."""
+    one report page that shows both runs side by side, ``<out>/report/index.html``."""
     from memkern.accounting import gradient_accounting
     from memkern.localize.run import localize
 
-    reports = {}
     for name, preset in RUNS.items():
         config = TrainConfig.from_name(preset)
         run = RunDir(Path(out) / name)
@@ -52,5 +51,6 @@ def run_demo(*, out: str | Path, device: str = "auto", progress: bool = True,
                  progress=progress)
         localize(ckpt=final, examples="clean", limit=LOCALIZE_CLEAN,
                  ref_batch=LOCALIZE_REF_BATCH, device=device, progress=progress)
-        reports[name] = write_report(run.root)
-    return reports
+    say("[demo] report: plain and tied runs side by side")
+    return write_report(run=Path(out) / "plain", compare=Path(out) / "tied",
+                        out=Path(out) / "report")

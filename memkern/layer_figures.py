@@ -5,9 +5,7 @@ import math
 from pathlib import Path
 
 from memkern.atomic import atomic_write
-
-SPLITS = (("clean_acc", "clean train"), ("noisy_acc", "noisy train (noisy labels)"),
-          ("test_acc", "test"))
+from memkern.figure_style import SPLITS
 
 
 def _pyplot():
@@ -31,16 +29,19 @@ def _ordered(values) -> list:
 
 
 def plot_rewind(rows: list[dict], path: str | Path, *, title: str) -> None:
-    """Two annotated heatmaps, groups x rewind epochs: noisy-train and test accuracy. The first
-    row of ``rows`` is the final model's baseline, shown in the panel titles."""
+    """Three annotated heatmaps, groups x rewind epochs: clean-train, noisy-train and test
+    accuracy (numbers in every cell: the figure reads without colour). The first row of
+    ``rows`` is the final model's baseline, shown in the panel titles."""
     base, configs = rows[0], rows[1:]
     groups = _ordered(r["group"] for r in configs)
     epochs = sorted({r["epoch"] for r in configs})
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(2 * (2.0 + 0.55 * max(len(epochs), 2)),
-                                            1.4 + 0.45 * max(len(groups), 2)), squeeze=False,
-                             layout="constrained")
-    for ax, (key, label) in zip(axes[0], (SPLITS[1], SPLITS[2])):
+    # Stacked, not side by side: the report shows the figure at half a page's width beside
+    # another run's, where three wide panels in a row turn the cell numbers unreadable.
+    fig, axes = plt.subplots(3, 1, figsize=(2.6 + 0.55 * max(len(epochs), 2),
+                                            3 * (1.0 + 0.4 * max(len(groups), 2))),
+                             squeeze=False, layout="constrained")
+    for ax, (key, label, *_) in zip(axes[:, 0], SPLITS):
         grid = [[math.nan] * len(epochs) for _ in groups]
         for r in configs:
             grid[groups.index(r["group"])][epochs.index(r["epoch"])] = r[key]
@@ -53,9 +54,9 @@ def plot_rewind(rows: list[dict], path: str | Path, *, title: str) -> None:
         ax.set_xticks(range(len(epochs)), [str(e) for e in epochs])
         ax.set_yticks(range(len(groups)), groups)
         ax.set_xlabel("rewound to epoch")
-        ax.set_title(f"{label}\n(final model: {base[key]:.3f})", fontsize=10)
-        fig.colorbar(image, ax=ax)
-    axes[0][0].set_ylabel("layer group")
+        ax.set_ylabel("layer group rewound")
+        ax.set_title(f"{label} (final model: {base[key]:.3f})", fontsize=10)
+        fig.colorbar(image, ax=ax, label="accuracy (fraction)")
     fig.suptitle(title)
     _save(fig, path)
 
@@ -70,8 +71,9 @@ def plot_retrain(rows: list[dict], path: str | Path, *, title: str) -> None:
                              sharey=True, layout="constrained")
     for ax, group in zip(axes.flat, groups):
         mine = sorted((r for r in rows if r["group"] == group), key=lambda r: r["epoch"])
-        for key, label in SPLITS:
-            ax.plot([r["epoch"] for r in mine], [r[key] for r in mine], marker=".", label=label)
+        for key, label, colour, marker, line in SPLITS:
+            ax.plot([r["epoch"] for r in mine], [r[key] for r in mine], line, color=colour,
+                    marker=marker, ms=4, label=label)
         ax.set_title(group, fontsize=10)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("retraining epoch (0 = reset)", fontsize=9)
@@ -79,7 +81,9 @@ def plot_retrain(rows: list[dict], path: str | Path, *, title: str) -> None:
         ax.grid(alpha=0.3)
     for ax in list(axes.flat)[len(groups):]:
         ax.set_visible(False)
-    axes[0][0].set_ylabel("accuracy")
-    axes[0][0].legend(fontsize=7, loc="lower right")
+    for row in axes:
+        row[0].set_ylabel("accuracy (fraction)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
     fig.suptitle(title)
     _save(fig, path)

@@ -117,10 +117,11 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     # single-group configurations, 2 shared CPU cores): functional_call 7.00 s, vmap 7.82 s,
     # deep copy per configuration 9.29 s; on the 30-epoch run's 15 configurations: 14.0 s vs
     # vmap in chunks of 5: 24.4 s.
-    bar = Progress(total=1 + len(epochs) * len(chosen), unit="config",
-                   desc=f"rewind {run.root.name}", bar=progress)
+    # The bar counts rewound configurations only, as the command's closing line does; the final
+    # model's baseline is evaluated before it starts.
     rows = [{"group": BASELINE, "epoch": available[-1], **split_accuracies(model, data)}]
-    bar.advance()
+    bar = Progress(total=len(epochs) * len(chosen), unit="config",
+                   desc=f"rewind {run.root.name}", bar=progress)
     for epoch in epochs:
         earlier = ctx.state(epoch)
         for group in chosen:

@@ -1,15 +1,17 @@
 """What each command found, in numbers: the text it prints when it ends.
 
 Pure functions of the rows the commands return or write (metrics.jsonl lines, grads/summary.csv
-rows, rewind.csv / retrain.csv rows, localize_summary.json), so the command line, ``memkern
-demo`` and tests share one wording; :func:`run_findings` reads those files from a run
-directory. An accuracy that is undefined (no noisy examples) shows "-".
+rows, rewind.csv / retrain.csv rows) as text tables; the sentences are the report's
+(:mod:`memkern.findings`), so a command, ``memkern demo`` (:func:`run_findings`) and the report
+say the same thing. An accuracy that is undefined (no noisy examples) shows "-".
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
 from typing import Sequence
+
+from memkern import findings
 
 ACCURACIES = ("clean_acc", "noisy_acc", "test_acc")
 ACCURACY_HEADER = ("clean-train", "noisy-train", "test")
@@ -89,9 +91,10 @@ def _by_group(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
-def rewind_summary(rows: list[dict], *, baseline: str = "final") -> str:
+def rewind_summary(rows: list[dict]) -> str:
     """The key rows of rewind.csv: the final model, then each group rewound to the earliest and
-    to the latest rewind epoch, and the group whose rewinding costs the noisy examples most."""
+    to the latest rewind epoch, and the report's finding on them."""
+    baseline = findings.BASELINE
     base = next(r for r in rows if r["group"] == baseline)
     groups = _by_group([r for r in rows if r["group"] != baseline])
     if not groups:
@@ -102,26 +105,11 @@ def rewind_summary(rows: list[dict], *, baseline: str = "final") -> str:
         for r in {ordered[0]["epoch"]: ordered[0], ordered[-1]["epoch"]: ordered[-1]}.values():
             table.append([name, r["epoch"], *_accuracies(r)])
     return (text_table(("group", "rewound to", *ACCURACY_HEADER), table) + "\n"
-            + rewind_headline(rows, baseline=baseline))
+            + findings.rewind_finding(rows))
 
 
-def rewind_headline(rows: list[dict], *, baseline: str = "final") -> str:
-    """The group whose rewinding to the earliest epoch costs the noisy examples most."""
-    base = next(r for r in rows if r["group"] == baseline)
-    earliest = {name: min(rs, key=lambda r: r["epoch"])
-                for name, rs in _by_group([r for r in rows if r["group"] != baseline]).items()}
-    if not earliest:
-        return "no configuration rewound"
-    worst = min(earliest.values(), key=lambda r: _sort_key(r["noisy_acc"]))
-    return (f"rewinding {worst['group']} to epoch {worst['epoch']} drops noisy-train accuracy "
-            f"to {number(worst['noisy_acc'])} while test accuracy is {number(worst['test_acc'])}"
-            f" (final model: {number(base['noisy_acc'])} and {number(base['test_acc'])})")
 
 
-def _sort_key(value) -> float:
-    """An accuracy as a float; missing ones sort last in a minimum."""
-    text = number(value, ".9f")
-    return math.inf if text == "-" else float(text)
 
 
 def retrain_summary(rows: list[dict]) -> str:
@@ -139,73 +127,25 @@ def retrain_summary(rows: list[dict]) -> str:
             + text_table(("group", "noisy after reset", "epochs", *ACCURACY_HEADER), table))
 
 
-def localize_headline(summary: dict) -> str:
-    """Channels needed to flip noisy vs clean examples (localize_summary.json's ``summary``)."""
-    parts = []
-    for name in ("noisy", "clean"):
-        g = summary["groups"].get(name)
-        if g and g["count"]:
-            parts.append(f"{name} examples flip after a median of "
-                         f"{number(g['median_channels_flipped'], 'g')} zeroed channels "
-                         f"(flip rate {number(g['flip_rate'], '.2f')} of {g['count']})")
-    return "; ".join(parts) if parts else "no example localized"
 
 
-def retrain_headline(rows: list[dict]) -> str:
-    """How far noisy-train accuracy comes back when each group is retrained on clean data."""
-    finals = [max(rs, key=lambda r: r["epoch"]) for rs in _by_group(rows).values()]
-    finals = [r for r in finals if number(r["noisy_acc"]) != "-"]
-    if not finals:
-        return "no group retrained with noisy examples to measure"
-    low = min(finals, key=lambda r: _sort_key(r["noisy_acc"]))
-    high = max(finals, key=lambda r: _sort_key(r["noisy_acc"]))
-    return (f"retrained on clean examples only, noisy-train accuracy comes back to "
-            f"{number(high['noisy_acc'])} ({high['group']}) at most and "
-            f"{number(low['noisy_acc'])} ({low['group']}) at least")
 
 
-def accounting_headline(rows: list[dict], *, group: str = "total") -> str:
-    """Noisy vs clean summed gradient of ``group`` at the first trained and the last epoch
-    accounted (grads/summary.csv rows)."""
-    picked = {int(r["epoch"]): r for r in rows if r["group"] == group and int(r["epoch"]) > 0}
-    if not picked:
-        return "no trained epoch accounted"
-    parts = []
-    for epoch in sorted({min(picked), max(picked)}):
-        r = picked[epoch]
-        clean, noisy = float(r["clean_norm"]), float(r["noisy_norm"])
-        ratio = noisy / clean if clean > 0 else float("nan")
-        parts.append(f"epoch {epoch}: {number(ratio, '.2f')}x the clean norm, cosine "
-                     f"{number(r['cosine'], '.2f')}")
-    return "summed gradient of the noisy examples vs the clean ones, " + "; ".join(parts)
 
 
 def run_findings(run: str | Path) -> list[str]:
-    """One headline per analysis present in run directory ``run`` (training, tied dropout,
-    gradient accounting, rewinding, retraining, localization), from the files they wrote."""
-    from memkern.atomic import read_json_object
-    from memkern.runs import RunDir
-    from memkern.tables import read_csv, read_table
+    """The report's finding for each analysis present in run directory ``run`` (training, tied
+    dropout, gradient accounting, rewinding, retraining, localization), in that order."""
+    from memkern.report_tables import load_run_tables
 
-    run = RunDir(run)
-    lines = []
-    metrics = run.load_metrics()
-    if metrics:
-        last = metrics[-1]
-        lines.append(f"after {last['epoch']} epochs: noisy-train (flipped labels) "
-                     f"{number(last['noisy_acc'])}, clean-train {number(last['clean_acc'])}, "
-                     f"test {number(last['test_acc'])}")
-        if "noisy_acc_drop" in last:
-            lines.append(f"memorization channels dropped: noisy-train "
-                         f"{number(last['noisy_acc_drop'])}, clean-train "
-                         f"{number(last['clean_acc_drop'])}, test {number(last['test_acc_drop'])}")
-    grads = read_csv(run.grads / "summary.csv")
-    if grads:
-        lines.append(accounting_headline(grads))
-    for name, headline in (("rewind", rewind_headline), ("retrain", retrain_headline)):
-        rows = read_table(run.root / f"{name}.csv")
-        if rows:
-            lines.append(headline(rows))
-    if (run.root / "localize_summary.json").is_file():
-        lines.append(localize_headline(read_json_object(run.root / "localize_summary.json")))
-    return lines
+    t = load_run_tables(run)
+    lines = [findings.training_finding(t.last, epochs=t.last["epoch"],
+                                       noisy=len(t.noise["noisy_indices"]),
+                                       train=t.noise["num_train"])]
+    if t.tied:
+        lines.append(findings.tied_drop_finding(t.last))
+    lines += [t.grads and findings.accounting_finding(t.grads),
+              t.rewind and findings.rewind_finding(t.rewind),
+              t.retrain and findings.retrain_finding(t.retrain),
+              t.localize and findings.localization_finding(t.localize)]
+    return [line for line in lines if line]

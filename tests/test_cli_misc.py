@@ -1,3 +1,5 @@
+import base64
+
 from click.testing import CliRunner
 
 from memkern.cli.main import main
@@ -25,11 +27,11 @@ def test_env_reports_torch_and_kernel_path():
     assert result.exit_code == 0 and "torch" in result.output and "kernel path" in result.output
 
 
-def test_report_writes_curves_and_index(tmp_path):
+def test_report_writes_one_self_contained_page(tmp_path):
     run = train(TrainConfig(model="mlp", epochs=2), out=tmp_path / "run", progress=False)
     result = CliRunner().invoke(main, ["report", "--run", str(run.root)])
     assert result.exit_code == 0, result.output
-    index = (run.root / "report" / "index.md").read_text()
-    assert "training.png" in index and "noisy_acc" in index
-    png = (run.root / "report" / "training.png").read_bytes()
+    page = (run.root / "report" / "index.html").read_text()
+    assert "Headline numbers" in page and "Missing: no gradient accounting" in page
+    png = base64.b64decode(page.split('src="data:image/png;base64,')[1].split('"')[0])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

@@ -48,7 +48,8 @@ def test_wheel_ships_every_subpackage_under_memkern_only(wheel):
                        for p in (REPO / "memkern").rglob("__init__.py")}
     source_packages = {p.replace("/./", "/") for p in source_packages}
     expected = source_packages | {"memkern/kernels/__init__.py", "memkern/cli/__init__.py",
-                                  "memkern/kernels/channel_mask.py", "memkern/cli/main.py"}
+                                  "memkern/kernels/channel_mask.py", "memkern/cli/main.py",
+                                  "memkern/templates/report.html.j2"}
     assert expected <= set(names), expected - set(names)
 
 
@@ -61,3 +62,17 @@ def test_wheel_install_imports_from_the_wheel(wheel, tmp_path):
     assert Path(package).is_relative_to(target) and Path(kernels).is_relative_to(target)
     assert Path(kernels) == target / "memkern" / "kernels" / "__init__.py"
     assert top_level == "None None"
+
+
+def test_wheel_install_renders_the_report_template(wheel, tmp_path):
+    """The page template is package data: an installed wheel finds it without the checkout."""
+    target = tmp_path / "site"
+    subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
+                    str(target), str(wheel)], check=True, capture_output=True)
+    code = ("import jinja2; env = jinja2.Environment(loader=jinja2.PackageLoader('memkern', "
+            "'templates')); print(env.get_template('report.html.j2').filename)")
+    deps = [p for p in sys.path if p.endswith("site-packages")]
+    env = {"PYTHONPATH": ":".join([str(target)] + deps), "PATH": "/usr/bin:/bin"}
+    found = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, check=True).stdout.strip()
+    assert Path(found).is_relative_to(target), found

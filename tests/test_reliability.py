@@ -245,7 +245,7 @@ def test_report_on_a_non_utf8_path(run, tmp_path):
     run.rename(odd)
     result = run_cli("report", "--run", odd)
     assert result.exit_code == 0, result.output
-    index = (odd / "report" / "index.md").read_text()  # valid UTF-8
+    index = (odd / "report" / "index.html").read_text()  # valid UTF-8
     assert "run-\\xff" in index
 
 

@@ -143,68 +143,95 @@ def format_table(summary: dict) -> str:
 
 
 def plot_summary(summary: dict, path: str | Path, *, max_channels: int | None = None) -> None:
-    """Three panels: histogram of channels needed (unflipped counted at the cap), share of
-    zeroed channels per site, mean accuracies of the edited models (dashed: unedited)."""
+    """Three panels (four on a tied run): histogram of channels needed (unflipped counted at
+    the cap); where the zeroed channels sit, as each site's share of them over its share of all
+    channels when the widths are known (1: in proportion to width); mean accuracies of the
+    edited models (dashed: unedited). Noisy and clean targets differ by hatch as well as colour,
+    and the legend sits above the panels, off the data."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = summary["groups"]
-    colors = {"noisy": "tab:red", "clean": "tab:blue"}
+    from memkern.figure_style import EXAMPLE_GROUPS
+
+    groups = {g: summary["groups"][g] for g in GROUPS if g in summary["groups"]}
     tied = bool(summary.get("tied"))
-    fig, axes = plt.subplots(1, 4 if tied else 3, figsize=(21 if tied else 16, 4.5))
+    # Two by two: the report shows this figure at half a page's width beside another run's.
+    fig, grid = plt.subplots(2, 2, figsize=(11, 8.5), layout="constrained")
+    axes = list(grid.flat)
     top = max([max(e["n_channels"], default=0) for e in groups.values()] + [max_channels or 1])
     bins = range(0, top + 2)
-    for g, e in groups.items():
-        axes[0].hist(e["n_channels"], bins=bins, alpha=0.6, color=colors[g],
-                     label=f"{g} (n={e['count']}, flipped {0 if e['flip_rate'] is None else e['flip_rate']:.0%})")
-    axes[0].set(xlabel="channels zeroed (unflipped: at the cap)", ylabel="examples",
-                title="channels needed to flip an example")
-    axes[0].legend()
-    sites = summary["sites"]
     width = 0.4
+
+    def bars(ax, k, g, xs, heights, **kw):
+        colour, hatch, _, _ = EXAMPLE_GROUPS[g]
+        ax.bar([x + (k - 0.5) * width for x in xs], heights, width, color=colour, alpha=0.75,
+               hatch=hatch, edgecolor="black", linewidth=0.6, **kw)
+
+    for g, e in groups.items():
+        colour, hatch, _, _ = EXAMPLE_GROUPS[g]
+        rate = 0 if e["flip_rate"] is None else e["flip_rate"]
+        axes[0].hist(e["n_channels"], bins=bins, alpha=0.55, color=colour, hatch=hatch,
+                     edgecolor="black", linewidth=0.6,
+                     label=f"{g} targets (n={e['count']}, flipped {rate:.0%})")
+    axes[0].set(xlabel="channels zeroed to flip (unflipped: at the cap)",
+                ylabel="targets (count)", title="channels needed to flip an example")
+    sites = summary["sites"]
+    normalized = bool(summary.get("site_widths"))
+    key = "site_enrichment" if normalized else "site_fraction"
     for k, (g, e) in enumerate(groups.items()):
-        axes[1].bar([i + (k - 0.5) * width for i in range(len(sites))],
-                    [e["site_fraction"][s] for s in sites], width, color=colors[g], label=g)
+        bars(axes[1], k, g, range(len(sites)), [e[key][s] for s in sites])
+    if normalized:
+        axes[1].axhline(1.0, color="black", linestyle="dotted", linewidth=1.5,
+                        label="1: zeroed in proportion to the site's width")
     axes[1].set_xticks(range(len(sites)), sites, rotation=45, ha="right", fontsize=8)
-    axes[1].set(ylabel="share of zeroed channels", title="where the critical channels sit")
-    axes[1].legend()
+    axes[1].set(xlabel="site", ylabel="share of zeroed channels / share of all channels"
+                if normalized else "share of zeroed channels (fraction)",
+                title="where the critical channels sit" + (" (width-normalized)"
+                                                           if normalized else ""))
     for k, (g, e) in enumerate(groups.items()):
-        axes[2].bar([i + (k - 0.5) * width for i in range(3)],
-                    [e[f"edited_{a}"] or 0.0 for a in ACCS], width, color=colors[g],
-                    label=f"edits of {g} targets")
+        bars(axes[2], k, g, range(3), [e[f"edited_{a}"] or 0.0 for a in ACCS])
     base = summary.get("base")
     if base:
         for i, a in enumerate(ACCS):
             axes[2].hlines(base[a], i - 0.45, i + 0.45, colors="k", linestyles="dashed",
-                           label="unedited" if i == 0 else None)
+                           label="unedited model" if i == 0 and not normalized else None)
     axes[2].set_xticks(range(3), ["clean train", "noisy train", "test"])
-    axes[2].set(ylabel="accuracy", ylim=(0, 1.05), title="accuracy of the edited model")
-    axes[2].legend(fontsize=8, loc="lower center")
+    axes[2].set(xlabel="training / test set", ylabel="accuracy of the edited model (fraction)",
+                ylim=(0, 1.05), title="accuracy after the edit (mean over targets)")
     if tied:
-        _plot_tied_shares(axes[3], groups, colors)
-    fig.tight_layout()
+        _plot_tied_shares(axes[3], groups, bars)
+    handles, labels = axes[0].get_legend_handles_labels()
+    for ax in axes[1:]:
+        more, names = ax.get_legend_handles_labels()
+        handles += more
+        labels += names
+    if base:
+        handles.append(matplotlib.lines.Line2D([], [], color="k", linestyle="dashed"))
+        labels.append("unedited model (accuracy panel)" if normalized else "unedited model")
+    if tied:
+        fig.legend(handles, labels, loc="outside upper center", ncol=2, fontsize=9)
+    else:  # the empty fourth panel holds the legend
+        axes[3].axis("off")
+        axes[3].legend(handles, labels, loc="center", fontsize=10)
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 
 
-def _plot_tied_shares(ax, groups: dict, colors: dict) -> None:
+def _plot_tied_shares(ax, groups: dict, bars) -> None:
     """Share of zeroed channels (at tied sites) that are memorization / the target's own
     channels, per group; black ticks: their share among all channels there."""
-    width = 0.4
     kinds = (("memorization", "memorization channels"), ("own", "target's own channels"))
     for k, (g, e) in enumerate(groups.items()):
         t = e["tied"]
-        xs = [i + (k - 0.5) * width for i in range(len(kinds))]
-        ax.bar(xs, [t[f"{kind}_share"] or 0.0 for kind, _ in kinds], width, color=colors[g],
-               label=f"{g} targets")
-        ax.hlines([t[f"{kind}_baseline"] or 0.0 for kind, _ in kinds], [x - width / 2 for x in xs],
-                  [x + width / 2 for x in xs], colors="k", label="share of all channels"
-                  if k == 0 else None)
+        xs = [i + (k - 0.5) * 0.4 for i in range(len(kinds))]
+        bars(ax, k, g, range(len(kinds)), [t[f"{kind}_share"] or 0.0 for kind, _ in kinds])
+        ax.hlines([t[f"{kind}_baseline"] or 0.0 for kind, _ in kinds], [x - 0.2 for x in xs],
+                  [x + 0.2 for x in xs], colors="k", linewidth=2.5,
+                  label="share among all channels at tied sites" if k == 0 else None)
     ax.set_xticks(range(len(kinds)), [label for _, label in kinds])
-    ax.set(ylabel="share of zeroed channels", ylim=(0, 1.05),
-           title="tied dropout: which channels flip an example")
-    ax.legend(fontsize=8, loc="upper right")
+    ax.set(xlabel="kind of channel", ylabel="share of zeroed channels (fraction)",
+           ylim=(0, 1.05), title="tied dropout: which channels flip an example")
 
 
 def write_summary(rows: list[dict], out_dir: str | Path, *, site_order: Sequence[str] | None = None,

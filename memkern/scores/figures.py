@@ -57,28 +57,38 @@ def image_grid(images: torch.Tensor, indices: np.ndarray, *, labels: np.ndarray,
     plt.close(fig)
 
 
+LINES = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
+MARKERS = ("o", "s", "^", "v", "D", "x", "+", "*", "P", "h")
+
+
 def detection_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Path,
                      title: str) -> None:
     """ROC and precision-recall curves; ``curves``: name -> (oriented scores, flipped mask)."""
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     plt = _pyplot()
-    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(11, 4.6))
-    for name, (scores, positive) in curves.items():
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    for k, (name, (scores, positive)) in enumerate(curves.items()):
         finite = np.where(np.isinf(scores), np.sign(scores) * 1e300, scores)
         fpr, tpr, _ = roc_curve(positive, finite)
         precision, recall, _ = precision_recall_curve(positive, finite)
-        style = "-" if name in ("memorization_score", "cleanlab") else "--"
-        roc_ax.plot(fpr, tpr, style, lw=1.2, label=name)
-        pr_ax.plot(recall, precision, style, lw=1.2, label=name)
-    roc_ax.plot([0, 1], [0, 1], ":", color="gray", lw=0.8)
-    roc_ax.set(xlabel="false positive rate", ylabel="true positive rate", title="ROC")
-    pr_ax.set(xlabel="recall", ylabel="precision", title="precision-recall", ylim=(0, 1.02))
+        # Line style and marker cycle apart from the colour, so the curves read in grayscale.
+        combined = name in ("memorization_score", "cleanlab")
+        style = dict(linestyle="-" if combined else LINES[k % len(LINES)],
+                     lw=2.0 if combined else 1.2, marker=MARKERS[k % len(MARKERS)], ms=4,
+                     markevery=0.1, label=name)
+        roc_ax.plot(fpr, tpr, **style)
+        pr_ax.plot(recall, precision, **style)
+    roc_ax.plot([0, 1], [0, 1], ":", color="gray", lw=0.8, label="chance")
+    roc_ax.set(xlabel="false positive rate (fraction of clean labels)",
+               ylabel="true positive rate (fraction of flipped labels)", title="ROC")
+    pr_ax.set(xlabel="recall (fraction of flipped labels found)",
+              ylabel="precision (fraction flipped)", title="precision-recall", ylim=(0, 1.02))
     for ax in (roc_ax, pr_ax):
         ax.grid(alpha=0.3)
-    pr_ax.legend(fontsize=6.5, loc="lower left")
+    handles, labels = roc_ax.get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
 

@@ -1,0 +1,49 @@
+"""Render a report page in headless Chromium and read back what the browser saw: whether every
+figure decoded (naturalWidth > 0) and whether anything sticks out past the window's right edge
+(tables inside a horizontally scrolling box are allowed to be wider: they scroll)."""
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+BROWSERS = ("chromium", "chromium-browser", "google-chrome")
+
+# Runs after every image has loaded; writes its verdict into an attribute that --dump-dom prints.
+PROBE = """<script>
+window.addEventListener("load", () => {
+  const width = document.documentElement.clientWidth;
+  const images = [...document.images];
+  const broken = images.filter(i => !(i.complete && i.naturalWidth > 0)).map(i => i.alt);
+  const sticking = [...document.body.querySelectorAll("*")].filter(e => {
+    if (e.closest(".scroll")) return false;
+    const r = e.getBoundingClientRect();
+    return r.width > 0 && r.right > width + 1;
+  }).map(e => e.tagName.toLowerCase() + (e.className ? "." + e.className : ""));
+  document.body.setAttribute("data-probe", JSON.stringify({
+    width, scroll_width: document.documentElement.scrollWidth, images: images.length,
+    broken, sticking: sticking.slice(0, 10)}));
+});
+</script>"""
+
+
+def find_browser() -> str | None:
+    return next((path for name in BROWSERS if (path := shutil.which(name))), None)
+
+
+def probe_page(page: Path, *, width: int, workdir: Path, browser: str) -> dict:
+    """Load a copy of ``page`` with the probe at ``width`` CSS pixels; returns the probe's
+    verdict: ``width``, ``scroll_width``, ``images``, ``broken`` (alt texts), ``sticking``."""
+    copy = workdir / f"probe_{width}.html"
+    copy.write_text(page.read_text().replace("</body>", PROBE + "</body>"))
+    # --no-sandbox: CI and this machine run as root, where Chromium's sandbox refuses to start.
+    dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu",
+                          f"--window-size={width},1000", "--virtual-time-budget=20000",
+                          "--dump-dom", copy.as_uri()],
+                         capture_output=True, text=True, timeout=120).stdout
+    found = re.search(r'data-probe="([^"]*)"', dom)
+    assert found, f"the probe did not run; chromium printed: {dom[-500:]!r}"
+    return json.loads(html.unescape(found.group(1)))

@@ -1,0 +1,173 @@
+"""The report's sentences (memkern.findings) on numbers taken from real runs: the plain and tied
+runs of `memkern demo` (digits cnn, 10% noise, seed 0; rows copied as the commands wrote them)
+and a fresh tiny run, whose sentences must quote its own tables."""
+import pytest
+
+from memkern import findings
+from memkern.tables import read_table
+
+# `memkern demo`, plain run: rewind.csv (final row, epochs 0 and 3), as written.
+REWIND = [
+    {"group": "final", "epoch": 30, "clean_acc": 1.0, "noisy_acc": 1.0, "test_acc": 0.9527778029441833},
+    {"group": "block1", "epoch": 0, "clean_acc": 0.9466357231140137, "noisy_acc": 0.375, "test_acc": 0.9083333611488342},
+    {"group": "block2", "epoch": 0, "clean_acc": 0.7324052453041077, "noisy_acc": 0.1458333283662796, "test_acc": 0.7083333134651184},
+    {"group": "block3", "epoch": 0, "clean_acc": 0.7246713042259216, "noisy_acc": 0.2847222089767456, "test_acc": 0.7222222089767456},
+    {"group": "hidden", "epoch": 0, "clean_acc": 0.9203402996063232, "noisy_acc": 0.5972222089767456, "test_acc": 0.8111110925674438},
+    {"group": "head", "epoch": 0, "clean_acc": 1.0, "noisy_acc": 1.0, "test_acc": 0.949999988079071},
+    {"group": "block1", "epoch": 3, "clean_acc": 0.9992266297340393, "noisy_acc": 0.9652777910232544, "test_acc": 0.9416666626930237},
+    {"group": "block2", "epoch": 3, "clean_acc": 0.9976798295974731, "noisy_acc": 0.3888888955116272, "test_acc": 0.9555555582046509},
+    {"group": "block3", "epoch": 3, "clean_acc": 1.0, "noisy_acc": 0.6041666865348816, "test_acc": 0.9583333134651184},
+    {"group": "hidden", "epoch": 3, "clean_acc": 1.0, "noisy_acc": 0.6458333134651184, "test_acc": 0.9555555582046509},
+    {"group": "head", "epoch": 3, "clean_acc": 1.0, "noisy_acc": 1.0, "test_acc": 0.9416666626930237},
+    {"group": "block2", "epoch": 9, "clean_acc": 1.0, "noisy_acc": 1.0, "test_acc": 0.9583333134651184},
+]
+
+# The same run's retrain.csv: each group at the reset and after 10 epochs on clean data.
+RETRAIN = [
+    {"group": "block1", "epoch": 0, "clean_acc": 0.9466357231140137, "noisy_acc": 0.375, "test_acc": 0.9083333611488342},
+    {"group": "block1", "epoch": 10, "clean_acc": 1.0, "noisy_acc": 0.9652777910232544, "test_acc": 0.9583333134651184},
+    {"group": "block2", "epoch": 0, "clean_acc": 0.7324052453041077, "noisy_acc": 0.1458333283662796, "test_acc": 0.7083333134651184},
+    {"group": "block2", "epoch": 10, "clean_acc": 1.0, "noisy_acc": 0.0069444444961845875, "test_acc": 0.9916666746139526},
+    {"group": "head", "epoch": 0, "clean_acc": 1.0, "noisy_acc": 1.0, "test_acc": 0.949999988079071},
+    {"group": "head", "epoch": 10, "clean_acc": 1.0, "noisy_acc": 0.9375, "test_acc": 0.9583333134651184},
+]
+
+# grads/summary.csv rows (strings, as read back) at epochs 0 and 5: two groups and the total.
+GRADS = [
+    {"epoch": "0", "group": "block1", "clean_norm": "0.009399036239456628", "noisy_norm": "0.0007124303598823313", "cosine": "-0.2373208289209458", "clean_mean": "0.08764133796568352", "noisy_mean": "0.085504450266146"},
+    {"epoch": "0", "group": "total", "clean_norm": "0.16738510453958283", "noisy_norm": "0.012825339268207864", "cosine": "-0.17812567647790814", "clean_mean": "2.0003061914112066", "noisy_mean": "1.9973341988192663"},
+    {"epoch": "5", "group": "block1", "clean_norm": "0.38927419328067203", "noisy_norm": "0.12572999197665022", "cosine": "-0.2906739983084926", "clean_mean": "1.2538008815598114", "noisy_mean": "6.409577711588806"},
+    {"epoch": "5", "group": "block3", "clean_norm": "1.1067793017003196", "noisy_norm": "0.4790436359714668", "cosine": "0.08862693328200132", "clean_mean": "4.342984476968378", "noisy_mean": "23.761190500524307"},
+    {"epoch": "5", "group": "total", "clean_norm": "1.9975137364852158", "noisy_norm": "0.7644820400615021", "cosine": "0.02412643115182322", "clean_mean": "7.644606194997672", "noisy_mean": "42.38594066434436"},
+]
+
+# localize_summary.json of the plain run (the fields the sentence reads).
+LOCALIZE = {
+    "sites": ["block1.pre", "block2.pre", "block3.pre", "hidden.pre"],
+    "base": {"clean_acc": 1.0, "noisy_acc": 1.0, "test_acc": 0.9527778029441833},
+    "groups": {
+        "noisy": {"count": 144, "unfitted": 0, "flip_rate": 1.0, "median_channels_flipped": 4.0,
+                  "edited_test_acc": 0.9300347218910853,
+                  "site_fraction": {"block1.pre": 0.41594202898550725, "block2.pre": 0.463768115942029,
+                                    "block3.pre": 0.04492753623188406, "hidden.pre": 0.07536231884057971},
+                  "site_enrichment": {"block1.pre": 6.239130434782608, "block2.pre": 3.4782608695652173,
+                                      "block3.pre": 0.16847826086956522, "hidden.pre": 0.14130434782608697}},
+        "clean": {"count": 144, "unfitted": 0, "flip_rate": 0.8819444444444444, "median_channels_flipped": 8},
+    },
+}
+
+# Final metrics.jsonl lines of the demo's plain (30 epochs) and tied (10 epochs) runs
+# (the tied line without its lr, seconds and loss).
+PLAIN_LAST = {"epoch": 30, "clean_acc": 1.0, "noisy_acc": 1.0, "test_acc": 0.9527778029441833}
+TIED_LAST = {"clean_acc": 1.0, "clean_acc_drop": 0.9930394291877747,
+             "clean_acc_keep": 0.9984531998634338, "epoch": 10, "noisy_acc": 1.0,
+             "noisy_acc_drop": 0.0069444444961845875, "noisy_acc_keep": 0.0069444444961845875,
+             "test_acc": 0.9833333492279053, "test_acc_drop": 0.9833333492279053,
+             "test_acc_keep": 0.9833333492279053}
+
+
+def test_rewind_names_the_rewinding_that_undoes_memorization_while_test_holds():
+    assert findings.rewind_finding(REWIND) == (
+        "Rewinding block2 to epoch 3 drops noisy accuracy to 0.39 while test accuracy stays 0.96 "
+        "(final model: noisy 1.00, test 0.95). Rewinding the last group, head, to epoch 0 leaves "
+        "noisy accuracy at 1.00. From epoch 9 on, rewinding any single group keeps noisy "
+        "accuracy within 0.05 of the final model's.")
+
+
+def test_rewind_without_a_selective_configuration_falls_back_to_the_earliest_epoch():
+    rows = [r for r in REWIND if r["epoch"] != 3]
+    critical = findings.rewind_critical(rows)
+    assert (critical["group"], critical["epoch"]) == ("block2", 0)
+    assert findings.rewind_finding(rows).startswith(
+        "Rewinding block2 to epoch 0 drops noisy accuracy to 0.15 while test accuracy is 0.71")
+
+
+def test_retrain_names_the_groups_noisy_accuracy_returns_most_and_least_for():
+    assert findings.retrain_finding(RETRAIN) == (
+        "Retrained on clean examples only, block1 brings noisy accuracy back from 0.38 at the "
+        "reset to 0.97 after 10 epochs; block2 ends at 0.01 (from 0.15). Clean-train accuracy after "
+        "retraining is 1.00 or higher.")
+    assert findings.retrain_finding([r for r in RETRAIN if r["epoch"] == 0]) is None
+
+
+def test_accounting_reads_the_first_trained_epoch():
+    text = findings.accounting_finding(GRADS)
+    assert text == ("At epoch 5 the noisy examples' summed gradient has 0.38 times the norm of "
+                    "the clean examples', and a noisy example's own gradient is 5.54 times a "
+                    "clean one's. The cosine between the clean and noisy sums is 0.02 over all "
+                    "layers, negative in 1 of 2 groups (block1).")
+    assert findings.accounting_ratio_peak(GRADS) == (5, pytest.approx(0.3827, abs=1e-4))
+    assert findings.accounting_finding([]) is None
+
+
+def test_localization_compares_noisy_and_clean_and_names_the_favoured_site():
+    assert findings.localization_finding(LOCALIZE) == (
+        "Flipping a noisy (memorized) target takes a median of 4 channels (1.00 of 144 flipped);"
+        " flipping a clean target takes a median of 8 channels (0.88 of 144 flipped). The noisy "
+        "targets' channels sit in 4 of 4 sites; relative to its width, block1.pre holds most of "
+        "them (6.24 times its share of channels). An edit costs on average 0.02 test accuracy "
+        "(unedited 0.95).")
+    no_noisy = {**LOCALIZE, "groups": {"noisy": {**LOCALIZE["groups"]["noisy"], "count": 0}}}
+    assert findings.localization_finding(no_noisy) is None
+
+
+def test_localization_says_why_there_is_no_channel_count():
+    """A 3-epoch mlp fits none of its flipped labels; a cap of 8 channels flips no clean one."""
+    summary = {"sites": ["hidden.pre"], "groups": {
+        "noisy": {"count": 3, "unfitted": 3, "flip_rate": None, "median_channels_flipped": None},
+        "clean": {"count": 3, "unfitted": 0, "flip_rate": 0.0, "median_channels_flipped": None}}}
+    assert findings.localization_finding(summary) == (
+        "The model fitted none of the 3 noisy (memorized) targets: nothing to flip; none of the "
+        "3 fitted clean targets flipped within the channel cap.")
+
+
+def test_tied_sentences_quote_own_keep_and_drop():
+    assert findings.tied_drop_finding(TIED_LAST) == (
+        "With each example's own memorization channels, as trained, it fits 1.00 of the flipped "
+        "labels; with the memorization channels dropped, 0.01 (kept at p_mem: 0.01), while "
+        "clean-train accuracy goes 1.00 to 0.99 and test accuracy 0.98 to 0.98.")
+    assert findings.comparison_finding(PLAIN_LAST, TIED_LAST) == (
+        "The plain run fits 1.00 of its flipped labels, test accuracy 0.95. The tied run fits "
+        "1.00 with each example's own memorization channels and 0.01 with the memorization "
+        "channels dropped, test accuracy 0.98: what it memorized sits in the memorization "
+        "channels. Generalization gap (clean-train minus test accuracy): plain 0.05, tied with "
+        "the memorization channels dropped 0.01.")
+    # No claim about where memorization sits when dropping changes little.
+    weak = {**TIED_LAST, "noisy_acc_drop": 0.9}
+    assert "sits in" not in findings.comparison_finding(PLAIN_LAST, weak)
+
+
+def test_scores_finding_ranks_signals_that_score_everyone():
+    """Rows of the demo's plain run's scores/benchmark.csv (`memkern scores --benchmark
+    --folds 0`), as written; channels_to_flip covers only the 288 localized examples."""
+    rows = [{"method": "variability", "covered": "1437", "auroc": "0.9998", "ap": "0.9983"},
+            {"method": "memorization_score", "covered": "1437", "auroc": "0.9815", "ap": "0.8526"},
+            {"method": "forgetting_events", "covered": "1437", "auroc": "0.764", "ap": "0.2902"},
+            {"method": "channels_to_flip", "covered": "288", "auroc": "0.864", "ap": "0.8355"}]
+    assert findings.scores_finding(rows) == (
+        "Of 3 signals scoring all 1437 examples, variability finds the flipped labels best: "
+        "AUROC 1.00, average precision 1.00; the combined memorization_score: AUROC 0.98, "
+        "average precision 0.85.")
+    assert findings.scores_finding([{"method": "x", "covered": "5", "auroc": "", "ap": ""}]) is None
+    assert findings.scores_finding([]) is None
+
+
+def test_sentences_quote_a_fresh_runs_own_tables(tiny_run, tmp_path):
+    """A real 3-epoch run: the training and rewind sentences carry its numbers."""
+    import shutil
+
+    from memkern.rewind import rewind
+    from memkern.runs import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)
+    rewind(run=run, device="cpu", progress=False)
+    rows = read_table(run / "rewind.csv")
+    text = findings.rewind_finding(rows)
+    critical = findings.rewind_critical(rows)
+    assert f"Rewinding {critical['group']} to epoch {critical['epoch']}" in text
+    assert findings.num(critical["noisy_acc"]) in text
+    last = RunDir(run).load_metrics()[-1]
+    text = findings.training_finding(last, epochs=3, noisy=144, train=1437)
+    assert f"fits {findings.num(last['clean_acc'])} of the clean" in text
+    assert f"test accuracy is {findings.num(last['test_acc'])}" in text
