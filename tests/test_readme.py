@@ -52,5 +52,5 @@ def test_snippet_runs_as_written(after_quick_start, number):
         assert (after_quick_start / "runs" / "digits-mlp" / "checkpoints"
                 / "epoch_005.safetensors").is_file()
     if "rewind(" in code:
-        assert "rewinding" in printed
+        assert "Rewinding" in printed
         assert (after_quick_start / "runs" / "digits" / "rewind.csv").is_file()

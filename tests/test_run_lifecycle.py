@@ -126,7 +126,7 @@ def test_grads_rewind_retrain_end_with_their_numbers(tiny_run, tmp_path):
     assert header.split() == ["group", "clean", "norm", "noisy", "norm", "noisy/clean", "cosine"]
     rewind = run_cli("rewind", "--run", run, "--no-progress", "--device", "cpu")
     assert rewind.exit_code == 0, rewind.output
-    assert "rewinding " in rewind.stdout and "final (epoch 3)" in rewind.stdout
+    assert "Rewinding " in rewind.stdout and "final (epoch 3)" in rewind.stdout
     retrain = run_cli("retrain", "--run", run, "--groups", "head", "--epochs", "1",
                       "--no-progress", "--device", "cpu")
     assert retrain.exit_code == 0, retrain.output
