@@ -66,7 +66,9 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
       memkern train --dataset digits --model cnn --noise 0.1 --epochs 30 --out runs/digits
       memkern train --out runs/digits --resume
       memkern train --out runs/digits-tracked --track-grads
+      torchrun --nproc-per-node 2 -m memkern.cli train --out runs/digits-ddp
     """
+    from memkern.distributed import World
     from memkern.train import train_from_options
 
     options = _explicit(ctx)
@@ -75,5 +77,6 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
     run = train_from_options(out=out, options=options, preset=preset, resume=resume,
                              device=device, data_dir=data_dir, download=download,
                              progress=progress, track_grads=track_grads)
-    click.echo(f"run saved to {run.root} (checkpoints: {len(run.epochs())}, "
-               f"metrics: {run.metrics_path})")
+    if World.from_env().main:  # under torchrun, rank 0 wrote the run and reports it
+        click.echo(f"run saved to {run.root} (checkpoints: {len(run.epochs())}, "
+                   f"metrics: {run.metrics_path})")
