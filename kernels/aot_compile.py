@@ -169,8 +169,8 @@ def compile_all(archs=ARCHS) -> list[Compiled]:
             kernel = triton.compile(ASTSource(launch.kernel, signature, constexprs, attrs),
                                     target=target, options=options.__dict__)
             regs, spills = _resource_usage(kernel.asm["cubin"])
-            out.append(Compiled(launch.kernel.__name__, launch.dtype, launch.case, arch, regs, spills,
-                                time.perf_counter() - started))
+            out.append(Compiled(launch.kernel.__name__, launch.dtype, launch.case, arch, regs,
+                                spills, time.perf_counter() - started))
     return out
 
 

@@ -17,8 +17,9 @@ clean + noisy is the full-data mean-loss gradient.
 Under torchrun the chunks are dealt round-robin to the ranks: each chunk is computed exactly as
 one process computes it (the same rows together), so per-example norms are bit-identical, and
 the float64 partial sums are added over ranks (equal to one process up to float64 rounding).
-Rank 0 gathers the norms and writes every file. An epoch is complete once both files hold it; a rerun skips
-complete epochs. Every file is written atomically. A run trained with ``--track-grads`` also
+Rank 0 gathers the norms and writes every file.
+
+An epoch is complete once both files hold it; a rerun skips complete epochs. Every file is written atomically. A run trained with ``--track-grads`` also
 gets ``live_summed_norms.png`` and ``live_cosine.png`` from the real training steps.
 """
 from __future__ import annotations
