@@ -30,12 +30,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 def _on_gpu(launcher):
+    """``launcher`` run on GPU copies of its tensors, results back on the first one's device."""
     def run(*args, **kwargs):
-        moved = [a.cuda() if isinstance(a, torch.Tensor) else a for a in args]
-        out = launcher(*moved, **kwargs)
+        home = args[0].device
+        out = launcher(*[a.cuda() if isinstance(a, torch.Tensor) else a for a in args], **kwargs)
         if isinstance(out, tuple):
-            return tuple(t.cpu() if isinstance(t, torch.Tensor) else t for t in out)
-        return out.cpu()
+            return tuple(t.to(home) if isinstance(t, torch.Tensor) else t for t in out)
+        return out.to(home)
     return run
 
 
