@@ -7,8 +7,9 @@ from memkern.cli.options import data_dir_option, device_option
 
 
 @click.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory written by `memkern train`.")
+@click.option("--run", "--run-dir", "run_dir", required=True, type=click.Path(file_okay=False),
+              help="Run directory written by `memkern train` (under torchrun write --run-dir: "
+              "torchrun takes --run for its own --run-path).")
 @click.option("--epochs", help="Comma-separated epochs, e.g. 0,5,10. [default: all checkpoints]")
 @click.option("--mode", type=click.Choice(["auto", "ghost", "func", "loop"]), default="auto",
               show_default=True, help="How per-example norms are computed (loop: reference).")
@@ -22,19 +23,23 @@ def grads(run_dir, epochs, mode, batch_size, data_dir, device, progress):
     Writes RUN/grads/: summary.csv (per epoch x layer group: summed clean and noisy gradient
     norms, their cosine, per-example norm statistics), per_example_epoch_NNN.csv (every
     example's per-group norms), summed_norms.png and cosine.png. Complete epochs are skipped
-    on a rerun.
+    on a rerun. Under torchrun the examples are split over the ranks and rank 0 writes the
+    files, equal to one process's.
 
     \b
     Example:
       memkern grads --run runs/digits --epochs 0,10,20,30
+      torchrun --nproc-per-node 2 -m memkern.cli grads --run-dir runs/digits
     """
     from memkern.accounting import gradient_accounting, summary_path
     from memkern.cli.options import parse_epochs
     from memkern.summaries import accounting_summary
     from memkern.tables import read_csv
+    from memkern.distributed import World
 
     run = gradient_accounting(run=run_dir, epochs=parse_epochs(epochs), mode=mode,
                               batch_size=batch_size, device=device, data_dir=data_dir,
                               progress=progress)
-    click.echo(accounting_summary(read_csv(summary_path(run))))
-    click.echo(f"gradient accounting saved to {run.grads}")
+    if World.from_env().main:  # under torchrun, rank 0 wrote the files
+        click.echo(accounting_summary(read_csv(summary_path(run))))
+        click.echo(f"gradient accounting saved to {run.grads}")

@@ -13,6 +13,9 @@ import click
 from memkern.errors import MemkernError, os_error_message, printable
 from memkern.kernels.errors import ChannelMaskError
 
+# Commands that split their work over the processes torchrun starts; the others refuse a world
+# larger than one instead of racing on the same files.
+SHARDED = ("train", "grads", "localize")
 # How each command continues after Ctrl-C (the others have nothing to continue).
 _CONTINUE = {"train": "rerun with --resume to continue",
              **{c: "rerun the same command to continue" for c in
@@ -25,7 +28,26 @@ def _fail(message: str) -> None:
     sys.exit(2)
 
 
+def _refuse_world(command: str) -> None:
+    """One line (from rank 0 alone) and exit 2 when a one-process command runs under torchrun."""
+    from memkern.distributed import World
+
+    world = World.from_env()
+    if world.size == 1 or command in SHARDED:
+        return
+    if world.main:
+        click.echo(f"memkern: error: `memkern {command}` runs in one process, not in a world of "
+                   f"{world.size} (WORLD_SIZE={world.size}): run it without torchrun; under "
+                   f"torchrun, {', '.join(SHARDED)} split their work over the ranks", err=True)
+    sys.exit(2)
+
+
 class MemkernGroup(click.Group):
+    def resolve_command(self, ctx: click.Context, args):
+        name, command, rest = super().resolve_command(ctx, args)
+        _refuse_world(name)
+        return name, command, rest
+
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)

@@ -73,8 +73,10 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
       memkern train --out runs/flat --lr-schedule constant --warmup 0 --epochs 20
       memkern train --out runs/flat --resume --epochs 40
       memkern train --out runs/digits-tracked --track-grads
+      torchrun --nproc-per-node 2 -m memkern.cli train --out runs/digits-ddp
     """
     from memkern.summaries import training_summary
+    from memkern.distributed import World
     from memkern.train import train_from_options
 
     options = _explicit(ctx)
@@ -83,6 +85,7 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
     run = train_from_options(out=out, options=options, preset=preset, resume=resume,
                              device=device, data_dir=data_dir, download=download,
                              progress=progress, track_grads=track_grads)
-    click.echo(training_summary(run.load_metrics()))
-    click.echo(f"run saved to {run.root} (checkpoints: {len(run.epochs())}, "
-               f"metrics: {run.metrics_path})")
+    if World.from_env().main:  # under torchrun, rank 0 wrote the run and reports it
+        click.echo(training_summary(run.load_metrics()))
+        click.echo(f"run saved to {run.root} (checkpoints: {len(run.epochs())}, "
+                   f"metrics: {run.metrics_path})")

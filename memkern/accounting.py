@@ -11,22 +11,31 @@ a tied-dropout run's rows carry their dataset indices, so each example keeps its
   clean and noisy gradients and their cosine, and clean vs noisy per-example norm statistics.
 
 The summed gradients take the whole training set as the batch: loss terms
-``(1/N) sum_clean CE`` and ``(1/N) sum_noisy CE``, accumulated over chunks, so clean + noisy is
-the full-data mean-loss gradient. An epoch is complete once both files hold it; a rerun skips
-complete epochs. Every file is written atomically. A run trained with ``--track-grads`` also
+``(1/N) sum_clean CE`` and ``(1/N) sum_noisy CE``, accumulated over chunks in float64, so
+clean + noisy is the full-data mean-loss gradient.
+
+Under torchrun the chunks are dealt round-robin to the ranks: each chunk is computed exactly as
+one process computes it (the same rows together), so per-example norms are bit-identical, and
+the float64 partial sums are added over ranks (equal to one process up to float64 rounding).
+Rank 0 gathers the norms and writes every file.
+
+An epoch is complete once both files hold it; a rerun skips complete epochs. Every file is written atomically. A run trained with ``--track-grads`` also
 gets ``live_summed_norms.png`` and ``live_cosine.png`` from the real training steps.
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
 import torch
+import torch.distributed as dist
 
 from memkern.atomic import atomic_write_text, read_jsonl
 from memkern.data import PreparedData, iterate_batches
+from memkern.distributed import World, joined
 from memkern.errors import ConfigError, RunDirError
-from memkern.experiment import open_run
+from memkern.experiment import open_run, resolve_device
 from memkern.gradnorms import MODES, per_example_grad_norms
 from memkern.locks import hold_run, locked
 from memkern.progress import Progress
@@ -58,30 +67,65 @@ def _norm_stats(values: torch.Tensor, prefix: str) -> dict[str, float]:
 
 
 def account_epoch(model: torch.nn.Module, data: PreparedData, groups: list[LayerGroup], *,
-                  mode: str, batch_size: int) -> tuple[torch.Tensor, list[dict]]:
-    """Per-example norms float ``[N, G]`` of the training set and the epoch's summary rows."""
+                  mode: str, batch_size: int, world: World = World()
+                  ) -> tuple[torch.Tensor, list[dict]] | None:
+    """Per-example norms float ``[N, G]`` of the training set and the epoch's summary rows; on
+    ranks other than 0 of a torchrun world (which compute their chunks and return) None."""
     device = next(model.parameters()).device
     noisy_mask = data.noisy_mask
     n = len(data.train_labels)
-    clean_sum = {k: torch.zeros_like(p) for k, p in model.named_parameters() if p.requires_grad}
-    noisy_sum = {k: torch.zeros_like(p) for k, p in clean_sum.items()}
-    norms = []
-    for x, y, idx in iterate_batches(data.train_images, data.train_labels, batch_size):
+    params = {k: p for k, p in model.named_parameters() if p.requires_grad}
+    clean_sum = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    noisy_sum = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
+    norms, rows_of = [], []
+    batches = iterate_batches(data.train_images, data.train_labels, batch_size)
+    for i, (x, y, idx) in enumerate(batches):
+        if i % world.size != world.rank:
+            continue
         x, y, noisy, idx = x.to(device), y.to(device), noisy_mask[idx].to(device), idx.to(device)
         norms.append(per_example_grad_norms(model, x, y, ids=idx, mode=mode, groups=groups).cpu())
+        rows_of.append(idx.cpu())
         with example_indices(idx):
             logits = model(x)
         for total, part in ((noisy_sum, noisy), (clean_sum, ~noisy)):
             for k, g in subset_gradients(model, logits, y, part, 1.0 / n,
                                          retain_graph=True).items():
                 total[k] += g
-    norms = torch.cat(norms)
+    norms = torch.cat(norms) if norms else torch.zeros(0, len(groups))
+    if world.size > 1:
+        mine = torch.cat(rows_of) if rows_of else torch.zeros(0, dtype=torch.long)
+        norms = _gather_rows(norms, mine, n, world)
+        _sum_over_ranks([*clean_sum.values(), *noisy_sum.values()], world)
+        if not world.main:
+            return None
     rows = subset_stats(clean_sum, noisy_sum, groups)
     columns = [*(norms[:, i] for i in range(len(groups))), norms.square().sum(1).sqrt()]
     for row, col in zip(rows, columns):
         row.update(_norm_stats(col[~noisy_mask], "clean"))
         row.update(_norm_stats(col[noisy_mask], "noisy"))
     return norms, rows
+
+
+def _gather_rows(values: torch.Tensor, rows: torch.Tensor, n: int, world: World) -> torch.Tensor:
+    """Rank 0's ``[n, ...]`` tensor holding every rank's ``values`` at their ``rows``."""
+    parts = [None] * world.size if world.main else None
+    with world.peers():
+        dist.gather_object((rows, values), parts, dst=0)
+    if not world.main:
+        return values
+    out = torch.empty((n, *values.shape[1:]), dtype=values.dtype)
+    for r, v in parts:
+        out[r] = v
+    return out
+
+
+def _sum_over_ranks(tensors: list[torch.Tensor], world: World) -> None:
+    """Sum each tensor over ranks, in place (one collective)."""
+    flat = torch.cat([t.flatten() for t in tensors])
+    with world.peers():
+        dist.all_reduce(flat)
+    for t, part in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(part.view_as(t))
 
 
 def _per_example_rows(norms: torch.Tensor, data: PreparedData,
@@ -94,11 +138,20 @@ def _per_example_rows(norms: torch.Tensor, data: PreparedData,
              TOTAL: f"{float(total[i]):.6g}"} for i in range(len(labels))]
 
 
-@locked(lambda a: hold_run(a["run"]))
+def _lock(args: dict):
+    """Rank 0 (or a lone process) holds the run: the other ranks write nothing in it."""
+    return hold_run(args["run"]) if World.from_env().main else contextlib.nullcontext()
+
+
+@locked(_lock)
 def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
                         mode: str = "auto", batch_size: int = 256, device: str = "auto",
                         data_dir: str | Path | None = None, progress: bool = True) -> RunDir:
-    """Write ``run/grads/`` for ``epochs`` (default: every checkpoint) and draw the figures."""
+    """Write ``run/grads/`` for ``epochs`` (default: every checkpoint) and draw the figures.
+
+    Under torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same arguments and
+    computes its share of each epoch's chunks; rank 0 writes the files, equal to one
+    process's. Inputs are checked before the process group is joined."""
     if mode not in MODES:
         raise ConfigError(f"unknown mode {mode!r}; choose one of {', '.join(MODES)}")
     if batch_size < 1:
@@ -113,29 +166,44 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
         raise ConfigError("no epochs to account: pass --epochs such as 0,10,20")
     for e in epochs:
         run.require_checkpoint(e)
-    ctx = open_run(run.root, epoch=epochs[0], device=device, data_dir=data_dir)
+    world = World.from_env()
+    place = world.place(resolve_device(device))
+    ctx = open_run(run.root, epoch=epochs[0], device=place, data_dir=data_dir)
     model, data = ctx.model, ctx.data
     groups = layer_groups(model)
     summary = read_csv(summary_path(run))
     done = {int(r["epoch"]) for r in summary}
     todo = [e for e in epochs if not (e in done and per_example_path(run, e).is_file())]
-    bar = Progress(total=len(todo), desc=f"grads {run.root.name}", unit="epoch", bar=progress)
-    for epoch in todo:
-        ctx.load(epoch)
-        norms, rows = account_epoch(model, data, groups, mode=mode, batch_size=batch_size)
-        per_example = _per_example_rows(norms, data, groups)
-        atomic_write_text(per_example_path(run, epoch),
-                          csv_text(per_example, list(per_example[0])))
-        summary = [r for r in summary if int(r["epoch"]) != epoch]
-        summary += [{"epoch": epoch, **r} for r in rows]
-        summary.sort(key=lambda r: int(r["epoch"]))
-        atomic_write_text(summary_path(run), csv_text(summary, list(summary[-1])))
-        bar.advance()
-        bar.step(f"epoch {epoch} accounted ({todo.index(epoch) + 1}/{len(todo)})")
-    bar.close()
+    with joined(world, place) as world:
+        bar = Progress(total=len(todo), desc=f"grads {run.root.name}", unit="epoch",
+                       bar=progress, silent=not world.main)
+        for epoch in todo:
+            ctx.load(epoch)
+            result = account_epoch(model, data, groups, mode=mode, batch_size=batch_size,
+                                   world=world)
+            if result is not None:
+                summary = _write_epoch(run, epoch, *result, data=data, groups=groups,
+                                       summary=summary)
+            bar.advance()
+            bar.step(f"epoch {epoch} accounted ({todo.index(epoch) + 1}/{len(todo)})")
+        bar.close()
+    if not world.main:
+        return run
     from memkern.accounting_plots import plot_accounting
     plot_accounting(run, summary)
     live = read_jsonl(run.grads / "live.jsonl")
     if live:
         plot_accounting(run, live, prefix="live_", source="training steps")
     return run
+
+
+def _write_epoch(run: RunDir, epoch: int, norms: torch.Tensor, rows: list[dict], *,
+                 data: PreparedData, groups: list[LayerGroup], summary: list[dict]) -> list[dict]:
+    """Write ``epoch``'s per-example file and its rows of summary.csv; the new summary."""
+    per_example = _per_example_rows(norms, data, groups)
+    atomic_write_text(per_example_path(run, epoch), csv_text(per_example, list(per_example[0])))
+    summary = [r for r in summary if int(r["epoch"]) != epoch]
+    summary += [{"epoch": epoch, **r} for r in rows]
+    summary.sort(key=lambda r: int(r["epoch"]))
+    atomic_write_text(summary_path(run), csv_text(summary, list(summary[-1])))
+    return summary

@@ -51,6 +51,9 @@ class TrainConfig:
     p_gen: float = 0.2
     p_mem: float = 0.1
     dropout_sites: tuple[str, ...] = field(default=DEFAULT_DROPOUT_SITES)
+    # Processes of the launch that started the run (torchrun's WORLD_SIZE), recorded by train;
+    # not an option: a world of w trains as one process does, and any world may resume a run.
+    world_size: int = 1
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -59,7 +62,7 @@ class TrainConfig:
         check_seed(self.seed)
         if not 0.0 <= self.noise < 1.0:
             raise ConfigError(f"noise rate must be in [0, 1), got {self.noise}")
-        for name in ("epochs", "batch_size"):
+        for name in ("epochs", "batch_size", "world_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.lr <= 0:

@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from memkern.errors import ConfigError, DistributedError
+from memkern.errors import ConfigError, DistributedError, MemkernError
 
 TIMEOUT_ENV = "MEMKERN_DIST_TIMEOUT"
 # Longest wait, in seconds, for joining the group and for any collective: a rank that died or
@@ -61,18 +61,29 @@ class World:
         if self.size > 1:
             self._collective(dist.barrier)
 
-    def sum(self, value: int) -> int:
-        """``value`` summed over ranks (every rank gets the total)."""
+    def sum(self, value: int | float) -> int | float:
+        """``value`` summed over ranks (every rank gets the total; float64 for a float)."""
         if self.size == 1:
             return value
-        t = torch.tensor([value], dtype=torch.int64, device=self.device)
+        kind = float if isinstance(value, float) else int
+        t = torch.tensor([value], dtype=torch.float64 if kind is float else torch.int64,
+                         device=self.device)
         self._collective(lambda: dist.all_reduce(t))
-        return int(t.item())
+        return kind(t.item())
 
     def _collective(self, call) -> None:
-        try:
+        with self.peers():
             call()
+
+    @contextmanager
+    def peers(self) -> Iterator[None]:
+        """Collectives in the block (DistributedDataParallel's inside a backward among them)
+        that fail because a peer died or timed out raise one DistributedError."""
+        try:
+            yield
         except RuntimeError as e:  # a peer died (connection closed) or the timeout passed
+            if self.size == 1 or isinstance(e, MemkernError):  # not a peer's failure
+                raise
             raise DistributedError(
                 f"rank {self.rank} of {self.size}: another rank stopped or did not arrive within "
                 f"{TIMEOUT_ENV}={timeout_seconds()} s ({_first_line(e)}); rerun to resume, "

@@ -6,7 +6,6 @@ do one multiply of identical operands. grad_mask is a sum over the channel's ele
 float32 it must be within 1e-6 * sum|grad_y * x| of the float64 reference.
 """
 import math
-import os
 
 import pytest
 import torch
@@ -22,10 +21,9 @@ TIED = dict(seed=12345, p_gen=0.4, p_mem=0.3)
 SPATIALS = [(), (3,), (5, 7)]
 SHAPES = [(n, c, sp) for n in (1, 7, 33) for c in (1, 5, 64) for sp in SPATIALS]
 MODES = ["train", "own", "keep", "drop"]
-# Kernels on CPU tensors need the interpreter; on a CUDA machine test_cuda_* covers the kernels.
-needs_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                                       reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
-BACKENDS = [pytest.param("triton", marks=needs_interpreter), "torch"]
+# backend="triton" on CPU tensors: the interpreter, or on a CUDA machine the real kernels on the
+# GPU (conftest); test_cuda_* also runs the kernels on CUDA tensors.
+BACKENDS = [pytest.param("triton", marks=pytest.mark.kernels), "torch"]
 
 
 def make_x(n, c, spatial, channel_dim, dtype=torch.float32, seed=0):
@@ -59,7 +57,7 @@ def test_lowbias32_equals_uint32_arithmetic():
     assert got == [python_lowbias32(v) for v in values]
 
 
-@needs_interpreter
+@pytest.mark.kernels
 @pytest.mark.parametrize("seed", [0, 7, 2**32 - 1, -3])
 def test_triton_mask_bit_identical(seed):
     # x = 1 turns the op into its mask; 9 rows x 1024 channels = 9 programs, 9216 hashes.
@@ -73,7 +71,7 @@ def test_triton_mask_bit_identical(seed):
 
 # ---------------------------------------------------------------- kernels vs reference
 
-@needs_interpreter
+@pytest.mark.kernels
 @pytest.mark.parametrize("channel_dim", [1, -1])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_tied_triton_equals_reference(shape, channel_dim):
@@ -92,7 +90,7 @@ def test_tied_triton_equals_reference(shape, channel_dim):
     torch.testing.assert_close(outs[0][1], outs[1][1], **EXACT)
 
 
-@needs_interpreter
+@pytest.mark.kernels
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
 @pytest.mark.parametrize("channel_dim", [1, -1])
@@ -127,7 +125,7 @@ def _gathered_grads(x, mask, g, channel_dim, backend):
     return y.detach(), x.grad, mask.grad
 
 
-@needs_interpreter
+@pytest.mark.kernels
 @pytest.mark.parametrize("channel_dim", [1, -1])
 @pytest.mark.parametrize("shape", SHAPES, ids=shape_id)
 def test_gathered_triton_equals_reference(shape, channel_dim):
@@ -142,7 +140,7 @@ def test_gathered_triton_equals_reference(shape, channel_dim):
     assert_grad_mask_close(gm, x, g, channel_dim)
 
 
-@needs_interpreter
+@pytest.mark.kernels
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float64])
 def test_gathered_other_dtypes(dtype):
     x = make_x(7, 5, (5, 7), 1, dtype)
@@ -234,7 +232,7 @@ def test_cuda_kernels_equal_cpu_reference(dtype, channel_dim):
 
 # ---------------------------------------------------------------- the tied mask's semantics
 
-@needs_interpreter
+@pytest.mark.kernels
 def test_same_index_same_channels_whatever_batch_position_dtype_device_path():
     ids = row_ids(33)
     full = tied_mask_values(ids, channels=64, mode="train", **TIED)

@@ -2,10 +2,7 @@
 merged output equals a one-process run, leftovers of a killed run are merged once, bad input
 fails before any rank joins, a missing rank times out instead of hanging."""
 import json
-import os
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
@@ -16,6 +13,7 @@ from memkern.distributed import World
 from memkern.errors import CheckpointError, ConfigError, DistributedError
 from memkern.localize import localize
 from memkern.localize.run import merge_parts, part_files, part_path
+from torchrun_launch import torchrun
 
 OPTS = dict(examples="all", limit=10, chunk=2, ref_batch=32, max_channels=8)
 
@@ -40,11 +38,8 @@ def reference(ckpt, tmp_path_factory):
 
 
 def _torchrun(ckpt, out, nproc=2):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc-per-node", str(nproc), "-m", "memkern.cli", "localize", "--ckpt", str(ckpt),
-           "--out", str(out), "--device", "cpu", "--no-progress", *_cli_opts()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEMKERN_DIST_TIMEOUT": "120"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    return torchrun(["localize", "--ckpt", ckpt, "--out", out, "--device", "cpu",
+                     "--no-progress", *_cli_opts()], nproc=nproc)
 
 
 def _assert_same_lines(got, want):

@@ -1,5 +1,4 @@
 """ExampleTiedDropout on channel sites: attach, modes, index plumbing, errors."""
-import os
 
 import pytest
 import torch
@@ -158,8 +157,7 @@ def test_bad_modes_and_probabilities():
         ExampleTiedDropout(8, seed=0, **P, mode="keep")(torch.randn(2, 4, 3))
 
 
-@pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
-                    reason="Triton on CPU tensors needs TRITON_INTERPRET=1")
+@pytest.mark.kernels
 @pytest.mark.parametrize("mode", ["train", "drop"])
 def test_token_layout_triton_equals_torch(mode):
     x = torch.randn(7, 5, 6)
