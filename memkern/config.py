@@ -49,6 +49,11 @@ class TrainConfig:
     p_gen: float = 0.2
     p_mem: float = 0.1
     dropout_sites: tuple[str, ...] = field(default=DEFAULT_DROPOUT_SITES)
+    # A run made by `memkern import` from weights trained elsewhere: one checkpoint, no history.
+    imported: bool = False
+    # The labels the weights were trained with, a file in the run directory (`memkern import
+    # --train-labels`); None: the dataset's labels with ``noise`` flipped by ``seed``.
+    train_labels: str | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -68,6 +73,9 @@ class TrainConfig:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.warmup < 1.0:
             raise ConfigError(f"warmup must be a fraction in [0, 1), got {self.warmup}")
+        if self.train_labels is not None and self.noise != 0.0:
+            raise ConfigError(f"a run with its own training labels ({self.train_labels}) takes "
+                              f"no synthetic noise on top: set noise 0, got {self.noise}")
         if self.tied_dropout:
             if not (0.0 < self.p_gen < 1.0 and 0.0 < self.p_mem <= 1.0):
                 raise ConfigError(f"need 0 < p_gen < 1 and 0 < p_mem <= 1, got p_gen={self.p_gen}"

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from memkern.tables import write_table
 from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
-from memkern.experiment import open_run
+from memkern.experiment import open_run, require_history
 from memkern.layer_figures import plot_rewind
 from memkern.locks import hold_run, locked
 from memkern.models.groups import LayerGroup, layer_groups
@@ -69,7 +69,7 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     ``{"group", "epoch", "clean_acc", "noisy_acc", "test_acc"}`` per configuration, grouped by
     epoch. Each checkpoint and the dataset are read once."""
     run = RunDir(run)
-    run.load_config()
+    require_history(run.load_config(), "rewind")
     available = run.epochs()
     if not available:
         run.final_checkpoint()  # the error naming what is missing

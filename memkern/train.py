@@ -23,7 +23,7 @@ from memkern.data.prepared import NATURAL_IMAGES, augment_batch, iterate_batches
 from memkern.dynamics import DynamicsRecorder, dynamics_path
 from memkern.errors import ConfigError, RunDirError
 from memkern.evaluate import epoch_accuracies
-from memkern.experiment import load_data, model_for, resolve_device
+from memkern.experiment import load_data, model_for, require_history, resolve_device
 from memkern.finite import check_loss, check_model
 from memkern.locks import hold_run, locked
 from memkern.runs import RunDir
@@ -86,6 +86,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
                               f"given differs in {', '.join(differing)}: pass config=None (or "
                               f"the same options) to resume, or another output to start anew")
         config = saved
+        require_history(config, "resuming training")
     elif config is None:
         raise ConfigError("a new run needs a config: pass a TrainConfig (or resume=True to "
                           "continue an existing run)")
