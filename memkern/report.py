@@ -66,11 +66,8 @@ def _localization_lines(path: Path) -> list[str]:
     return lines
 
 
-@locked(lambda a: hold_run(a["run_dir"]))
-def write_report(run_dir: str | Path) -> Path:
-    """Write ``report/training.png`` and ``report/index.md``; returns the index path."""
-    run = RunDir(run_dir)
-    config = run.load_config()
+def _training_lines(run: RunDir, config, noise: dict, out: Path) -> list[str]:
+    """The report's head for a run memkern trained: the setup, the curves, the last epoch."""
     rows = run.load_metrics()
     if not rows:
         raise RunDirError(f"{run.root} has no completed epoch in metrics.jsonl yet")
@@ -78,8 +75,6 @@ def write_report(run_dir: str | Path) -> Path:
     if missing:
         raise RunDirError(f"{run.metrics_path} lacks {missing[0]} in some lines; was it edited? "
                           f"restore it")
-    noise = run.load_noise()
-    out = run.root / "report"
     plot_training_curves(rows, out / "training.png")
     last = rows[-1]
     lines = [f"# memkern report: {printable(run.root.name)}", "",
@@ -90,8 +85,25 @@ def write_report(run_dir: str | Path) -> Path:
               if config.tied_dropout else "") + ".", "",
              "## Training", "", "![training](training.png)", "",
              "| metric | last epoch |", "|---|---|"]
-    lines += [f"| {k} | {v:.4f} |" for k, v in sorted(last.items())
-              if isinstance(v, float) and k not in ("lr", "seconds")]
+    return lines + [f"| {k} | {v:.4f} |" for k, v in sorted(last.items())
+                    if isinstance(v, float) and k not in ("lr", "seconds")]
+
+
+@locked(lambda a: hold_run(a["run_dir"]))
+def write_report(run_dir: str | Path) -> Path:
+    """Write ``report/training.png`` and ``report/index.md``; returns the index path."""
+    run = RunDir(run_dir)
+    config = run.load_config()
+    noise = run.load_noise()
+    out = run.root / "report"
+    if config.imported:  # weights trained elsewhere: no training curves to show
+        labels = (f"{len(noise['noisy_indices'])} of {noise['num_train']} training labels differ "
+                  f"from the dataset's" if config.train_labels else "training labels unknown")
+        lines = [f"# memkern report: {printable(run.root.name)}", "",
+                 f"{config.model} on {config.dataset}, weights imported (trained outside "
+                 f"memkern), {labels}."]
+    else:
+        lines = _training_lines(run, config, noise, out)
     figures = sorted(p for p in run.root.rglob("*.png") if out not in p.parents)
     tables = sorted(p for p in run.root.rglob("*") if p.suffix in (".csv", ".jsonl", ".json")
                     and out not in p.parents and p.parent == run.root)

@@ -120,9 +120,19 @@ def test_analyses_of_an_imported_run(foreign, tmp_path):
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (out / "localize.jsonl").read_text().splitlines()]
     assert [r["index"] for r in rows] == foreign["flipped"][:2] and all(r["noisy"] for r in rows)
+    result = run_cli("scores", "--run", out, "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    header = (out / "scores.csv").read_text().splitlines()[0]
+    assert "grad_" in header and "channels_to_flip" in header
+    result = run_cli("report", "--run", out)
+    assert result.exit_code == 0, result.output
+    assert (f"weights imported (trained outside memkern), {len(foreign['flipped'])} of "
+            f"{N_TRAIN} training labels differ") in (out / "report/index.md").read_text()
     for command in ("rewind", "retrain"):
         assert_one_line_error(run_cli(command, "--run", out, "--no-progress"), command,
                               "imported")
+    assert_one_line_error(run_cli("train", "--out", out, "--resume", "--no-progress"),
+                          "resuming training", "imported")
 
 
 def test_without_train_labels_the_split_analyses_say_so(foreign, tmp_path):
