@@ -40,7 +40,8 @@ def expected_order(images: np.ndarray, labels: np.ndarray):
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_folder_loads_the_pngs_it_was_written_from(tmp_path, channels):
-    images = {"train": structured_images(13, channels), "test": structured_images(5, channels, seed=1)}
+    images = {"train": structured_images(13, channels),
+              "test": structured_images(5, channels, seed=1)}
     labels = {"train": np.arange(13) % 3, "test": np.array([2, 0, 1, 0, 2])}
     write_folder(tmp_path / "data", images, labels)
     raw = load_dataset(f"folder:{tmp_path / 'data'}")
@@ -55,8 +56,8 @@ def test_folder_loads_the_pngs_it_was_written_from(tmp_path, channels):
 
 def test_folder_mixing_grey_and_colour_reads_all_as_rgb(tmp_path):
     grey = structured_images(4, 1)
-    write_folder(tmp_path / "d", {"train": grey, "test": grey[:2]}, {"train": np.array([0, 1, 2, 0]),
-                                                                    "test": np.array([0, 1])})
+    write_folder(tmp_path / "d", {"train": grey, "test": grey[:2]},
+                 {"train": np.array([0, 1, 2, 0]), "test": np.array([0, 1])})
     rgb = structured_images(1, 3, seed=3)
     Image.fromarray(rgb[0].transpose(1, 2, 0)).save(tmp_path / "d" / "train" / "ant" / "z.png")
     raw = load_dataset(f"folder:{tmp_path / 'd'}")
@@ -199,3 +200,22 @@ def test_npz_that_is_not_an_npz_or_holds_objects_is_one_line(tmp_path):
                          tmp_path / "run", "--no-progress")
         assert_one_line_error(result, name)
         assert not (tmp_path / "run").exists()
+
+
+def test_jpeg_files_load_as_pillow_decodes_them(tmp_path):
+    x = structured_images(4, 3)
+    write_folder(tmp_path / "d", {"train": x, "test": x[:2]},
+                 {"train": np.array([0, 1, 2, 0]), "test": np.array([1, 2])}, suffix=".JPG")
+    raw = load_dataset(f"folder:{tmp_path / 'd'}")
+    decoded = np.asarray(Image.open(tmp_path / "d/train/ant/img001.JPG").convert("RGB"))
+    assert np.array_equal(raw.train_images[0].numpy(), decoded.transpose(2, 0, 1))
+
+
+@pytest.mark.parametrize("spec,fragments", [
+    ("folder:", ["names no path"]),
+    ("tiff:somewhere", ["tiff:somewhere", "folder:PATH"]),
+])
+def test_bad_dataset_spec_is_one_line(tmp_path, spec, fragments):
+    result = run_cli("train", "--dataset", spec, "--out", tmp_path / "run", "--no-progress")
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "run").exists()
