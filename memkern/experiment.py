@@ -64,8 +64,12 @@ def load_data(config: TrainConfig, *, data_dir: str | Path | None = None,
     if run is None:
         raise ConfigError(f"this config's training labels are the file {config.train_labels} "
                           f"of its run directory: pass run=<the run directory>")
-    labels = read_train_labels(Path(run) / config.train_labels,
-                               num_train=len(raw.train_labels), num_classes=raw.num_classes)
+    path = Path(run) / config.train_labels
+    if not path.is_file():
+        raise RunDirError(f"{path} is missing: this imported run's training labels live beside "
+                          f"its checkpoints/ folder; keep the checkpoint in its run directory")
+    labels = read_train_labels(path, num_train=len(raw.train_labels),
+                               num_classes=raw.num_classes)
     return prepare(raw, noise_rate=0.0, seed=config.seed, train_labels=labels)
 
 

@@ -89,6 +89,9 @@ def test_wrapped_torch_state_dict_round_trips(foreign, tmp_path):
     assert ckpt.config.imported and ckpt.config.train_labels == "train_labels.npy"
     for k, v in foreign["state"].items():
         assert torch.equal(ckpt.model_state[k], v), k
+    (out / "train_labels.npy").rename(tmp_path / "moved.npy")
+    assert_one_line_error(run_cli("evaluate", "--ckpt", out / "checkpoints/epoch_001.safetensors"),
+                          "train_labels.npy is missing")
 
 
 def test_safetensors_with_csv_labels(foreign, tmp_path):
