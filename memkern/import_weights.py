@@ -133,6 +133,9 @@ def import_weights(*, weights: str | Path, model: str, dataset: str, out: str | 
     data = prepare(raw, noise_rate=0.0, seed=config.seed, train_labels=labels)
     net = model_for(config, data)
     state = read_weights(weights)
+    for key, value in net.state_dict().items():  # older torch saves BatchNorm without it
+        if key.endswith("num_batches_tracked") and key not in state:
+            state[key] = value  # a step counter, unused in eval mode
     check_weights_fit(net, state, source=str(weights), model_name=model)
     net.load_state_dict(state)
 
