@@ -81,6 +81,7 @@ def _register() -> None:
     from memkern.cli.demo import demo
     from memkern.cli.evaluate import evaluate
     from memkern.cli.grads import grads
+    from memkern.cli.import_weights import import_weights
     from memkern.cli.localize import localize
     from memkern.cli.report import report
     from memkern.cli.retrain import retrain
@@ -89,8 +90,8 @@ def _register() -> None:
     from memkern.cli.sites import sites
     from memkern.cli.train import train
 
-    for command in (train, evaluate, grads, rewind, retrain, localize, scores, report, demo, sites,
-                    env):
+    for command in (train, import_weights, evaluate, grads, rewind, retrain, localize, scores,
+                    report, demo, sites, env):
         main.add_command(command)
 
 

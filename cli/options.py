@@ -1,13 +1,38 @@
 """Options shared by several commands, defined once."""
 from __future__ import annotations
 
-import click
-
 from pathlib import Path
 
+import click
+
+from memkern.data import DATASETS, USER_DATASETS, user_dataset_path
 from memkern.errors import ConfigError
 from memkern.experiment import DEVICES
 from memkern.runs import RunDir
+
+
+class DatasetSpec(click.ParamType):
+    """A dataset name, or ``folder:PATH`` / ``npz:PATH`` with PATH made absolute, so the run's
+    config rebuilds the data from any working directory."""
+
+    name = "dataset"
+
+    def convert(self, value, param, ctx):
+        user = user_dataset_path(value)
+        if user is not None:
+            kind, path = user
+            return f"{kind}:{Path(path).expanduser().resolve()}"
+        if value not in DATASETS:
+            self.fail(f"{value!r} is not one of {', '.join(DATASETS)}, nor "
+                      f"{' / '.join(k + ':PATH' for k in USER_DATASETS)}", param, ctx)
+        return value
+
+    def get_metavar(self, param, ctx=None):
+        return "[" + "|".join(DATASETS) + "|folder:PATH|npz:FILE]"
+
+
+DATASET_HELP = ("A built-in dataset, folder:PATH (PATH/train/<class>/*.png|jpg and "
+                "PATH/test/<class>/...) or npz:FILE (arrays x_train, y_train, x_test, y_test).")
 
 device_option = click.option("--device", type=click.Choice(DEVICES),
                              default="auto", show_default=True,

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option, split_names
+from memkern.cli.options import (DATASET_HELP, DatasetSpec, data_dir_option, device_option,
+                                 split_names)
 from memkern.config import LR_SCHEDULES, PRESETS
-from memkern.data import DATASETS
 from memkern.models import MODELS
 
 # CLI option name -> TrainConfig field, one to one.
@@ -30,7 +30,8 @@ def _explicit(ctx: click.Context) -> dict:
 @click.command()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Start from a named preset.")
-@click.option("--dataset", type=click.Choice(DATASETS), default="digits", show_default=True)
+@click.option("--dataset", type=DatasetSpec(), default="digits", show_default=True,
+              help=DATASET_HELP)
 @click.option("--model", type=click.Choice(sorted(MODELS)), default="cnn", show_default=True)
 @click.option("--norm", type=click.Choice(["batch", "group"]), default="batch", show_default=True)
 @click.option("--noise", type=float, default=0.1, show_default=True,
@@ -72,6 +73,7 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
       memkern train --out runs/digits --resume
       memkern train --out runs/flat --lr-schedule constant --warmup 0 --epochs 20
       memkern train --out runs/flat --resume --epochs 40
+      memkern train --dataset folder:my_images --model cnn --noise 0.1 --out runs/mine
       memkern train --out runs/digits-tracked --track-grads
       torchrun --nproc-per-node 2 -m memkern.cli train --out runs/digits-ddp
     """

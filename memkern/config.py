@@ -54,6 +54,11 @@ class TrainConfig:
     # Processes of the launch that started the run (torchrun's WORLD_SIZE), recorded by train;
     # not an option: a world of w trains as one process does, and any world may resume a run.
     world_size: int = 1
+    # A run made by `memkern import` from weights trained elsewhere: one checkpoint, no history.
+    imported: bool = False
+    # The labels the weights were trained with, a file in the run directory (`memkern import
+    # --train-labels`); None: the dataset's labels with ``noise`` flipped by ``seed``.
+    train_labels: str | None = None
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -76,6 +81,9 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
                               f"{self.lr_schedule!r}")
+        if self.train_labels is not None and self.noise != 0.0:
+            raise ConfigError(f"a run with its own training labels ({self.train_labels}) takes "
+                              f"no synthetic noise on top: set noise 0, got {self.noise}")
         if self.tied_dropout:
             if not (0.0 < self.p_gen < 1.0 and 0.0 < self.p_mem <= 1.0):
                 raise ConfigError(f"need 0 < p_gen < 1 and 0 < p_mem <= 1, got p_gen={self.p_gen}"

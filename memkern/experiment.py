@@ -21,7 +21,8 @@ from torch import nn
 from memkern.checkpoints import Checkpoint, check_fits, load_checkpoint, load_model_state
 from memkern.config import TrainConfig
 from memkern.data import PreparedData, load_dataset, prepare
-from memkern.errors import ConfigError
+from memkern.data.train_labels import read_train_labels
+from memkern.errors import ConfigError, RunDirError
 from memkern.models import build_model
 from memkern.runs import RunDir
 from memkern.tied_dropout import attach_tied_dropout, has_tied_dropout, set_tied_dropout_mode
@@ -53,10 +54,40 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load_data(config: TrainConfig, *, data_dir: str | Path | None = None,
-              download: bool = False) -> PreparedData:
-    """The config's dataset with its exact label noise; ``data_dir`` overrides the config's."""
+              download: bool = False, run: str | Path | None = None) -> PreparedData:
+    """The config's dataset with its exact label noise; ``data_dir`` overrides the config's.
+    A config with its own training labels (an imported run) reads them from its ``run``
+    directory."""
     raw = load_dataset(config.dataset, data_dir=data_dir or config.data_dir, download=download)
-    return prepare(raw, noise_rate=config.noise, seed=config.seed)
+    if config.train_labels is None:
+        return prepare(raw, noise_rate=config.noise, seed=config.seed)
+    if run is None:
+        raise ConfigError(f"this config's training labels are the file {config.train_labels} "
+                          f"of its run directory: pass run=<the run directory>")
+    path = Path(run) / config.train_labels
+    if not path.is_file():
+        raise RunDirError(f"{path} is missing: this imported run's training labels live beside "
+                          f"its checkpoints/ folder; keep the checkpoint in its run directory")
+    labels = read_train_labels(path, num_train=len(raw.train_labels),
+                               num_classes=raw.num_classes)
+    return prepare(raw, noise_rate=0.0, seed=config.seed, train_labels=labels)
+
+
+def require_noisy_split(config: TrainConfig, what: str) -> None:
+    """RunDirError unless the run knows which examples are noisy (an imported run knows only
+    when imported with training labels)."""
+    if config.imported and config.train_labels is None:
+        raise RunDirError(f"{what} needs the noisy/clean split, which this imported run lacks: "
+                          f"import it again with --train-labels FILE (the labels the weights "
+                          f"were trained with)")
+
+
+def require_history(config: TrainConfig, what: str) -> None:
+    """RunDirError for an imported run, which holds one checkpoint and no training history."""
+    if config.imported:
+        raise RunDirError(f"{what} needs a run trained by memkern (checkpoints of several "
+                          f"epochs); this run was imported and holds only the weights trained "
+                          f"elsewhere: run evaluate, grads, localize or scores on it")
 
 
 def model_for(config: TrainConfig, data: PreparedData) -> nn.Module:
@@ -108,7 +139,7 @@ class RunContext:
 def _context(run: RunDir, config: TrainConfig, ckpt: Checkpoint, *,
              device: str | torch.device, data_dir: str | Path | None) -> RunContext:
     dev = resolve_device(device)
-    data = load_data(config, data_dir=data_dir)
+    data = load_data(config, data_dir=data_dir, run=run.root)
     model = model_for(config, data)
     load_model_state(model, ckpt)
     model.to(dev).eval()

@@ -107,7 +107,24 @@ def _g(value) -> str:
     return "n/a" if math.isnan(v) else f"{v:.4g}"
 
 
+def imported_cell(t: RunTables) -> Cell:
+    """An imported run's training section: no history, the labels it was trained with, and
+    its accuracies once `memkern evaluate` has measured them."""
+    labels = (f"{len(t.noise['noisy_indices'])} of {t.noise['num_train']} training labels differ "
+              f"from the dataset's" if t.config.train_labels
+              else "the labels it was trained with are unknown")
+    finding = f"Weights imported (trained outside memkern), so no training history; {labels}."
+    if not t.metrics:
+        return Cell(t.name, finding,
+                    missing=f"accuracies: memkern evaluate --run {printable(str(t.run.root))}")
+    rows = [[label, num(t.last.get(key))] for key, label in SPLIT_NAMES]
+    return Cell(t.name, finding, tables=[Table("accuracy of the imported weights",
+                                               ["set", "imported"], rows)])
+
+
 def training_cell(t: RunTables) -> Cell:
+    if t.config.imported:
+        return imported_cell(t)
     last = t.last
     modes = [("", "final epoch")] + ([("_keep", "kept"), ("_drop", "dropped")] if t.tied else [])
     columns = ["set"] + [name for _, name in modes]
@@ -297,8 +314,8 @@ def headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
         p = findings.accounting_ratio_peak(t.grads) if t.grads else None
         return f"{num(p[1])} (epoch {p[0]})" if p else "-"
 
-    lines = [("test accuracy", [num(t.last["test_acc"]) for t in runs]),
-             ("flipped labels fitted (memorized)", [num(t.last["noisy_acc"]) for t in runs])]
+    lines = [("test accuracy", [num(t.last.get("test_acc")) for t in runs]),
+             ("flipped labels fitted (memorized)", [num(t.last.get("noisy_acc")) for t in runs])]
     if any(t.tied for t in runs):
         lines.append(("flipped labels fitted, memorization channels dropped",
                       [num(t.last["noisy_acc_drop"]) if t.tied else "-" for t in runs]))
@@ -310,6 +327,8 @@ def headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
 
 def describe(t: RunTables) -> str:
     c = t.config
+    if c.imported:
+        return f"{c.model} on {c.dataset}: weights imported (trained outside memkern)."
     return (f"{c.model} on {c.dataset}: {len(t.noise['noisy_indices'])} of "
             f"{t.noise['num_train']} training labels flipped (rate {c.noise}, seed {c.seed}), "
             f"{t.last['epoch']} epochs"

@@ -40,7 +40,8 @@ class RunTables:
 
     @property
     def last(self) -> dict:
-        return self.metrics[-1]
+        """The final accuracies ({} for an imported run not evaluated yet)."""
+        return self.metrics[-1] if self.metrics else {}
 
     @property
     def tied(self) -> bool:
@@ -102,12 +103,20 @@ def _benchmark(path: Path) -> list[dict] | None:
     return rows or None
 
 
+def _imported_accuracies(run: RunDir) -> list[dict]:
+    """An imported run has no training history: its one checkpoint's accuracies, as a metrics
+    line, when `memkern evaluate` has written them."""
+    epochs = run.epochs()
+    path = run.evaluation_path(epochs[-1], "own") if epochs else None
+    return [read_json_object(path)] if path is not None and path.is_file() else []
+
+
 def load_run_tables(run_dir: str | Path) -> RunTables:
     """Read everything the report shows from ``run_dir``; a missing analysis stays None."""
     run = RunDir(run_dir)
     config = run.load_config()
-    metrics = run.load_metrics()
-    if not metrics:
+    metrics = _imported_accuracies(run) if config.imported else run.load_metrics()
+    if not metrics and not config.imported:
         raise RunDirError(f"{run.root} has no completed epoch in metrics.jsonl yet")
     missing = [k for k in CURVES if any(k not in r for r in metrics)]
     if missing:

@@ -26,7 +26,7 @@ from memkern.config import TrainConfig
 from memkern.data import PreparedData, iterate_batches
 from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
-from memkern.experiment import open_run
+from memkern.experiment import open_run, require_history
 from memkern.layer_figures import plot_retrain
 from memkern.locks import hold_run, locked
 from memkern.models.groups import LayerGroup
@@ -144,7 +144,7 @@ def retrain(*, run: str | Path, groups: list[str] | None = None,
     if lr is not None and not (math.isfinite(lr) and lr > 0):
         raise ConfigError(f"--lr must be a positive finite number, got {lr}")
     run = RunDir(run)
-    run.load_config()
+    require_history(run.load_config(), "retrain")
     run.final_checkpoint()
     run.require_checkpoint(from_epoch)
     ctx = open_run(run.root, device=device, data_dir=data_dir)

@@ -20,7 +20,7 @@ from memkern.atomic import atomic_write_json, read_json_object
 from memkern.tables import read_table, write_table
 from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
-from memkern.experiment import open_run
+from memkern.experiment import open_run, require_history
 from memkern.layer_figures import plot_rewind
 from memkern.localize.settings import checkpoint_digest
 from memkern.locks import hold_run, locked
@@ -95,7 +95,7 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     epoch. Each checkpoint and the dataset are read once; when rewind.csv already holds these
     configurations of these checkpoints, its rows are returned without evaluating again."""
     run = RunDir(run)
-    run.load_config()
+    require_history(run.load_config(), "rewind")
     available = run.epochs()
     if not available:
         run.final_checkpoint()  # the error naming what is missing

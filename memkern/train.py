@@ -25,7 +25,7 @@ from memkern.distributed import World, joined
 from memkern.dynamics import DynamicsRecorder, dynamics_path
 from memkern.errors import ConfigError, RunDirError
 from memkern.evaluate import epoch_accuracies
-from memkern.experiment import load_data, model_for, resolve_device
+from memkern.experiment import load_data, model_for, require_history, resolve_device
 from memkern.finite import check_loss, check_model
 from memkern.locks import hold_run, locked
 from memkern.progress import Progress
@@ -137,6 +137,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
                                   f"the run) to resume, or another out= to start anew")
             extend_to = config.epochs
         config = saved
+        require_history(config, "resuming training")
     elif config is None:
         raise ConfigError("a new run needs a config: pass a TrainConfig (or resume=True to "
                           "continue an existing run)")

@@ -43,3 +43,11 @@ def apply_label_noise(labels: torch.Tensor, *, rate: float, num_classes: int,
     new_labels = labels.clone()
     new_labels[noisy] = (labels[noisy] + offsets) % num_classes
     return LabelNoise(labels=new_labels, noisy_indices=noisy, original_labels=labels[noisy].clone())
+
+
+def noise_of_labels(dataset_labels: torch.Tensor, train_labels: torch.Tensor) -> LabelNoise:
+    """The noise of a model trained elsewhere with ``train_labels``: the examples whose training
+    label differs from the dataset's (both int64 ``[N]``)."""
+    noisy = torch.nonzero(train_labels != dataset_labels).flatten()
+    return LabelNoise(labels=train_labels.clone(), noisy_indices=noisy,
+                      original_labels=dataset_labels[noisy].clone())

@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 from torch.utils.data import Dataset
 
-from memkern.data.noise import LabelNoise, apply_label_noise
+from memkern.data.noise import LabelNoise, apply_label_noise, noise_of_labels
 from memkern.data.splits import ImageShape, RawSplits
 from memkern.errors import DataError
 
@@ -33,7 +33,11 @@ class PreparedData(ImageShape):
         return self.noise.noisy_mask
 
 
-def prepare(raw: RawSplits, *, noise_rate: float, seed: int) -> PreparedData:
+def prepare(raw: RawSplits, *, noise_rate: float, seed: int,
+            train_labels: torch.Tensor | None = None) -> PreparedData:
+    """Standardize ``raw`` by its train split and apply label noise: ``noise_rate`` flips drawn
+    by ``seed``, or, given ``train_labels`` (int64 ``[N]``, the labels a model was trained with
+    elsewhere), those labels, noisy where they differ from the dataset's."""
     for split, labels in (("train", raw.train_labels), ("test", raw.test_labels)):
         if not len(labels):
             raise DataError(f"the {raw.name} {split} split holds no examples; check the "
@@ -41,8 +45,9 @@ def prepare(raw: RawSplits, *, noise_rate: float, seed: int) -> PreparedData:
     train = raw.train_images.float()
     mean = train.mean(dim=(0, 2, 3), keepdim=True)
     std = train.std(dim=(0, 2, 3), keepdim=True).clamp_min(1e-6)
-    noise = apply_label_noise(raw.train_labels, rate=noise_rate, num_classes=raw.num_classes,
-                              seed=seed)
+    noise = (apply_label_noise(raw.train_labels, rate=noise_rate, num_classes=raw.num_classes,
+                               seed=seed) if train_labels is None
+             else noise_of_labels(raw.train_labels, train_labels))
     return PreparedData(
         name=raw.name, num_classes=raw.num_classes,
         train_images=(train - mean) / std, train_labels=noise.labels,

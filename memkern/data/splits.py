@@ -24,7 +24,8 @@ class ImageShape:
 class RawSplits(ImageShape):
     """A dataset's standard train and test splits, as loaded from its published files.
 
-    Images are uint8 ``[N, C, H, W]`` (channels first, whatever the file's layout); labels are
+    Images are uint8 ``[N, C, H, W]`` (channels first, whatever the file's layout; float32 for an
+    array file that holds floating-point images); labels are
     int64 ``[N]`` in ``0 .. num_classes - 1``. Normalization and label noise are applied later.
     """
 

@@ -22,7 +22,7 @@ from memkern.config import check_seed
 from memkern.distributed import World, joined
 from memkern.errors import ConfigError
 from memkern.evaluate import split_accuracies
-from memkern.experiment import load_trained, resolve_device
+from memkern.experiment import load_trained, require_noisy_split, resolve_device
 from memkern.localize.channels import channel_space
 from memkern.localize.edited import edited_accuracies
 from memkern.localize.examples import select_examples
@@ -140,6 +140,8 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
     world = World.from_env()
     place = world.place(resolve_device(device))
     trained = load_trained(ckpt, device=place, data_dir=data_dir)
+    if examples in ("noisy", "clean"):
+        require_noisy_split(trained.config, f"--examples {examples}")
     model, data = trained.model, trained.data
     tied = tied_sites(model)
     # On a tied-dropout run the default sites are its tied sites: where memorization channels

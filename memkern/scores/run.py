@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Sequence
 
 from memkern.errors import ConfigError, RunDirError
-from memkern.experiment import load_data, resolve_device
+from memkern.experiment import load_data, require_noisy_split, resolve_device
 from memkern.locks import hold_run, locked
 from memkern.runs import RunDir
 from memkern.scores.benchmark import Benchmark, run_benchmark
@@ -47,13 +47,15 @@ def score_run(*, run: str | Path, compute: bool = False, benchmark: bool = False
     config = run.load_config()
     run.final_checkpoint()  # a clear error for a run without checkpoints
     resolve_device(device)  # a device that is not there fails before anything is written
+    if benchmark:
+        require_noisy_split(config, "--benchmark")
     if benchmark and not run.load_noise()["noisy_indices"]:
         raise RunDirError(f"{run.root} has no flipped labels: the benchmark measures how well "
                           f"signals find them; train with --noise 0.1")
     computed = (compute_missing(run=run.root, grad_epochs=grad_epochs, localize_top=localize_top,
                                 device=device, data_dir=data_dir, progress=progress)
                 if compute else [])
-    data = load_data(config, data_dir=data_dir)
+    data = load_data(config, data_dir=data_dir, run=run.root)
     table = collect_scores(run.root, data=data, device=device, data_dir=data_dir)
     path = run.root / SCORES_FILE
     table.write(path)

@@ -145,7 +145,7 @@ def collect_scores(run: str | Path, *, data: PreparedData | None = None, device:
     the run's prepared data when the caller has it already."""
     run = RunDir(run)
     config = run.load_config()
-    data = data if data is not None else load_data(config, data_dir=data_dir)
+    data = data if data is not None else load_data(config, data_dir=data_dir, run=run.root)
     n = len(data.train_labels)
     table = ScoreTable(meta=label_columns(data))
     try:
