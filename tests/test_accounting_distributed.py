@@ -4,6 +4,7 @@ summary's summed-gradient norms and cosines equal to float64 rounding."""
 import shutil
 
 import pytest
+import torch
 
 from memkern.accounting import gradient_accounting, per_example_path, summary_path
 from memkern.runs import RunDir
@@ -15,7 +16,14 @@ from torchrun_launch import torchrun
 def one_process(tiny_run, tmp_path_factory):
     run = tmp_path_factory.mktemp("one") / "run"
     shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("grads", ".memkern.lock"))
-    gradient_accounting(run=run, epochs=[0, 3], batch_size=100, device="cpu", progress=False)
+    # torchrun starts its ranks with OMP_NUM_THREADS=1; a float32 reduction's order, and so its
+    # last bits, depend on the thread count: compute the reference with one thread too.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gradient_accounting(run=run, epochs=[0, 3], batch_size=100, device="cpu", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     return RunDir(run)
 
 
