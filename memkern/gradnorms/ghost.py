@@ -79,7 +79,8 @@ def ghost_sq_norms(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
     """``{parameter name: float [B] squared norm}`` for the parameters of every ruled layer
     called once; the caller computes the rest (see :func:`uncovered_parameters`)."""
     captures = _captures(model, memory_budget, keep_output=not inputs.is_floating_point())
-    handles = [c.module.register_forward_hook(c.on_forward) for c in captures]
+    # prepended: the gradient at a layer's own output, before an attached site's hook acts on it
+    handles = [c.module.register_forward_hook(c.on_forward, prepend=True) for c in captures]
     try:
         with torch.enable_grad(), example_indices(ids):
             x = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs

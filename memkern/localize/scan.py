@@ -126,7 +126,9 @@ class _Cache:
 
     @contextlib.contextmanager
     def recording(self) -> Iterator["_Cache"]:
-        handles = [m.register_forward_hook(self._hook(n)) for n, m in self.model.named_modules()
+        # prepended: a module's own output, before any attached site's hook acts on it
+        handles = [m.register_forward_hook(self._hook(n), prepend=True)
+                   for n, m in self.model.named_modules()
                    if n in self.keep_out or n in self.keep_io]
         try:
             yield self

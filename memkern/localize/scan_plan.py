@@ -133,7 +133,10 @@ class _Probe:
         for name, module in self.model.named_modules():
             if name:
                 handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
-                handles.append(module.register_forward_hook(self._post(name, module)))
+                # ahead of the hooks through which attached sites act (memkern.attach): the
+                # probe sees a host module's own output, its site as a call of its own
+                handles.append(module.register_forward_hook(self._post(name, module),
+                                                            prepend=True))
         try:
             with self.taint:
                 yield self
@@ -181,7 +184,9 @@ def plan_scan(model: nn.Module, x1: torch.Tensor, sites: tuple[str, ...]) -> dic
         model(x1)
     probe.finish()
     modules = dict(model.named_modules())
-    return {s: _plan_site(probe, modules, s, site_bits[s]) for s in sites}
+    # a site's module path is its name on memkern's models, not on attached ones
+    paths = {m.site_name: n for n, m in modules.items() if isinstance(m, ChannelSite)}
+    return {s: _plan_site(probe, modules, paths[s], site_bits[s]) for s in sites}
 
 
 def _cacheable(probe: _Probe, name: str, bit: int) -> bool:
@@ -194,6 +199,7 @@ def _cacheable(probe: _Probe, name: str, bit: int) -> bool:
 
 
 def _plan_site(probe: _Probe, modules: dict[str, nn.Module], site: str, bit: int) -> SitePlan:
+    """``site``: the site module's path."""
     runs = len(probe.calls.get(site, []))
     if runs != 1:
         return SitePlan(naive=f"the site runs {runs} times in one forward")
