@@ -74,3 +74,19 @@ def parse_epochs(text: str | None, *, option: str = "--epochs") -> list[int] | N
 def split_names(values: tuple[str, ...]) -> list[str]:
     """Repeated and/or comma-separated option values, flattened."""
     return [n for v in values for n in v.split(",") if n]
+
+
+def _model_name(ctx, param, value: str) -> str:
+    from memkern.models import MODELS
+
+    if value in MODELS or ":" in value:
+        return value
+    raise click.BadParameter(f"{value!r} is neither one of {', '.join(sorted(MODELS))} nor a "
+                             f"spec such as torchvision:resnet18")
+
+
+model_option = click.option(
+    "--model", default="cnn", show_default=True, callback=_model_name,
+    help="cnn, mlp, resnet9, resnet50, vit; or torchvision:NAME, timm:NAME[?key=value&...] "
+         "(e.g. timm:vit_tiny_patch16_224?img_size=32&patch_size=4), package.module:factory "
+         "(called with num_classes, in_channels, image_size). See README, 'Your own model'.")

@@ -4,9 +4,8 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import (DATASET_HELP, DatasetSpec, data_dir_option, device_option,
-                                 split_names)
+                                 model_option, split_names)
 from memkern.config import LR_SCHEDULES, PRESETS
-from memkern.models import MODELS
 
 # CLI option name -> TrainConfig field, one to one.
 CONFIG_OPTIONS = {"dataset": "dataset", "model": "model", "norm": "norm", "noise": "noise",
@@ -32,7 +31,7 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Start from a named preset.")
 @click.option("--dataset", type=DatasetSpec(), default="digits", show_default=True,
               help=DATASET_HELP)
-@click.option("--model", type=click.Choice(sorted(MODELS)), default="cnn", show_default=True)
+@model_option
 @click.option("--norm", type=click.Choice(["batch", "group"]), default="batch", show_default=True)
 @click.option("--noise", type=float, default=0.1, show_default=True,
               help="Fraction of training labels flipped, in [0, 1).")
@@ -70,6 +69,7 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
     \b
     Example:
       memkern train --dataset digits --model cnn --noise 0.1 --epochs 30 --out runs/digits
+      memkern train --dataset digits --model torchvision:resnet18 --epochs 5 --out runs/tv
       memkern train --out runs/digits --resume
       memkern train --out runs/flat --lr-schedule constant --warmup 0 --epochs 20
       memkern train --out runs/flat --resume --epochs 40

@@ -8,9 +8,9 @@ One traced forward (:mod:`memkern.site_trace`) finds the sites; each becomes a
 :class:`~memkern.sites.ChannelSite` that acts through a forward hook on its host module (on the
 host's output, or on its first input), so the rest of memkern (tied dropout, gradient norms,
 rewinding, retraining, localization, the scan) uses them as it uses the sites of memkern's own
-models. The sites live in one child module, ``model.memkern_sites``, which holds no parameters
-or buffers: the state dict is unchanged, and a site without ops returns its input itself, so
-outputs stay bit-identical. Site names are module paths: ``layer1.0.conv1`` is that conv's
+models. The sites live in ``model.memkern_sites``, an attribute outside the model's child
+modules (:func:`memkern.sites.modules_with_sites` lists them): the module tree and state dict
+are unchanged, and a site without ops returns its input itself, so outputs stay bit-identical. Site names are module paths: ``layer1.0.conv1`` is that conv's
 output (pre-norm), ``blocks.3.mlp.act`` an activation module's output, ``layer1.0`` a block
 whose output is an activation's, ``layer1.0.conv2:in`` an activation output reaching
 ``layer1.0.conv2`` only (post-activation).
@@ -29,9 +29,8 @@ from torch import nn
 
 from memkern.errors import ConfigError
 from memkern.site_trace import INPUT, FoundSite, trace_sites
-from memkern.sites import POST_ACTIVATION, ChannelSite, SiteInfo, channel_sites
+from memkern.sites import ATTACHED, POST_ACTIVATION, ChannelSite, SiteInfo, channel_sites
 
-CONTAINER = "memkern_sites"
 DEFAULT_DROPOUT_COUNT = 2  # the last post-activation sites, as memkern's own models place it
 
 
@@ -92,7 +91,7 @@ def attach_sites(model: nn.Module, example_input: torch.Tensor, *, include_head:
         site.site_name = found.name
         _hook(modules[found.host], site, found)
         container.append(site)
-    model.add_module(CONTAINER, container)
+    object.__setattr__(model, ATTACHED, container)  # not a child: see memkern.sites.ATTACHED
     model.layer_group_paths = groups
     post = [s.name for s in plan.sites if s.position == POST_ACTIVATION]
     model.default_dropout_sites = tuple(dropout_sites) if dropout_sites is not None \
@@ -107,7 +106,7 @@ def attach_sites(model: nn.Module, example_input: torch.Tensor, *, include_head:
 
 def detach_sites(model: nn.Module) -> None:
     """Remove the hooks, the site container and the attributes :func:`attach_sites` set."""
-    container = getattr(model, CONTAINER, None)
+    container = model.__dict__.get(ATTACHED)
     if container is None:
         return
     ours = {id(site) for site in container}
@@ -116,7 +115,7 @@ def detach_sites(model: nn.Module) -> None:
             for key in [k for k, h in hooks.items()
                         if isinstance(h, (_OutputHook, _InputHook)) and id(h.site) in ours]:
                 del hooks[key]
-    delattr(model, CONTAINER)
+    del model.__dict__[ATTACHED]
     for attr in ("layer_group_paths", "default_dropout_sites", "memkern_skipped_sites"):
         if attr in vars(model):
             delattr(model, attr)
@@ -143,7 +142,7 @@ def _tree_groups(model: nn.Module, depth: int, call_starts: dict[str, int],
 
     def visit(module: nn.Module, prefix: str, left: int) -> None:
         children = [(f"{prefix}{n}", c) for n, c in module.named_children()
-                    if n != CONTAINER and any(True for _ in c.parameters())]
+                    if any(True for _ in c.parameters())]
         if prefix and (left == 0 or not children):
             entries.append((call_starts.get(prefix[:-1], never), prefix[:-1]))
             return

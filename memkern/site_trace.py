@@ -13,7 +13,7 @@ each module call's first input and its output. From that, per site found:
 
 An activation output no hook reaches exactly (read by two modules, or by plain functions) is
 listed in :attr:`SitePlan.skipped` with the reason. The classifier head (the last conv/linear,
-whose output has the model output's shape) gets no site unless asked for.
+with one output channel per class of the ``[N, classes]`` output) gets no site unless asked.
 """
 from __future__ import annotations
 
@@ -198,13 +198,15 @@ def trace_sites(model: nn.Module, example_input: torch.Tensor, *,
 
 
 def _head(modules, calls, model_output) -> str | None:
-    """The last conv/linear called, when its output has the model output's shape."""
+    """The last conv/linear called, when it has as many output channels as the model output
+    (``[N, classes]``) has classes."""
     last = max(((c.end, n) for n, cs in calls.items() for c in cs
                 if n and isinstance(modules[n], CONV_LINEAR)), default=None)
-    if last is None or not isinstance(model_output, torch.Tensor):
+    if last is None or not isinstance(model_output, torch.Tensor) or model_output.ndim != 2:
         return None
-    out = calls[last[1]][-1].output
-    return last[1] if isinstance(out, torch.Tensor) and out.shape == model_output.shape else None
+    module = modules[last[1]]
+    channels = module.out_features if isinstance(module, nn.Linear) else module.out_channels
+    return last[1] if channels == model_output.shape[1] else None
 
 
 def _pre_norm_site(name: str, module: nn.Module, module_calls: list[_Call],

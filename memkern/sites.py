@@ -101,6 +101,23 @@ class ChannelSite(nn.Module):
         return f"channels={self.channels}, position={self.position}"
 
 
+# Sites attached by hooks (memkern.attach) are held in this attribute of the model, outside its
+# child modules (a child would change what an nn.Sequential runs); they appear under this path.
+ATTACHED = "memkern_sites"
+
+
+def modules_with_sites(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """``model.named_modules()`` plus the hook-attached sites and their ops, each under
+    ``<owner path>.memkern_sites``, right after the module holding them."""
+    out = []
+    for prefix, module in model.named_modules():
+        out.append((prefix, module))
+        held = module.__dict__.get(ATTACHED)
+        if held is not None:
+            out += held.named_modules(prefix=f"{prefix}.{ATTACHED}" if prefix else ATTACHED)
+    return out
+
+
 def name_sites(model: nn.Module) -> None:
     """Give every site its module path as a stable name (called once by each model builder)."""
     for name, module in model.named_modules():
@@ -110,7 +127,7 @@ def name_sites(model: nn.Module) -> None:
 
 def channel_sites(model: nn.Module) -> dict[str, ChannelSite]:
     """All sites of ``model`` by name, in module registration (= forward) order."""
-    return {m.site_name: m for m in model.modules() if isinstance(m, ChannelSite)}
+    return {m.site_name: m for _, m in modules_with_sites(model) if isinstance(m, ChannelSite)}
 
 
 def site_infos(model: nn.Module) -> list[SiteInfo]:

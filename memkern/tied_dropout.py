@@ -25,7 +25,7 @@ from memkern.errors import ConfigError
 from memkern.kernels.channel_mask import tied_channel_mask
 from memkern.kernels.channel_mask_reference import HASH_GOLDEN, HASHED_MODES, check_tied_args
 from memkern.kernels.errors import ChannelMaskError
-from memkern.sites import channel_sites, current_example_indices
+from memkern.sites import channel_sites, current_example_indices, modules_with_sites
 
 
 def check_tied_config(**kwargs) -> None:
@@ -116,7 +116,7 @@ def tied_sites(model: nn.Module) -> dict[str, ExampleTiedDropout]:
 
 
 def _tied_modules(model: nn.Module) -> list[ExampleTiedDropout]:
-    return [m for m in model.modules() if isinstance(m, ExampleTiedDropout)]
+    return [m for _, m in modules_with_sites(model) if isinstance(m, ExampleTiedDropout)]
 
 
 def has_tied_dropout(model: nn.Module) -> bool:

@@ -23,7 +23,7 @@ from memkern.errors import ConfigError
 from memkern.localize.channels import ChannelSpace, channel_space, row_masks, set_masks
 from memkern.localize.scan_delta import DeltaForward, delta_unsupported
 from memkern.localize.scan_plan import SitePlan, plan_scan
-from memkern.sites import channel_sites, example_indices
+from memkern.sites import channel_sites, example_indices, modules_with_sites
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # logits [R, N, classes] -> [R]
 MAX_ROWS = 4096
@@ -128,7 +128,7 @@ class _Cache:
     def recording(self) -> Iterator["_Cache"]:
         # prepended: a module's own output, before any attached site's hook acts on it
         handles = [m.register_forward_hook(self._hook(n), prepend=True)
-                   for n, m in self.model.named_modules()
+                   for n, m in modules_with_sites(self.model)
                    if n in self.keep_out or n in self.keep_io]
         try:
             yield self
@@ -202,7 +202,7 @@ def ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
     todo = list(_by_site(space, cand))
     n, path = len(x), {}
     with row_masks(model, space) as ops:
-        modules = dict(model.named_modules())  # with the mask ops
+        modules = dict(modules_with_sites(model))  # with the mask ops
         set_masks(ops, space, _base_rows(space, base_mask, 1, x))
         with _ids(None if ids is None else ids[:1]):
             plans = plan_scan(model, x[:1], tuple(s for s, _, _ in todo))

@@ -29,7 +29,7 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from memkern.sites import ChannelSite
+from memkern.sites import ChannelSite, modules_with_sites
 
 # Consumers whose per-input-channel contribution the scan computes alone (exact types: a
 # user's subclass may change the forward, so it takes the full layer).
@@ -130,7 +130,7 @@ class _Probe:
     @contextlib.contextmanager
     def running(self) -> Iterator["_Probe"]:
         handles = []
-        for name, module in self.model.named_modules():
+        for name, module in modules_with_sites(self.model):
             if name:
                 handles.append(module.register_forward_pre_hook(self._pre(name), with_kwargs=True))
                 # ahead of the hooks through which attached sites act (memkern.attach): the
@@ -183,7 +183,7 @@ def plan_scan(model: nn.Module, x1: torch.Tensor, sites: tuple[str, ...]) -> dic
     with probe.running():
         model(x1)
     probe.finish()
-    modules = dict(model.named_modules())
+    modules = dict(modules_with_sites(model))
     # a site's module path is its name on memkern's models, not on attached ones
     paths = {m.site_name: n for n, m in modules.items() if isinstance(m, ChannelSite)}
     return {s: _plan_site(probe, modules, paths[s], site_bits[s]) for s in sites}
