@@ -18,7 +18,7 @@ def test_user_factory_through_every_command(tmp_path):
                      "--out", run, "--no-progress")
     assert result.exit_code == 0, result.output
     assert json.loads((run / "config.json").read_text())["model"] == SPEC
-    for args in (["grads", "--run", run, "--epochs", "0,2"],
+    for args in (["grads", "--run", run, "--epochs", "2"],
                  ["rewind", "--run", run, "--epochs", "0"],
                  ["retrain", "--run", run, "--groups", "fc2", "--epochs", "1"],
                  ["localize", "--ckpt", run / "checkpoints" / "epoch_002.safetensors",
@@ -72,3 +72,23 @@ def test_bad_spec_is_one_line(tmp_path, spec, fragment):
     result = run_cli("train", "--model", spec, "--out", tmp_path / "run")
     assert_one_line_error(result, fragment)
     assert not (tmp_path / "run").exists()
+
+
+def test_spec_keywords_are_literals_and_group_depth_is_memkerns():
+    from memkern.models.zoo import parse_spec
+
+    spec = parse_spec("timm:vit_tiny_patch16_224?img_size=32&patch_size=4&group_depth=2"
+                      "&act_layer=gelu&qkv_bias=False&drop_rate=0.1")
+    assert (spec.source, spec.name, spec.group_depth) == ("timm", "vit_tiny_patch16_224", 2)
+    assert spec.kwargs == {"img_size": 32, "patch_size": 4, "act_layer": "gelu",
+                           "qkv_bias": False, "drop_rate": 0.1}
+
+
+@needs_zoo
+def test_group_depth_from_the_spec():
+    from memkern.models import build_model, layer_groups
+
+    model = build_model("torchvision:resnet18?group_depth=2", num_classes=10, in_channels=3,
+                        image_size=16)
+    assert [g.name for g in layer_groups(model)] == [
+        "conv1", "bn1", *(f"layer{i}.{j}" for i in range(1, 5) for j in range(2)), "fc"]
