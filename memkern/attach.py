@@ -10,10 +10,12 @@ host's output, or on its first input), so the rest of memkern (tied dropout, gra
 rewinding, retraining, localization, the scan) uses them as it uses the sites of memkern's own
 models. The sites live in ``model.memkern_sites``, an attribute outside the model's child
 modules (:func:`memkern.sites.modules_with_sites` lists them): the module tree and state dict
-are unchanged, and a site without ops returns its input itself, so outputs stay bit-identical. Site names are module paths: ``layer1.0.conv1`` is that conv's
-output (pre-norm), ``blocks.3.mlp.act`` an activation module's output, ``layer1.0`` a block
-whose output is an activation's, ``layer1.0.conv2:in`` an activation output reaching
-``layer1.0.conv2`` only (post-activation).
+are unchanged, and a site without ops returns its input itself, so outputs stay bit-identical.
+
+Site names are module paths: ``layer1.0.conv1`` is that conv's output (pre-norm);
+``blocks.3.mlp.act`` an activation module's output, ``layer1.0`` a block whose output is an
+activation's, ``layer1.0.conv2:in`` an activation output read by ``layer1.0.conv2`` only
+(post-activation).
 
 Layer groups (gradient accounting, rewinding, retraining) default to the module tree: each
 child of the model that holds parameters (``group_depth=2``: each grandchild, and so on), and
