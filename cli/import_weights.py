@@ -3,16 +3,15 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import DATASET_HELP, DatasetSpec, data_dir_option
-from memkern.models import MODELS
+from memkern.cli.options import DATASET_HELP, MODEL_HELP, DatasetSpec, data_dir_option, model_name
 
 
 @click.command(name="import")
 @click.option("--weights", required=True, type=click.Path(dir_okay=False),
               help="A .safetensors file, or a torch file of model.state_dict() (read with "
                    "weights_only=True: no code is unpickled).")
-@click.option("--model", required=True, type=click.Choice(sorted(MODELS)),
-              help="The architecture the weights belong to.")
+@click.option("--model", required=True, callback=model_name,
+              help="The architecture the weights belong to: " + MODEL_HELP)
 @click.option("--norm", type=click.Choice(["batch", "group"]), default="batch", show_default=True)
 @click.option("--dataset", required=True, type=DatasetSpec(), help=DATASET_HELP)
 @click.option("--train-labels", type=click.Path(dir_okay=False),

@@ -76,7 +76,8 @@ def split_names(values: tuple[str, ...]) -> list[str]:
     return [n for v in values for n in v.split(",") if n]
 
 
-def _model_name(ctx, param, value: str) -> str:
+def model_name(ctx, param, value: str) -> str:
+    """Click callback: one of memkern's models, or a spec (built, and checked, when used)."""
     from memkern.models import MODELS
 
     if value in MODELS or ":" in value:
@@ -85,8 +86,8 @@ def _model_name(ctx, param, value: str) -> str:
                              f"spec such as torchvision:resnet18")
 
 
-model_option = click.option(
-    "--model", default="cnn", show_default=True, callback=_model_name,
-    help="cnn, mlp, resnet9, resnet50, vit; or torchvision:NAME, timm:NAME[?key=value&...] "
-         "(e.g. timm:vit_tiny_patch16_224?img_size=32&patch_size=4), package.module:factory "
-         "(called with num_classes, in_channels, image_size). See README, 'Your own model'.")
+MODEL_HELP = ("cnn, mlp, resnet9, resnet50, vit; or torchvision:NAME, timm:NAME[?key=value&...] "
+              "(e.g. timm:vit_tiny_patch16_224?img_size=32&patch_size=4), package.module:factory "
+              "(called with num_classes, in_channels, image_size). See README, 'Your own model'.")
+model_option = click.option("--model", default="cnn", show_default=True, callback=model_name,
+                            help=MODEL_HELP)

@@ -92,3 +92,67 @@ def test_group_depth_from_the_spec():
                         image_size=16)
     assert [g.name for g in layer_groups(model)] == [
         "conv1", "bn1", *(f"layer{i}.{j}" for i in range(1, 5) for j in range(2)), "fc"]
+
+
+@needs_zoo
+def test_timm_vit_trained_elsewhere_imports_and_localizes(tmp_path):
+    """A timm ViT built and trained by plain timm/torch (no memkern) on digits with flipped
+    labels: imported by spec, evaluated as it was directly, its noisy examples localized."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from sklearn.datasets import load_digits
+
+    from memkern.models.zoo import import_torchvision
+
+    import_torchvision()  # on this machine torchvision (imported by timm) needs the workaround
+    import timm
+
+    n_train, n_test = 200, 50
+    digits = load_digits()
+    images = (digits.images * (255 / 16)).round().astype(np.uint8)
+    labels = digits.target.astype(np.int64)
+    np.savez(tmp_path / "digits.npz", x_train=images[:n_train], y_train=labels[:n_train],
+             x_test=images[n_train:n_train + n_test], y_test=labels[n_train:n_train + n_test])
+    rng = np.random.default_rng(5)
+    flipped = np.sort(rng.choice(n_train, 20, replace=False))
+    train_labels = labels[:n_train].copy()
+    train_labels[flipped] = (train_labels[flipped] + rng.integers(1, 10, 20)) % 10
+    np.save(tmp_path / "labels.npy", train_labels)
+    x = torch.tensor(images[:n_train + n_test], dtype=torch.float32)[:, None]
+    x = (x - x[:n_train].mean()) / x[:n_train].std()
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", num_classes=10, in_chans=1, img_size=8,
+                            patch_size=2, depth=2)
+    opt = torch.optim.Adam(vit.parameters(), lr=1e-3)
+    for _ in range(6):
+        for idx in torch.randperm(n_train).split(25):
+            opt.zero_grad()
+            F.cross_entropy(vit(x[idx]), torch.tensor(train_labels)[idx]).backward()
+            opt.step()
+    vit.eval()
+    with torch.no_grad():
+        pred = vit(x).argmax(1).numpy()
+    noisy = np.isin(np.arange(n_train), flipped)
+    hits = pred[:n_train] == train_labels
+    torch.save(vit.state_dict(), tmp_path / "vit.pt")
+
+    spec = "timm:vit_tiny_patch16_224?img_size=8&patch_size=2&depth=2"
+    run = tmp_path / "run"
+    result = run_cli("import", "--weights", tmp_path / "vit.pt", "--model", spec, "--dataset",
+                     f"npz:{tmp_path / 'digits.npz'}", "--train-labels",
+                     tmp_path / "labels.npy", "--out", run)
+    assert result.exit_code == 0, result.output
+    result = run_cli("evaluate", "--run", run, "--json", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    record = json.loads(result.stdout)
+    assert record["clean_acc"] == pytest.approx(hits[~noisy].mean(), abs=1e-6)
+    assert record["noisy_acc"] == pytest.approx(hits[noisy].mean(), abs=1e-6)
+    assert record["test_acc"] == pytest.approx(
+        (pred[n_train:] == labels[n_train:n_train + n_test]).mean(), abs=1e-6)
+    result = run_cli("localize", "--run", run, "--examples", "all", "--limit", "4",
+                     "--max-channels", "5", "--sites", "blocks.0.mlp.act,blocks.1.mlp.act",
+                     "--no-progress")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (run / "localize.jsonl").read_text().splitlines()]
+    assert len(rows) == 4
