@@ -157,7 +157,8 @@ def retrain_finding(rows: list[dict]) -> str | None:
         reset, end = done[least]
         text += (f"; {least} ends at {num(end['noisy_acc'])} (from {num(reset['noisy_acc'])})")
     worst_clean = min(done.values(), key=lambda p: p[1]["clean_acc"])[1]["clean_acc"]
-    return text + f". Clean-train accuracy after retraining is {num(worst_clean)} or higher."
+    return text + (f". Clean-train accuracy after retraining is {num(worst_clean)}"
+                   + (" for every group." if num(worst_clean) == num(1.0) else " or higher."))
 
 
 def _site_phrase(entry: dict, sites: list[str]) -> str:

@@ -134,16 +134,15 @@ def retrain_summary(rows: list[dict]) -> str:
 
 
 def run_findings(run: str | Path) -> list[str]:
-    """The report's finding for each analysis present in run directory ``run`` (training, tied
-    dropout, gradient accounting, rewinding, retraining, localization), in that order."""
+    """The report's finding for each analysis present in run directory ``run`` (training, with
+    the tied-dropout modes on a tied run, gradient accounting, rewinding, retraining,
+    localization), in that order."""
     from memkern.report_tables import load_run_tables
 
     t = load_run_tables(run)
     lines = [findings.training_finding(t.last, epochs=t.last["epoch"],
                                        noisy=len(t.noise["noisy_indices"]),
                                        train=t.noise["num_train"])]
-    if t.tied:
-        lines.append(findings.tied_drop_finding(t.last))
     lines += [t.grads and findings.accounting_finding(t.grads),
               t.rewind and findings.rewind_finding(t.rewind),
               t.retrain and findings.retrain_finding(t.retrain),

@@ -86,7 +86,9 @@ def test_retrain_names_the_groups_noisy_accuracy_returns_most_and_least_for():
     assert findings.retrain_finding(RETRAIN) == (
         "Retrained on clean examples only, block1 brings noisy accuracy back from 0.38 at the "
         "reset to 0.97 after 10 epochs; block2 ends at 0.01 (from 0.15). Clean-train accuracy after "
-        "retraining is 1.00 or higher.")
+        "retraining is 1.00 for every group.")
+    lower = [{**r, "clean_acc": 0.9} if r["group"] == "block2" else r for r in RETRAIN]
+    assert findings.retrain_finding(lower).endswith("retraining is 0.90 or higher.")
     assert findings.retrain_finding([r for r in RETRAIN if r["epoch"] == 0]) is None
 
 

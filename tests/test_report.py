@@ -14,6 +14,7 @@ from memkern.cli.main import main
 from memkern.config import TrainConfig
 from memkern.report import write_report
 from memkern.runs import RunDir
+from memkern.summaries import run_findings
 from memkern.tables import read_csv, read_table
 
 from browser_checks import find_browser, probe_page
@@ -98,6 +99,16 @@ def test_findings_quote_the_runs_own_tables(runs, pages):
         assert sentence and squeeze(sentence) in text
     last = RunDir(plain).load_metrics()[-1]
     assert f"test accuracy is {findings.num(last['test_acc'])}" in text
+
+
+def test_commands_print_the_pages_sentences_once_each(runs, pages):
+    """run_findings (what `memkern demo` prints) says what the page says, each thing once."""
+    for run, page in zip(runs, (pages[0], pages[1])):
+        lines = run_findings(run)
+        assert len(lines) == 5 and len(set(lines)) == len(lines)
+        text = squeeze(text_of(page))
+        assert all(squeeze(line) in text for line in lines)
+    assert "memorization channels dropped" in run_findings(runs[1])[0]
 
 
 def test_key_tables_are_rendered(runs, pages):
