@@ -113,6 +113,31 @@ def test_progress_prints_one_line_per_step_when_stdout_is_not_a_terminal(capsys)
     assert "\r" not in captured.err
 
 
+def test_plain_progress_says_it_is_alive_between_far_apart_milestones(capsys, monkeypatch):
+    """A log gets a line of units done when the last line is a heartbeat old, even when
+    nothing finished since (a long localization chunk); a milestone resets the clock."""
+    import memkern.progress as progress
+
+    now = [1000.0]
+    monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])
+    with Progress(total=4, desc="localize", unit="example", initial=1) as bar:
+        bar.advance(1)
+        now[0] += progress.HEARTBEAT_S - 1
+        bar.advance(0)
+        assert capsys.readouterr().out == ""
+        now[0] += 1
+        bar.advance(0)
+        assert capsys.readouterr().out == "localize: 2/4 examples done\n"
+        now[0] += progress.HEARTBEAT_S / 2
+        bar.step("chunk 1")
+        now[0] += progress.HEARTBEAT_S / 2
+        bar.advance(2)
+        assert capsys.readouterr().out == "localize: chunk 1\n"
+        now[0] += progress.HEARTBEAT_S / 2
+        bar.advance(0)
+        assert capsys.readouterr().out == "localize: 4/4 examples done\n"
+
+
 def test_progress_draws_a_bar_on_a_terminal(monkeypatch):
     class Terminal(io.StringIO):
         def isatty(self):
