@@ -10,6 +10,7 @@ import sys
 
 import click
 
+from memkern.allocator import keep_freed_memory
 from memkern.errors import MemkernError, os_error_message, printable
 from memkern.kernels.errors import ChannelMaskError
 
@@ -74,6 +75,7 @@ def main() -> None:
     Example:
       memkern train --dataset digits --model cnn --noise 0.1 --epochs 30 --out runs/digits
     """
+    keep_freed_memory()  # large CPU activations reused, not re-mapped each step
 
 
 def _register() -> None:

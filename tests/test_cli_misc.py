@@ -1,5 +1,9 @@
 import base64
+import platform
+import sys
 
+import pytest
+from cli_checks import run_cli
 from click.testing import CliRunner
 
 from memkern.cli.main import main
@@ -35,3 +39,18 @@ def test_report_writes_one_self_contained_page(tmp_path):
     assert "Headline numbers" in page and "Missing: no gradient accounting" in page
     png = base64.b64decode(page.split('src="data:image/png;base64,')[1].split('"')[0])
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+@pytest.mark.skipif(not (sys.platform.startswith("linux") and platform.libc_ver()[0] == "glibc"),
+                    reason="the allocator setting is for glibc")
+def test_cli_keeps_freed_memory_on_glibc(monkeypatch):
+    """glibc takes both thresholds, and every command sets them before it runs."""
+    import memkern.cli.main as cli_main
+    from memkern.allocator import keep_freed_memory
+
+    assert keep_freed_memory()
+    calls = []
+    monkeypatch.setattr(cli_main, "keep_freed_memory", lambda: calls.append(1))
+    result = run_cli("sites", "--model", "mlp")
+    assert result.exit_code == 0, result.output
+    assert calls == [1]

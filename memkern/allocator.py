@@ -1,0 +1,35 @@
+"""Keep freed memory in the process instead of handing it back to the OS at once.
+
+glibc serves every allocation above its mmap threshold (at most 32 MiB, adjusted as the
+process runs) with a fresh mmap and returns it with munmap when freed. Analyses on a CPU
+allocate and free activations of that size many times a second (a reference batch through a
+ViT, every greedy step), and each fresh mapping is zeroed by the kernel page by page: on the
+2-core development machine, localizing 6 examples of a 4-block timm ViT spent 60 s of 84 s in
+the kernel. With large blocks reused from the heap it took 54 s (12-18 s in the kernel), with
+identical results (bench/README.md, "Memory allocator"). The price is a resident size that
+stays at its peak until the process ends, which is what a command-line run wants.
+
+Only the CLI calls this: a notebook that imports memkern keeps its own allocator settings.
+"""
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+# mallopt parameters from glibc's <malloc.h>.
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_THRESHOLD = -3
+_ONE_GIB = 1 << 30
+
+
+def keep_freed_memory() -> bool:
+    """Raise glibc's mmap and trim thresholds to 1 GiB; True when glibc took both.
+
+    A no-op returning False where the C library is not glibc (macOS, musl)."""
+    name = ctypes.util.find_library("c")
+    try:
+        mallopt = ctypes.CDLL(name).mallopt
+    except (OSError, AttributeError, TypeError):
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_MMAP_THRESHOLD, _ONE_GIB) and mallopt(_M_TRIM_THRESHOLD, _ONE_GIB))
