@@ -6,8 +6,9 @@ allocate and free activations of that size many times a second (a reference batc
 ViT, every greedy step), and each fresh mapping is zeroed by the kernel page by page: on the
 2-core development machine, localizing 6 examples of a 4-block timm ViT spent 60 s of 84 s in
 the kernel. With large blocks reused from the heap it took 54 s (12-18 s in the kernel), with
-identical results (bench/README.md, "Memory allocator"). The price is a resident size that
-stays at its peak until the process ends, which is what a command-line run wants.
+identical results (bench/README.md, "Memory allocator"). The price is memory: freed blocks
+stay in the process, and that run's peak resident size grew from 4.3 to 6.2 GB.
+``MEMKERN_KEEP_FREED_MEMORY=0`` keeps glibc's defaults where memory is tighter than time.
 
 Only the CLI calls this: a notebook that imports memkern keeps its own allocator settings.
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import os
 
 # mallopt parameters from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD = -1
@@ -25,7 +27,10 @@ _ONE_GIB = 1 << 30
 def keep_freed_memory() -> bool:
     """Raise glibc's mmap and trim thresholds to 1 GiB; True when glibc took both.
 
-    A no-op returning False where the C library is not glibc (macOS, musl)."""
+    A no-op returning False where the C library is not glibc (macOS, musl) or where
+    ``MEMKERN_KEEP_FREED_MEMORY=0`` asks for glibc's defaults."""
+    if os.environ.get("MEMKERN_KEEP_FREED_MEMORY", "1") == "0":
+        return False
     name = ctypes.util.find_library("c")
     try:
         mallopt = ctypes.CDLL(name).mallopt

@@ -49,6 +49,8 @@ def test_cli_keeps_freed_memory_on_glibc(monkeypatch):
     from memkern.allocator import keep_freed_memory
 
     assert keep_freed_memory()
+    monkeypatch.setenv("MEMKERN_KEEP_FREED_MEMORY", "0")
+    assert not keep_freed_memory()
     calls = []
     monkeypatch.setattr(cli_main, "keep_freed_memory", lambda: calls.append(1))
     result = run_cli("sites", "--model", "mlp")
