@@ -19,7 +19,7 @@ import torch
 from conftest import QUICK, rounds
 from gradnorm_methods import METHODS, make_case
 
-from memkern.gradnorms import per_example_grad_norms
+from memkern.experiments.gradients.norms import per_example_grad_norms
 
 HERE = Path(__file__).parent
 BATCHES = (8,) if QUICK else (32, 128)

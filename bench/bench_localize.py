@@ -24,16 +24,16 @@ import torch
 import torch.nn.functional as F
 
 from conftest import QUICK, rounds
-from memkern.config import TrainConfig
-from memkern.experiment import load_trained
-from memkern.localize import (LocalizationObjective, ablation_scan, channel_space,
+from memkern.training.config import TrainConfig
+from memkern.rundir.context import load_trained
+from memkern.experiments.localize import (LocalizationObjective, ablation_scan, channel_space,
                               greedy_localize, naive_ablation_scan, reference_indices)
-from memkern.localize.channels import row_masks, set_masks
-from memkern.localize.examples import select_examples
-from memkern.localize.greedy import frozen
-from memkern.models import build_model
-from memkern.train import train
-from memkern.sites import channel_sites
+from memkern.experiments.localize.channels import row_masks, set_masks
+from memkern.experiments.localize.examples import select_examples
+from memkern.experiments.localize.greedy import frozen
+from memkern.network.models import build_model
+from memkern.training.train import train
+from memkern.network.sites import channel_sites
 
 _TIMES: dict[str, dict[str, float]] = {}
 

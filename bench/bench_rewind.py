@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch.func import functional_call, vmap
 
-from memkern.config import TrainConfig
-from memkern.evaluate import split_accuracies
-from memkern.experiment import load_data, model_for
-from memkern.models import layer_groups
-from memkern.rewind import with_group_from
+from memkern.training.config import TrainConfig
+from memkern.training.evaluate import split_accuracies
+from memkern.rundir.context import load_data, model_for
+from memkern.network.models import layer_groups
+from memkern.experiments.rewind import with_group_from
 
 
 MEDIANS: dict[str, float] = {}  # method -> median seconds, for ratios to functional_call

@@ -13,13 +13,13 @@ import pytest
 from conftest import QUICK
 from sklearn.metrics import roc_auc_score
 
-from memkern.atomic import read_jsonl
-from memkern.config import TrainConfig
-from memkern.experiment import load_data
-from memkern.scores.benchmark import cleanlab_rows
-from memkern.scores.crossval import cross_validate
-from memkern.scores.run import score_run
-from memkern.train import train
+from memkern.rundir.atomic import read_jsonl
+from memkern.training.config import TrainConfig
+from memkern.rundir.context import load_data
+from memkern.experiments.scores.benchmark import cleanlab_rows
+from memkern.experiments.scores.crossval import cross_validate
+from memkern.experiments.scores.run import score_run
+from memkern.training.train import train
 
 FOLDS = 5
 

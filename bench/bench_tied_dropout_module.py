@@ -14,8 +14,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from memkern.sites import example_indices
-from memkern.tied_dropout import ExampleTiedDropout
+from memkern.network.sites import example_indices
+from memkern.network.tied_dropout import ExampleTiedDropout
 
 from conftest import QUICK, rounds
 from paper_cached_dropout import PaperCachedDropout, assert_same_kind_of_mask

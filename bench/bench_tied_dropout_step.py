@@ -20,9 +20,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from memkern.models import build_model
-from memkern.sites import channel_sites, example_indices
-from memkern.tied_dropout import attach_tied_dropout
+from memkern.network.models import build_model
+from memkern.network.sites import channel_sites, example_indices
+from memkern.network.tied_dropout import attach_tied_dropout
 
 from conftest import QUICK, rounds
 from paper_cached_dropout import PaperSiteDropout, assert_same_kind_of_mask

@@ -4,10 +4,10 @@ import torch
 import torch.nn.functional as F
 from conftest import rounds
 
-from memkern.config import TrainConfig
+from memkern.training.config import TrainConfig
 from memkern.data.prepared import iterate_batches
-from memkern.experiment import load_data, model_for
-from memkern.sites import example_indices
+from memkern.rundir.context import load_data, model_for
+from memkern.network.sites import example_indices
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "mlp"])

@@ -15,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-from memkern.gradnorms import per_example_grad_norms
-from memkern.models import build_model
+from memkern.experiments.gradients.norms import per_example_grad_norms
+from memkern.network.models import build_model
 
 
 def make_case(norm: str, batch: int, seed: int = 0):

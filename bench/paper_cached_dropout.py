@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from memkern.kernels.channel_mask_reference import generalization_channels
-from memkern.sites import current_example_indices
+from memkern.network.sites import current_example_indices
 
 
 class PaperCachedDropout(nn.Module):
@@ -42,7 +42,7 @@ class PaperCachedDropout(nn.Module):
 
 class PaperSiteDropout(nn.Module):
     """:class:`PaperCachedDropout` as a channel-site op: reads the batch's dataset indices from
-    :func:`memkern.sites.example_indices`, as :class:`memkern.tied_dropout.ExampleTiedDropout` does."""
+    :func:`memkern.network.sites.example_indices`, as :class:`memkern.network.tied_dropout.ExampleTiedDropout` does."""
 
     def __init__(self, channels: int, p_gen: float, p_mem: float):
         super().__init__()

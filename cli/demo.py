@@ -25,7 +25,7 @@ def demo(out, device, progress):
     from pathlib import Path
 
     from memkern.demo import run_demo
-    from memkern.summaries import run_findings
+    from memkern.report.summaries import run_findings
 
     page = run_demo(out=out, device=device, progress=progress,
                     say=lambda line: click.echo(line, err=True))

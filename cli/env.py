@@ -19,7 +19,7 @@ def env():
     import torch
 
     import memkern
-    from memkern.experiment import resolve_device
+    from memkern.rundir.context import resolve_device
     from memkern.kernels.channel_mask import kernel_path
 
     lines = {

@@ -7,7 +7,7 @@ import click
 
 from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_option,
                                  device_option)
-from memkern.evaluate import EVAL_MODES, SPLITS
+from memkern.training.evaluate import EVAL_MODES, SPLITS
 
 
 @click.command()
@@ -27,7 +27,7 @@ def evaluate(ckpt, run_dir, mode, as_json, data_dir, device):
       memkern evaluate --ckpt runs/tied/checkpoints/epoch_010.safetensors --mode drop
       memkern evaluate --run runs/tied --mode keep
     """
-    from memkern.evaluate import evaluate_checkpoint
+    from memkern.training.evaluate import evaluate_checkpoint
 
     record, path = evaluate_checkpoint(ckpt=checkpoint_from(ckpt, run_dir), mode=mode,
                                        device=device, data_dir=data_dir)

@@ -31,11 +31,11 @@ def grads(run_dir, epochs, mode, batch_size, data_dir, device, progress):
       memkern grads --run runs/digits --epochs 0,10,20,30
       torchrun --nproc-per-node 2 -m memkern.cli grads --run-dir runs/digits
     """
-    from memkern.accounting import gradient_accounting, summary_path
+    from memkern.experiments.gradients.run import gradient_accounting, summary_path
     from memkern.cli.options import parse_epochs
-    from memkern.summaries import accounting_summary
-    from memkern.tables import read_csv
-    from memkern.distributed import World
+    from memkern.report.summaries import accounting_summary
+    from memkern.rundir.csv_tables import read_csv
+    from memkern.training.distributed import World
 
     run = gradient_accounting(run=run_dir, epochs=parse_epochs(epochs), mode=mode,
                               batch_size=batch_size, device=device, data_dir=data_dir,

@@ -29,7 +29,7 @@ def import_weights(weights, model, norm, dataset, train_labels, out, data_dir):
           --train-labels labels.npy --out runs/mine
       memkern localize --ckpt runs/mine/checkpoints/epoch_001.safetensors
     """
-    from memkern.import_weights import import_weights as run_import
+    from memkern.training.import_weights import import_weights as run_import
 
     run = run_import(weights=weights, model=model, dataset=dataset, out=out,
                      train_labels=train_labels, norm=norm, data_dir=data_dir)

@@ -50,7 +50,7 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
       torchrun --nproc-per-node 2 -m memkern.cli localize \\
           --ckpt runs/digits/checkpoints/epoch_030.safetensors --examples all
     """
-    from memkern.localize import format_table, localize as run_localize
+    from memkern.experiments.localize import format_table, localize as run_localize
 
     result = run_localize(
         ckpt=checkpoint_from(ckpt, run_dir), examples=examples, limit=limit, method=method,

@@ -10,7 +10,7 @@ import sys
 
 import click
 
-from memkern.allocator import keep_freed_memory
+from memkern.cli.allocator import keep_freed_memory
 from memkern.errors import MemkernError, os_error_message, printable
 from memkern.kernels.errors import ChannelMaskError
 
@@ -31,7 +31,7 @@ def _fail(message: str) -> None:
 
 def _refuse_world(command: str) -> None:
     """One line (from rank 0 alone) and exit 2 when a one-process command runs under torchrun."""
-    from memkern.distributed import World
+    from memkern.training.distributed import World
 
     world = World.from_env()
     if world.size == 1 or command in SHARDED:

@@ -7,8 +7,8 @@ import click
 
 from memkern.data import DATASETS, USER_DATASETS, user_dataset_path
 from memkern.errors import ConfigError
-from memkern.experiment import DEVICES
-from memkern.runs import RunDir
+from memkern.rundir.context import DEVICES
+from memkern.rundir.paths import RunDir
 
 
 class DatasetSpec(click.ParamType):
@@ -78,7 +78,7 @@ def split_names(values: tuple[str, ...]) -> list[str]:
 
 def model_name(ctx, param, value: str) -> str:
     """Click callback: one of memkern's models, or a spec (built, and checked, when used)."""
-    from memkern.models import MODELS
+    from memkern.network.models import MODELS
 
     if value in MODELS or ":" in value:
         return value

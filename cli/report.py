@@ -20,7 +20,7 @@ def report(run_dir, compare_dir):
       memkern report --run runs/demo/plain --compare runs/demo/tied
     """
     from memkern.errors import printable
-    from memkern.report import write_report
+    from memkern.report.page import write_report
 
     path = write_report(run=run_dir, compare=compare_dir)
     click.echo(f"report written to {printable(str(path))}")

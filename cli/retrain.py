@@ -6,7 +6,7 @@ import click
 from memkern.cli.options import data_dir_option, device_option
 from memkern.cli.options import split_names
 from memkern.cli.rewind import groups_option
-from memkern.retrain import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
+from memkern.experiments.retrain import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
 
 
 @click.command()
@@ -34,8 +34,8 @@ def retrain(run_dir, groups, from_epoch, epochs, lr, overwrite, data_dir, device
       memkern retrain --run runs/digits
       memkern retrain --run runs/digits --groups block2,hidden --from-epoch 3 --epochs 5
     """
-    from memkern.retrain import retrain as run_retrain
-    from memkern.summaries import retrain_summary
+    from memkern.experiments.retrain import retrain as run_retrain
+    from memkern.report.summaries import retrain_summary
 
     rows = run_retrain(run=run_dir, groups=split_names(groups), from_epoch=from_epoch,
                        epochs=epochs, lr=lr, device=device, data_dir=data_dir,

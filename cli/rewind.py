@@ -29,8 +29,8 @@ def rewind(run_dir, epochs, groups, data_dir, device, progress):
       memkern rewind --run runs/digits
       memkern rewind --run runs/digits --epochs 0,10,20 --groups block1,head
     """
-    from memkern.rewind import rewind as run_rewind
-    from memkern.summaries import rewind_summary
+    from memkern.experiments.rewind import rewind as run_rewind
+    from memkern.report.summaries import rewind_summary
 
     rows = run_rewind(run=run_dir, epochs=parse_epochs(epochs), groups=split_names(groups),
                       device=device, data_dir=data_dir, progress=progress)

@@ -40,7 +40,7 @@ def scores(run_dir, compute, grad_epochs, localize_top, top, benchmark, folds, c
       memkern scores --run runs/digits
       memkern scores --run runs/digits --compute --benchmark
     """
-    from memkern.scores.run import score_run
+    from memkern.experiments.scores.run import score_run
 
     result = score_run(run=run_dir, compute=compute, benchmark=benchmark, top=top,
                        grad_epochs=parse_epochs(grad_epochs, option="--grad-epochs"),

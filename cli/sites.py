@@ -4,8 +4,8 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import model_option
-from memkern.models import build_model, layer_groups
-from memkern.sites import channel_sites
+from memkern.network.models import build_model, layer_groups
+from memkern.network.sites import channel_sites
 
 
 @click.command()

@@ -5,7 +5,7 @@ import click
 
 from memkern.cli.options import (DATASET_HELP, DatasetSpec, data_dir_option, device_option,
                                  model_option, split_names)
-from memkern.config import LR_SCHEDULES, PRESETS
+from memkern.training.config import LR_SCHEDULES, PRESETS
 
 # CLI option name -> TrainConfig field, one to one.
 CONFIG_OPTIONS = {"dataset": "dataset", "model": "model", "norm": "norm", "noise": "noise",
@@ -77,9 +77,9 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
       memkern train --out runs/digits-tracked --track-grads
       torchrun --nproc-per-node 2 -m memkern.cli train --out runs/digits-ddp
     """
-    from memkern.summaries import training_summary
-    from memkern.distributed import World
-    from memkern.train import train_from_options
+    from memkern.report.summaries import training_summary
+    from memkern.training.distributed import World
+    from memkern.training.train import train_from_options
 
     options = _explicit(ctx)
     if not resume:

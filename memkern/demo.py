@@ -6,13 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from memkern.config import TrainConfig
-from memkern.evaluate import evaluate_checkpoint
-from memkern.report import write_report
-from memkern.retrain import retrain
-from memkern.rewind import rewind
-from memkern.runs import RunDir
-from memkern.train import train
+from memkern.training.config import TrainConfig
+from memkern.training.evaluate import evaluate_checkpoint
+from memkern.report.page import write_report
+from memkern.experiments.retrain import retrain
+from memkern.experiments.rewind import rewind
+from memkern.rundir.paths import RunDir
+from memkern.training.train import train
 
 LOCALIZE_CLEAN = 144  # as many clean examples as the 10% noise flips on digits' 1,437
 LOCALIZE_REF_BATCH = 128  # a quarter of the paper's 512: digits' localization in minutes on CPU
@@ -25,8 +25,8 @@ def run_demo(*, out: str | Path, device: str = "auto", progress: bool = True,
     """Train a plain and a tied-dropout cnn with 10% label noise, then evaluate, account
     gradients, rewind, retrain and localize both; ``say`` gets one line per step. Returns the
     one report page that shows both runs side by side, ``<out>/report/index.html``."""
-    from memkern.accounting import gradient_accounting
-    from memkern.localize.run import localize
+    from memkern.experiments.gradients.run import gradient_accounting
+    from memkern.experiments.localize.run import localize
 
     for name, preset in RUNS.items():
         config = TrainConfig.from_name(preset)

@@ -29,9 +29,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from memkern.atomic import atomic_write_json
+from memkern.rundir.atomic import atomic_write_json
 from memkern.kernels.channel_mask import gathered_channel_mask, tied_channel_mask
-from memkern.sites import example_indices
+from memkern.network.sites import example_indices
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # grad_mask sums a channel's products: |kernel - float64 sum| <= rtol * sum |g * x|. Forward
@@ -164,8 +164,8 @@ def _sgd_step_ms(model, x, y, ids, device, reps) -> float:
 
 def tied_dropout_step(device: torch.device, *, quick: bool) -> dict:
     """ResNet-9 (CIFAR shapes) SGD step at batch 512 with and without tied dropout."""
-    from memkern.models import build_model
-    from memkern.tied_dropout import attach_tied_dropout
+    from memkern.network.models import build_model
+    from memkern.network.tied_dropout import attach_tied_dropout
 
     batch, size = (8, 16) if quick else (512, 32)
     x = torch.randn(batch, 3, size, size, device=device)
@@ -183,9 +183,9 @@ def tied_dropout_step(device: torch.device, *, quick: bool) -> dict:
 
 
 def _trained_digits(device: torch.device, folder: Path, *, quick: bool):
-    from memkern.config import TrainConfig
-    from memkern.experiment import load_trained
-    from memkern.train import train
+    from memkern.training.config import TrainConfig
+    from memkern.rundir.context import load_trained
+    from memkern.training.train import train
 
     epochs = 1 if quick else 10
     train(TrainConfig(epochs=epochs), out=folder / "run", device=str(device), progress=False)
@@ -195,9 +195,9 @@ def _trained_digits(device: torch.device, folder: Path, *, quick: bool):
 
 def greedy(trained, device: torch.device, *, quick: bool) -> dict:
     """32 targets localized together vs one at a time (the same channels either way)."""
-    from memkern.localize import (LocalizationObjective, channel_space, greedy_localize,
+    from memkern.experiments.localize import (LocalizationObjective, channel_space, greedy_localize,
                                   reference_indices)
-    from memkern.localize.examples import select_examples
+    from memkern.experiments.localize.examples import select_examples
 
     model, data = trained.model.eval(), trained.data
     refs = reference_indices(len(data.train_labels), 16 if quick else 512, seed=0)
@@ -222,7 +222,7 @@ def greedy(trained, device: torch.device, *, quick: bool) -> dict:
 
 def ghost(trained, device: torch.device, *, quick: bool) -> dict:
     """Per-example gradient norms (ghost) vs one plain forward + backward of the mean loss."""
-    from memkern.gradnorms import per_example_grad_norms
+    from memkern.experiments.gradients.norms import per_example_grad_norms
 
     model, data = trained.model.eval(), trained.data
     batch = 16 if quick else 256
@@ -244,8 +244,8 @@ def ghost(trained, device: torch.device, *, quick: bool) -> dict:
 
 def scan(device: torch.device, *, quick: bool) -> dict:
     """The exact ablation scan vs the naive loop over channels, ResNet-9 at one input."""
-    from memkern.localize import ablation_scan, channel_space, naive_ablation_scan
-    from memkern.models import build_model
+    from memkern.experiments.localize import ablation_scan, channel_space, naive_ablation_scan
+    from memkern.network.models import build_model
 
     torch.manual_seed(0)
     size = 12 if quick else 32
@@ -268,8 +268,8 @@ def scan(device: torch.device, *, quick: bool) -> dict:
 
 def compiled(device: torch.device, *, quick: bool) -> dict:
     """A tied-dropout cnn under ``torch.compile`` vs eager: outputs and gradients, ms/step."""
-    from memkern.models import build_model
-    from memkern.tied_dropout import attach_tied_dropout
+    from memkern.network.models import build_model
+    from memkern.network.tied_dropout import attach_tied_dropout
 
     torch.manual_seed(0)
     model = build_model("cnn", num_classes=10, in_channels=1, image_size=8).to(device)

@@ -56,8 +56,8 @@ def _kernels_on_gpu(monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """A real 3-epoch digits MLP run with 10% label noise: checkpoints 0..3 (about 5 s)."""
-    from memkern.config import TrainConfig
-    from memkern.train import train
+    from memkern.training.config import TrainConfig
+    from memkern.training.train import train
 
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(TrainConfig(model="mlp", epochs=3, noise=0.1), out=out, device="cpu", progress=False)

@@ -9,18 +9,18 @@ import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
 
-from memkern.accounting import gradient_accounting
+from memkern.experiments.gradients.run import gradient_accounting
 from memkern.cli.options import parse_epochs
-from memkern.atomic import read_jsonl
-from memkern.checkpoints import load_checkpoint
+from memkern.rundir.atomic import read_jsonl
+from memkern.training.checkpoints import load_checkpoint
 from memkern.cli.main import main
-from memkern.config import TrainConfig
+from memkern.training.config import TrainConfig
 from memkern.errors import ConfigError
-from memkern.gradnorms import per_example_grad_norms
-from memkern.models import build_model, layer_groups
-from memkern.runs import RunDir
-from memkern.subset_grads import LiveSubsetTracker, subset_gradients, subset_stats
-from memkern.train import train
+from memkern.experiments.gradients.norms import per_example_grad_norms
+from memkern.network.models import build_model, layer_groups
+from memkern.rundir.paths import RunDir
+from memkern.experiments.gradients.subset import LiveSubsetTracker, subset_gradients, subset_stats
+from memkern.training.train import train
 
 
 @pytest.fixture(scope="session")
@@ -105,7 +105,7 @@ def test_grads_command_writes_its_files_and_resumes(tracked_run):
     assert [(r["epoch"], r["group"]) for r in summary] == [
         (e, g) for e in ("0", "2") for g in ("hidden1", "hidden2", "head", "total")]
     # The CSV's norms are those of per_example_grad_norms on the checkpoint.
-    from memkern.experiment import load_trained
+    from memkern.rundir.context import load_trained
     trained = load_trained(tracked_run.checkpoint_path(2), device="cpu")
     data = trained.data
     direct = per_example_grad_norms(trained.model, data.train_images[:4], data.train_labels[:4],

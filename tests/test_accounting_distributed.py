@@ -6,9 +6,9 @@ import shutil
 import pytest
 import torch
 
-from memkern.accounting import gradient_accounting, per_example_path, summary_path
-from memkern.runs import RunDir
-from memkern.tables import read_csv
+from memkern.experiments.gradients.run import gradient_accounting, per_example_path, summary_path
+from memkern.rundir.paths import RunDir
+from memkern.rundir.csv_tables import read_csv
 from torchrun_launch import torchrun
 
 

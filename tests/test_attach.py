@@ -1,4 +1,4 @@
-"""Sites attached by hooks (memkern.attach): which sites a traced forward finds on torchvision,
+"""Sites attached by hooks (memkern.network.attach): which sites a traced forward finds on torchvision,
 timm and plain models, that hooks without ops change nothing (bit for bit), that ops act at
 the right place, and that deep copies and detaching keep models apart."""
 import copy
@@ -10,10 +10,10 @@ from torch import nn
 
 import memkern
 from memkern.errors import ConfigError
-from memkern.gradnorms import per_example_sq_norms
-from memkern.models import build_model, layer_groups
-from memkern.sites import POST_ACTIVATION, PRE_NORM, channel_sites
-from memkern.tied_dropout import attach_tied_dropout, set_tied_dropout_mode
+from memkern.experiments.gradients.norms import per_example_sq_norms
+from memkern.network.models import build_model, layer_groups
+from memkern.network.sites import POST_ACTIVATION, PRE_NORM, channel_sites
+from memkern.network.tied_dropout import attach_tied_dropout, set_tied_dropout_mode
 from zoo_checks import needs_zoo
 
 TV_RESNET18 = "torchvision:resnet18"
@@ -171,7 +171,7 @@ def test_ghost_with_tied_dropout_at_attached_pre_norm_sites_equals_loop():
     pytest.param(TIMM_VIT + "&depth=2", 32, {"cls_token", "pos_embed"}, marks=needs_zoo)])
 def test_auto_ghost_norms_cover_every_parameter_equal_to_loop(spec, size, fallback):
     """auto: ghost rules for every layer, torch.func only for the loose parameters."""
-    from memkern.gradnorms.ghost import ghost_sq_norms
+    from memkern.experiments.gradients.norms.ghost import ghost_sq_norms
 
     torch.manual_seed(0)
     model = build_model(spec, num_classes=10, in_channels=3, image_size=size).double().eval()

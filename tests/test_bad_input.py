@@ -7,10 +7,10 @@ import torch
 from cli_checks import assert_one_line_error, run_cli
 from safetensors.torch import save_file
 
-from memkern.checkpoints import load_checkpoint, load_model_state
+from memkern.training.checkpoints import load_checkpoint, load_model_state
 from memkern.errors import CheckpointError
-from memkern.models import build_model
-from memkern.runs import RunDir
+from memkern.network.models import build_model
+from memkern.rundir.paths import RunDir
 
 
 @pytest.mark.parametrize("args,fragments", [

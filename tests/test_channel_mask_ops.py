@@ -10,9 +10,9 @@ from memkern.kernels.channel_mask import gathered_channel_mask, tied_channel_mas
 from memkern.kernels.channel_mask_ops import (
     gathered_channel_mask_backward_op, gathered_channel_mask_op, tied_channel_mask_op,
 )
-from memkern.models import build_model
-from memkern.sites import example_indices
-from memkern.tied_dropout import attach_tied_dropout
+from memkern.network.models import build_model
+from memkern.network.sites import example_indices
+from memkern.network.tied_dropout import attach_tied_dropout
 
 TIED = dict(seed=11, p_gen=0.25, p_mem=0.5)
 

@@ -7,8 +7,8 @@ from cli_checks import run_cli
 from click.testing import CliRunner
 
 from memkern.cli.main import main
-from memkern.config import TrainConfig
-from memkern.train import train
+from memkern.training.config import TrainConfig
+from memkern.training.train import train
 
 
 def test_every_command_help_has_an_example():
@@ -46,7 +46,7 @@ def test_report_writes_one_self_contained_page(tmp_path):
 def test_cli_keeps_freed_memory_on_glibc(monkeypatch):
     """glibc takes both thresholds, and every command sets them before it runs."""
     import memkern.cli.main as cli_main
-    from memkern.allocator import keep_freed_memory
+    from memkern.cli.allocator import keep_freed_memory
 
     assert keep_freed_memory()
     monkeypatch.setenv("MEMKERN_KEEP_FREED_MEMORY", "0")

@@ -10,20 +10,20 @@ import torch.nn.functional as F
 
 from memkern.data.prepared import PreparedData, prepare
 from memkern.data.splits import RawSplits
-from memkern.evaluate import mode_accuracies, split_accuracies
-from memkern.gradnorms import per_example_grad_norms
-from memkern.localize import LocalizationObjective, channel_space, greedy_localize
-from memkern.localize.exhaustive import exhaustive_localize
-from memkern.localize.scan import ablation_scan, naive_ablation_scan
-from memkern.models import build_model, layer_groups
-from memkern.retrain import retrain_group
-from memkern.rewind import with_group_from
-from memkern.sites import example_indices
-from memkern.tied_dropout import attach_tied_dropout, set_tied_dropout_mode, tied_dropout_mode
+from memkern.training.evaluate import mode_accuracies, split_accuracies
+from memkern.experiments.gradients.norms import per_example_grad_norms
+from memkern.experiments.localize import LocalizationObjective, channel_space, greedy_localize
+from memkern.experiments.localize.exhaustive import exhaustive_localize
+from memkern.experiments.localize.scan import ablation_scan, naive_ablation_scan
+from memkern.network.models import build_model, layer_groups
+from memkern.experiments.retrain import retrain_group
+from memkern.experiments.rewind import with_group_from
+from memkern.network.sites import example_indices
+from memkern.network.tied_dropout import attach_tied_dropout, set_tied_dropout_mode, tied_dropout_mode
 from zoo_checks import needs_zoo
 
 # model -> (image size, sites to localize and scan: small ones keep resnet50 and vit cheap);
-# the torchvision and timm models carry sites attached by hooks (memkern.attach)
+# the torchvision and timm models carry sites attached by hooks (memkern.network.attach)
 TIMM_VIT = "timm:vit_tiny_patch16_224?img_size=16&patch_size=4&depth=3"
 MODELS = {"cnn": (8, ["block1.pre", "hidden.post"]), "mlp": (8, ["hidden1.pre", "hidden2.post"]),
           "resnet9": (12, ["conv1.pre", "res1.body.0.post"]),

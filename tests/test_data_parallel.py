@@ -1,4 +1,4 @@
-"""memkern.data_parallel on its own: 2 gloo processes (spawned here) train a conv-BatchNorm net
+"""memkern.training.data_parallel on its own: 2 gloo processes (spawned here) train a conv-BatchNorm net
 on the two slices of an 11-row batch (6 + 5 rows) through DistributedDataParallel; the loss
 gradients, BatchNorm running statistics and outputs equal one process on the whole batch.
 A smooth activation (tanh) keeps float noise from switching a ReLU or max-pool branch."""
@@ -8,8 +8,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from memkern.data_parallel import replicated, shard, step_loss
-from memkern.distributed import World
+from memkern.training.data_parallel import replicated, shard, step_loss
+from memkern.training.distributed import World
 
 ROWS = 11
 

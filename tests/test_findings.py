@@ -1,10 +1,10 @@
-"""The report's sentences (memkern.findings) on numbers taken from real runs: the plain and tied
+"""The report's sentences (memkern.report.findings) on numbers taken from real runs: the plain and tied
 runs of `memkern demo` (digits cnn, 10% noise, seed 0; rows copied as the commands wrote them)
 and a fresh tiny run, whose sentences must quote its own tables."""
 import pytest
 
-from memkern import findings
-from memkern.tables import read_table
+from memkern.report import findings
+from memkern.rundir.csv_tables import read_table
 
 # `memkern demo`, plain run: rewind.csv (final row, epochs 0 and 3), as written.
 REWIND = [
@@ -158,8 +158,8 @@ def test_sentences_quote_a_fresh_runs_own_tables(tiny_run, tmp_path):
     """A real 3-epoch run: the training and rewind sentences carry its numbers."""
     import shutil
 
-    from memkern.rewind import rewind
-    from memkern.runs import RunDir
+    from memkern.experiments.rewind import rewind
+    from memkern.rundir.paths import RunDir
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)

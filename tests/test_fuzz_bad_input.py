@@ -30,8 +30,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_data_files import CIFAR_FILES, cifar_batch, py2_dumps, random_svhn
 
-from memkern.config import MAX_SEED, TrainConfig
-from memkern.runs import RunDir
+from memkern.training.config import MAX_SEED, TrainConfig
+from memkern.rundir.paths import RunDir
 
 
 def fuzz(n: int):

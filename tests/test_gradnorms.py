@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from memkern.errors import ConfigError, UnsupportedLayerError
-from memkern.gradnorms import default_groups, per_example_grad_norms
-from memkern.models import build_model, layer_groups
-from memkern.models.blocks import ConvBlock, Residual
+from memkern.experiments.gradients.norms import default_groups, per_example_grad_norms
+from memkern.network.models import build_model, layer_groups
+from memkern.network.models.blocks import ConvBlock, Residual
 
 TOLERANCE = {torch.float64: 1e-6, torch.float32: 1e-4}
 MODES = ("ghost", "func", "auto")

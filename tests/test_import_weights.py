@@ -11,8 +11,8 @@ from cli_checks import assert_one_line_error, run_cli
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 
-from memkern.checkpoints import load_checkpoint
-from memkern.models import build_model
+from memkern.training.checkpoints import load_checkpoint
+from memkern.network.models import build_model
 
 N_TRAIN, N_TEST = 240, 60
 

@@ -12,20 +12,20 @@ from pathlib import Path
 import pytest
 import torch
 
-from memkern.atomic import append_jsonl, read_jsonl
-from memkern.config import TrainConfig
+from memkern.rundir.atomic import append_jsonl, read_jsonl
+from memkern.training.config import TrainConfig
 from memkern.errors import CheckpointError, ConfigError
-from memkern.evaluate import predictions, split_accuracies
-from memkern.experiment import load_trained
-from memkern.localize import (LocalizationObjective, channel_space, exhaustive_localize,
+from memkern.training.evaluate import predictions, split_accuracies
+from memkern.rundir.context import load_trained
+from memkern.experiments.localize import (LocalizationObjective, channel_space, exhaustive_localize,
                               greedy_localize, localize, naive_ablation_scan, reference_indices,
                               summarize)
-from memkern.localize.channels import row_masks, set_masks
-from memkern.localize.edited import edited_accuracies
-from memkern.localize.objective import EOT_NOISE, eot_copies
-from memkern.localize.run import recover_jsonl
-from memkern.localize.summary import format_table
-from memkern.train import train
+from memkern.experiments.localize.channels import row_masks, set_masks
+from memkern.experiments.localize.edited import edited_accuracies
+from memkern.experiments.localize.objective import EOT_NOISE, eot_copies
+from memkern.experiments.localize.run import recover_jsonl
+from memkern.experiments.localize.summary import format_table
+from memkern.training.train import train
 
 MEMKERN = [str(Path(sys.executable).parent / "memkern")]
 

@@ -8,11 +8,11 @@ import time
 import pytest
 import torch
 
-from memkern.atomic import append_jsonl, read_jsonl
-from memkern.distributed import World
+from memkern.rundir.atomic import append_jsonl, read_jsonl
+from memkern.training.distributed import World
 from memkern.errors import CheckpointError, ConfigError, DistributedError
-from memkern.localize import localize
-from memkern.localize.run import merge_parts, part_files, part_path
+from memkern.experiments.localize import localize
+from memkern.experiments.localize.run import merge_parts, part_files, part_path
 from torchrun_launch import torchrun
 
 OPTS = dict(examples="all", limit=10, chunk=2, ref_batch=32, max_channels=8)

@@ -5,14 +5,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from memkern.errors import ConfigError
-from memkern.localize.channels import channel_space, row_masks, set_masks
-from memkern.localize.scan import ablation_scan, naive_ablation_scan
-from memkern.localize.scan_delta import FALLBACK
-from memkern.localize.scan_plan import plan_scan
-from memkern.models import build_model
-from memkern.models.blocks import ConvBlock
-from memkern.sites import POST_ACTIVATION, PRE_NORM, ChannelSite, name_sites
-from memkern.tied_dropout import attach_tied_dropout, set_tied_dropout_mode
+from memkern.experiments.localize.channels import channel_space, row_masks, set_masks
+from memkern.experiments.localize.scan import ablation_scan, naive_ablation_scan
+from memkern.experiments.localize.scan_delta import FALLBACK
+from memkern.experiments.localize.scan_plan import plan_scan
+from memkern.network.models import build_model
+from memkern.network.models.blocks import ConvBlock
+from memkern.network.sites import POST_ACTIVATION, PRE_NORM, ChannelSite, name_sites
+from memkern.network.tied_dropout import attach_tied_dropout, set_tied_dropout_mode
 
 
 def _random_model(name, cin, size, dtype):

@@ -12,14 +12,14 @@ import time
 
 import pytest
 
-import memkern.locks
+import memkern.rundir.locks
 from cli_checks import assert_one_line_error, assert_unchanged, run_cli, snapshot
 
-from memkern.atomic import read_jsonl
-from memkern.checkpoints import load_checkpoint
-from memkern.config import TrainConfig
-from memkern.locks import hold, hold_run
-from memkern.runs import RUN_LOCK, RunDir
+from memkern.rundir.atomic import read_jsonl
+from memkern.training.checkpoints import load_checkpoint
+from memkern.training.config import TrainConfig
+from memkern.rundir.locks import hold, hold_run
+from memkern.rundir.paths import RUN_LOCK, RunDir
 
 MEMKERN = [sys.executable, "-m", "memkern.cli"]
 LOCALIZE = ["--examples", "all", "--limit", "6", "--chunk", "2", "--ref-batch", "16",
@@ -28,7 +28,7 @@ LOCALIZE = ["--examples", "all", "--limit", "6", "--chunk", "2", "--ref-batch", 
 # Holds a lock until its stdin closes; prints "held" once it has it.
 HOLDER = """
 import sys
-from memkern.locks import hold_output, hold_run
+from memkern.rundir.locks import hold_output, hold_run
 lock = hold_run(sys.argv[2]) if sys.argv[1] == "run" else hold_output(sys.argv[2])
 with lock:
     print("held", flush=True)
@@ -119,7 +119,7 @@ def test_lock_file_removed_between_open_and_lock_is_not_trusted(tmp_path, monkey
         opened.append(fd)
         return fd
 
-    monkeypatch.setattr(memkern.locks.os, "open", racing_open)
+    monkeypatch.setattr(memkern.rundir.locks.os, "open", racing_open)
     with hold(path, what="x"):
         assert len(opened) == 2 and path.read_text().strip() == str(os.getpid())
     assert not path.exists()

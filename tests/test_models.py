@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from memkern.errors import ConfigError
-from memkern.models import MODELS, build_model, layer_groups
-from memkern.sites import POST_ACTIVATION, PRE_NORM, channel_sites, site_infos
+from memkern.network.models import MODELS, build_model, layer_groups
+from memkern.network.sites import POST_ACTIVATION, PRE_NORM, channel_sites, site_infos
 
 SHAPES = {"cnn": (1, 8), "mlp": (1, 8), "resnet9": (3, 32), "resnet50": (3, 16), "vit": (3, 16)}
 

@@ -49,7 +49,7 @@ def test_wheel_ships_every_subpackage_under_memkern_only(wheel):
     source_packages = {p.replace("/./", "/") for p in source_packages}
     expected = source_packages | {"memkern/kernels/__init__.py", "memkern/cli/__init__.py",
                                   "memkern/kernels/channel_mask.py", "memkern/cli/main.py",
-                                  "memkern/templates/report.html.j2"}
+                                  "memkern/report/templates/report.html.j2"}
     assert expected <= set(names), expected - set(names)
 
 

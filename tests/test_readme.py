@@ -37,8 +37,8 @@ def run_block(code: str) -> str:
 
 @pytest.mark.parametrize("number", range(len(BLOCKS)))
 def test_snippet_runs_as_written(after_quick_start, number):
-    from memkern.experiment import open_run
-    from memkern.gradnorms import default_groups
+    from memkern.rundir.context import open_run
+    from memkern.experiments.gradients.norms import default_groups
 
     code = BLOCKS[number]
     printed = run_block(code)

@@ -18,9 +18,9 @@ from formats import random_mnist, write_mnist
 from safetensors.torch import load_file
 from test_data_files import cifar_batch, py2_dumps, tar_folder, write_cifar
 
-import memkern.atomic
-from memkern.checkpoints import load_checkpoint
-from memkern.runs import RunDir
+import memkern.rundir.atomic
+from memkern.training.checkpoints import load_checkpoint
+from memkern.rundir.paths import RunDir
 
 LOCALIZE = ["--examples", "all", "--limit", "4", "--ref-batch", "16", "--max-channels", "5",
             "--no-progress", "--device", "cpu"]
@@ -262,7 +262,7 @@ def test_checkpoint_on_a_non_utf8_path_is_named_as_such(run, tmp_path):
 def test_write_faults_are_one_line(run, tmp_path, monkeypatch, code, command):
     def fail(*_args, **_kw):
         raise OSError(code, os.strerror(code), "injected")
-    monkeypatch.setattr(memkern.atomic.os, "replace", fail)
+    monkeypatch.setattr(memkern.rundir.atomic.os, "replace", fail)
     before = snapshot(run)
     args = {"train": ["train", "--out", tmp_path / "new", "--model", "mlp", "--epochs", "1",
                       "--no-progress"],
@@ -317,7 +317,7 @@ def test_retrain_overwrite_with_typo_keeps_the_table(run):
 
 KILL_IN_SAVE = """
 import os, signal, sys
-import memkern.atomic as atomic
+import memkern.rundir.atomic as atomic
 real = atomic.os.replace
 def replace(src, dst):
     if str(dst).endswith("epoch_002.safetensors"):
@@ -452,11 +452,11 @@ def test_checkpoint_of_another_run_names_both_models(run, tmp_path):
 def test_ctrl_c_advice_fits_the_command(run, monkeypatch, command, hint):
     def interrupted(*_a, **_kw):
         raise KeyboardInterrupt
-    import memkern.localize
-    import memkern.report
-    import memkern.train
-    monkeypatch.setattr({"localize": memkern.localize, "train": memkern.train,
-                         "report": memkern.report}[command],
+    import memkern.experiments.localize
+    import memkern.report.page
+    import memkern.training.train
+    monkeypatch.setattr({"localize": memkern.experiments.localize, "train": memkern.training.train,
+                         "report": memkern.report.page}[command],
                         {"localize": "localize", "train": "train", "report": "write_report"}[command],
                         interrupted)
     args = {"localize": ["localize", "--ckpt", ckpt_of(run), *LOCALIZE],

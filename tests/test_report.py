@@ -9,13 +9,13 @@ import shutil
 import pytest
 from click.testing import CliRunner
 
-from memkern import findings
+from memkern.report import findings
 from memkern.cli.main import main
-from memkern.config import TrainConfig
-from memkern.report import write_report
-from memkern.runs import RunDir
-from memkern.summaries import run_findings
-from memkern.tables import read_csv, read_table
+from memkern.training.config import TrainConfig
+from memkern.report.page import write_report
+from memkern.rundir.paths import RunDir
+from memkern.report.summaries import run_findings
+from memkern.rundir.csv_tables import read_csv, read_table
 
 from browser_checks import find_browser, probe_page
 
@@ -23,11 +23,11 @@ SECTION_ORDER = ["training", "grads", "rewind", "retrain", "localize", "tied", "
 
 
 def _analysed(root, name, config, *, scores=False):
-    from memkern.accounting import gradient_accounting
-    from memkern.localize.run import localize
-    from memkern.retrain import retrain
-    from memkern.rewind import rewind
-    from memkern.train import train
+    from memkern.experiments.gradients.run import gradient_accounting
+    from memkern.experiments.localize.run import localize
+    from memkern.experiments.retrain import retrain
+    from memkern.experiments.rewind import rewind
+    from memkern.training.train import train
 
     run = root / name
     train(config, out=run, device="cpu", progress=False)
@@ -39,7 +39,7 @@ def _analysed(root, name, config, *, scores=False):
         localize(ckpt=final, examples=examples, limit=3, ref_batch=64, max_channels=8,
                  device="cpu", progress=False)
     if scores:
-        from memkern.scores.run import score_run
+        from memkern.experiments.scores.run import score_run
         score_run(run=run, benchmark=True, folds=0, device="cpu", progress=False)
     return run
 

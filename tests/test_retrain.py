@@ -5,18 +5,18 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import memkern.retrain as retrain_module
-from memkern.tables import read_table
-from memkern.checkpoints import load_checkpoint
+import memkern.experiments.retrain as retrain_module
+from memkern.rundir.csv_tables import read_table
+from memkern.training.checkpoints import load_checkpoint
 from memkern.cli.main import main
 from memkern.errors import ConfigError
-from memkern.evaluate import split_accuracies
-from memkern.experiment import load_trained
-from memkern.models import layer_groups
-from memkern.retrain import retrain, retrain_group
-from memkern.rewind import with_group_from
-from memkern.runs import RunDir
-from memkern.sites import current_example_indices
+from memkern.training.evaluate import split_accuracies
+from memkern.rundir.context import load_trained
+from memkern.network.models import layer_groups
+from memkern.experiments.retrain import retrain, retrain_group
+from memkern.experiments.rewind import with_group_from
+from memkern.rundir.paths import RunDir
+from memkern.network.sites import current_example_indices
 
 
 @pytest.fixture

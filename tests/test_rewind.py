@@ -5,15 +5,15 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from memkern.tables import COLUMNS, read_table
-from memkern.checkpoints import load_checkpoint
+from memkern.rundir.csv_tables import COLUMNS, read_table
+from memkern.training.checkpoints import load_checkpoint
 from memkern.cli.main import main
 from memkern.errors import ConfigError, RunDirError
-from memkern.evaluate import split_accuracies
-from memkern.experiment import load_trained
-from memkern.models import layer_groups
-from memkern.rewind import default_epochs, rewind, with_group_from
-from memkern.runs import RunDir
+from memkern.training.evaluate import split_accuracies
+from memkern.rundir.context import load_trained
+from memkern.network.models import layer_groups
+from memkern.experiments.rewind import default_epochs, rewind, with_group_from
+from memkern.rundir.paths import RunDir
 
 
 def _acc(row):

@@ -10,9 +10,9 @@ import torch
 from safetensors.torch import load_file
 
 from cli_checks import assert_one_line_error, assert_unchanged, run_cli, snapshot
-from memkern.config import TrainConfig
+from memkern.training.config import TrainConfig
 from memkern.errors import ConfigError, RunDirError
-from memkern.train import train
+from memkern.training.train import train
 
 FLAT = TrainConfig(model="mlp", epochs=2, lr_schedule="constant", warmup=0.0)
 
@@ -91,8 +91,7 @@ def test_run_names_the_final_checkpoint(tiny_run):
 def test_rewind_reuses_its_table_while_the_inputs_are_unchanged(tiny_run, tmp_path, monkeypatch):
     import shutil
 
-    from memkern import rewind as rewind_module
-
+    from memkern.experiments import rewind as rewind_module
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     first = rewind_module.rewind(run=run, device="cpu", progress=False)
@@ -137,9 +136,9 @@ def test_grads_rewind_retrain_end_with_their_numbers(tiny_run, tmp_path):
 
 @pytest.mark.parametrize("command, target, advice", [
     (["demo", "--out", "OUT"], "memkern.demo.run_demo", "rerun the same command to continue"),
-    (["train", "--out", "OUT"], "memkern.train.train_from_options", "rerun with --resume"),
-    (["grads", "--run", "OUT"], "memkern.accounting.gradient_accounting", "rerun the same command"),
-    (["rewind", "--run", "OUT"], "memkern.rewind.rewind", "nothing was left half-written"),
+    (["train", "--out", "OUT"], "memkern.training.train.train_from_options", "rerun with --resume"),
+    (["grads", "--run", "OUT"], "memkern.experiments.gradients.run.gradient_accounting", "rerun the same command"),
+    (["rewind", "--run", "OUT"], "memkern.experiments.rewind.rewind", "nothing was left half-written"),
 ])
 def test_ctrl_c_advice_fits_the_command(command, target, advice, monkeypatch, tmp_path):
     def interrupted(**_):

@@ -9,21 +9,21 @@ import torch
 from safetensors.torch import load_file, save_file
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from memkern.atomic import read_jsonl, rewrite_jsonl
-from memkern.checkpoints import load_checkpoint, load_model_state
-from memkern.config import TrainConfig
-from memkern.dynamics import Dynamics, dynamics_path, example_stats
-from memkern.experiment import load_data, model_for
-from memkern.runs import RunDir
-from memkern.scores import signals
-from memkern.scores.benchmark import run_benchmark
-from memkern.scores.crossval import cross_validate, fold_assignment, fold_data
-from memkern.scores.detection import auroc, average_precision, precision_at_k
-from memkern.scores.table import channels_to_flip, collect_scores, tied_gap
-from memkern.sites import example_indices
-from memkern.tables import read_csv
-from memkern.tied_dropout import tied_dropout_mode
-from memkern.train import train
+from memkern.rundir.atomic import read_jsonl, rewrite_jsonl
+from memkern.training.checkpoints import load_checkpoint, load_model_state
+from memkern.training.config import TrainConfig
+from memkern.training.dynamics import Dynamics, dynamics_path, example_stats
+from memkern.rundir.context import load_data, model_for
+from memkern.rundir.paths import RunDir
+from memkern.experiments.scores import signals
+from memkern.experiments.scores.benchmark import run_benchmark
+from memkern.experiments.scores.crossval import cross_validate, fold_assignment, fold_data
+from memkern.experiments.scores.detection import auroc, average_precision, precision_at_k
+from memkern.experiments.scores.table import channels_to_flip, collect_scores, tied_gap
+from memkern.network.sites import example_indices
+from memkern.rundir.csv_tables import read_csv
+from memkern.network.tied_dropout import tied_dropout_mode
+from memkern.training.train import train
 
 TINY = TrainConfig(model="mlp", epochs=3, seed=2)
 
@@ -265,7 +265,7 @@ def test_cross_validation_folds_partition_and_hold_out():
 
 def test_cross_validation_reuses_saved_folds_of_the_same_settings_only(tiny_run, tmp_path,
                                                                       monkeypatch):
-    import memkern.train
+    import memkern.training.train
 
     run = copy_run(tiny_run, tmp_path / "run")
     data = load_data(TINY)
@@ -278,7 +278,7 @@ def test_cross_validation_reuses_saved_folds_of_the_same_settings_only(tiny_run,
     def no_training(*args, **kwargs):
         raise AssertionError("a saved fold was trained again")
 
-    monkeypatch.setattr(memkern.train, "train", no_training)
+    monkeypatch.setattr(memkern.training.train, "train", no_training)
     again = cross_validate(run=run.root, folds=2, epochs=1, data=data, progress=False)
     assert np.array_equal(again.probabilities, first.probabilities)
     with pytest.raises(AssertionError, match="trained again"):  # other settings: their own folds
@@ -287,14 +287,14 @@ def test_cross_validation_reuses_saved_folds_of_the_same_settings_only(tiny_run,
 
 def test_compute_lists_gradient_norms_it_cannot_take_and_goes_on(tiny_run, tmp_path,
                                                                monkeypatch):
-    import memkern.accounting
+    import memkern.experiments.gradients.run
     from memkern.errors import UnsupportedLayerError
-    from memkern.scores.compute import compute_missing
+    from memkern.experiments.scores.compute import compute_missing
 
     def refuse(**kwargs):
         raise UnsupportedLayerError("layer 'x' has no per-example rule")
 
-    monkeypatch.setattr(memkern.accounting, "gradient_accounting", refuse)
+    monkeypatch.setattr(memkern.experiments.gradients.run, "gradient_accounting", refuse)
     run = copy_run(tiny_run, tmp_path / "run")
     done = compute_missing(run=run.root, localize_top=0, progress=False)
     assert done == ["skipped per-example gradient norms at epochs [1, 3]: layer 'x' has no "

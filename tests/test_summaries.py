@@ -1,14 +1,14 @@
-"""What commands print when they end (memkern.summaries) and how they show progress
-(memkern.progress)."""
+"""What commands print when they end (memkern.report.summaries) and how they show progress
+(memkern.rundir.progress)."""
 from __future__ import annotations
 
 import io
 import math
 import sys
 
-from memkern.progress import Progress
-from memkern.findings import rewind_finding
-from memkern.summaries import (accounting_summary, epoch_line, number, retrain_summary,
+from memkern.rundir.progress import Progress
+from memkern.report.findings import rewind_finding
+from memkern.report.summaries import (accounting_summary, epoch_line, number, retrain_summary,
                                rewind_summary, text_table, training_summary)
 
 PLAIN = {"epoch": 30, "train_loss": 0.003, "clean_acc": 1.0, "noisy_acc": 0.9861,
@@ -116,7 +116,7 @@ def test_progress_prints_one_line_per_step_when_stdout_is_not_a_terminal(capsys)
 def test_plain_progress_says_it_is_alive_between_far_apart_milestones(capsys, monkeypatch):
     """A log gets a line of units done when the last line is a heartbeat old, even when
     nothing finished since (a long localization chunk); a milestone resets the clock."""
-    import memkern.progress as progress
+    import memkern.rundir.progress as progress
 
     now = [1000.0]
     monkeypatch.setattr(progress.time, "monotonic", lambda: now[0])

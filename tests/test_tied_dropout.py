@@ -6,10 +6,10 @@ from torch import nn
 
 from memkern.errors import ConfigError
 from memkern.kernels.channel_mask_reference import tied_mask_values
-from memkern.sites import (
+from memkern.network.sites import (
     POST_ACTIVATION, PRE_NORM, ChannelSite, channel_sites, example_indices, name_sites,
 )
-from memkern.tied_dropout import (
+from memkern.network.tied_dropout import (
     ExampleTiedDropout, attach_tied_dropout, set_tied_dropout_mode, site_seed, site_tied_dropout,
     tied_dropout_mode,
 )

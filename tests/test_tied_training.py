@@ -7,10 +7,10 @@ import pytest
 from click.testing import CliRunner
 from safetensors.torch import save_file
 
-from memkern.atomic import read_jsonl
+from memkern.rundir.atomic import read_jsonl
 from memkern.cli.main import main
-from memkern.config import TrainConfig
-from memkern.train import train
+from memkern.training.config import TrainConfig
+from memkern.training.train import train
 
 TIED_KEYS = {f"{split}_acc_{mode}" for split in ("clean", "noisy", "test")
              for mode in ("keep", "drop")}

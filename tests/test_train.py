@@ -12,12 +12,12 @@ import torch
 from formats import random_mnist, write_mnist
 from safetensors.torch import load_file
 
-from memkern.atomic import read_jsonl
-from memkern.checkpoints import load_checkpoint
-from memkern.config import TrainConfig
+from memkern.rundir.atomic import read_jsonl
+from memkern.training.checkpoints import load_checkpoint
+from memkern.training.config import TrainConfig
 from memkern.errors import ConfigError
-from memkern.runs import RunDir
-from memkern.train import learning_rate, train
+from memkern.rundir.paths import RunDir
+from memkern.training.train import learning_rate, train
 
 # Small batches make an epoch long (~90 steps): step 40 of epoch 2 is in its middle.
 KILL_ARGS = ["--dataset", "digits", "--model", "mlp", "--noise", "0.1", "--epochs", "3",
@@ -54,15 +54,15 @@ def test_schedule_warms_up_then_decays_to_zero():
 # however busy (a kill timed from outside may come after the run has finished).
 KILL_AT_STEP = """
 import os, signal, sys
-import memkern.train
-real, epochs = memkern.train.iterate_batches, []
+import memkern.training.train
+real, epochs = memkern.training.train.iterate_batches, []
 def batches(*args, **kwargs):
     epochs.append(1)
     for step, batch in enumerate(real(*args, **kwargs)):
         if len(epochs) == 2 and step == int(os.environ["KILL_AT_STEP"]):
             os.kill(os.getpid(), signal.SIGKILL)
         yield batch
-memkern.train.iterate_batches = batches
+memkern.training.train.iterate_batches = batches
 from memkern.cli.main import main
 sys.exit(main())
 """

@@ -18,11 +18,11 @@ import pytest
 import torch
 
 from cli_checks import assert_one_line_error, run_cli
-from memkern.atomic import read_jsonl
-from memkern.checkpoints import load_checkpoint
-from memkern.config import TrainConfig
+from memkern.rundir.atomic import read_jsonl
+from memkern.training.checkpoints import load_checkpoint
+from memkern.training.config import TrainConfig
 from memkern.errors import ConfigError
-from memkern.train import train
+from memkern.training.train import train
 from torchrun_launch import start_torchrun, torchrun
 
 TIED = dict(model="mlp", tied_dropout=True, batch_size=256, epochs=2)

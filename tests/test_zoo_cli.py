@@ -67,7 +67,7 @@ def test_sites_of_torchvision_and_timm_models():
 ])
 def test_bad_spec_is_one_line(tmp_path, spec, fragment):
     if spec.startswith(("torchvision", "timm")):
-        from memkern.models.zoo import import_torchvision
+        from memkern.network.models.zoo import import_torchvision
         import_torchvision()  # its one-time warning goes to this test's setup, not the command
     result = run_cli("train", "--model", spec, "--out", tmp_path / "run")
     assert_one_line_error(result, fragment)
@@ -75,7 +75,7 @@ def test_bad_spec_is_one_line(tmp_path, spec, fragment):
 
 
 def test_spec_keywords_are_literals_and_group_depth_is_memkerns():
-    from memkern.models.zoo import parse_spec
+    from memkern.network.models.zoo import parse_spec
 
     spec = parse_spec("timm:vit_tiny_patch16_224?img_size=32&patch_size=4&group_depth=2"
                       "&act_layer=gelu&qkv_bias=False&drop_rate=0.1")
@@ -86,7 +86,7 @@ def test_spec_keywords_are_literals_and_group_depth_is_memkerns():
 
 @needs_zoo
 def test_group_depth_from_the_spec():
-    from memkern.models import build_model, layer_groups
+    from memkern.network.models import build_model, layer_groups
 
     model = build_model("torchvision:resnet18?group_depth=2", num_classes=10, in_channels=3,
                         image_size=16)
@@ -103,7 +103,7 @@ def test_timm_vit_trained_elsewhere_imports_and_localizes(tmp_path):
     import torch.nn.functional as F
     from sklearn.datasets import load_digits
 
-    from memkern.models.zoo import import_torchvision
+    from memkern.network.models.zoo import import_torchvision
 
     import_torchvision()  # on this machine torchvision (imported by timm) needs the workaround
     import timm

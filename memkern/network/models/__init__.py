@@ -1,0 +1,43 @@
+"""The paper's models, each with named channel sites and layer groups.
+
+``build_model(name, num_classes=..., in_channels=..., image_size=...)`` builds one; ``name`` may
+also name a model elsewhere (``torchvision:resnet18``, ``timm:...``, ``package.module:factory``;
+see :mod:`memkern.network.models.zoo`), whose sites are found and attached by hooks.
+``layer_groups(model)`` and ``memkern.network.sites.site_infos(model)`` describe it.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+from memkern.errors import ConfigError
+from memkern.network.models.blocks import NORMS
+from memkern.network.models.groups import LayerGroup, layer_groups
+from memkern.network.models.resnet9 import ResNet9
+from memkern.network.models.resnet50 import ResNet50
+from memkern.network.models.small import MLP, SmallCNN
+from memkern.network.models.vit import ViT
+from memkern.network.models.zoo import build_zoo_model, is_spec
+from memkern.network.sites import name_sites
+
+MODELS = {"cnn": SmallCNN, "mlp": MLP, "resnet9": ResNet9, "resnet50": ResNet50, "vit": ViT}
+
+__all__ = ["MODELS", "LayerGroup", "build_model", "layer_groups"]
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int,
+                norm: str = "batch") -> nn.Module:
+    """A freshly initialized model; its sites are named after their module paths."""
+    if is_spec(name):
+        if norm != "batch":
+            raise ConfigError(f"--norm {norm} applies to memkern's own models, not {name!r}")
+        return build_zoo_model(name, num_classes=num_classes, in_channels=in_channels,
+                               image_size=image_size)
+    if name not in MODELS:
+        raise ConfigError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}, or "
+                          f"name one as torchvision:NAME, timm:NAME or package.module:factory")
+    if norm not in NORMS:
+        raise ConfigError(f"unknown norm {norm!r}; choose one of {', '.join(NORMS)}")
+    model = MODELS[name](num_classes=num_classes, in_channels=in_channels,
+                         image_size=image_size, norm=norm)
+    name_sites(model)
+    return model

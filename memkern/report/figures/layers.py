@@ -1,0 +1,89 @@
+"""Figures of the layer experiments: rewinding heatmaps and retraining curves (PNG, Agg)."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from memkern.rundir.atomic import atomic_write
+from memkern.report.figures.style import SPLITS
+
+
+def _pyplot():
+    """pyplot on the Agg backend, imported on first use: every CLI command imports this module's
+    importers, and matplotlib would add its import time to all of them."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
+    _pyplot().close(fig)
+
+
+def _ordered(values) -> list:
+    return list(dict.fromkeys(values))
+
+
+def plot_rewind(rows: list[dict], path: str | Path, *, title: str) -> None:
+    """Three annotated heatmaps, groups x rewind epochs: clean-train, noisy-train and test
+    accuracy (numbers in every cell: the figure reads without colour). The first row of
+    ``rows`` is the final model's baseline, shown in the panel titles."""
+    base, configs = rows[0], rows[1:]
+    groups = _ordered(r["group"] for r in configs)
+    epochs = sorted({r["epoch"] for r in configs})
+    plt = _pyplot()
+    # Stacked, not side by side: the report shows the figure at half a page's width beside
+    # another run's, where three wide panels in a row turn the cell numbers unreadable.
+    fig, axes = plt.subplots(3, 1, figsize=(2.6 + 0.55 * max(len(epochs), 2),
+                                            3 * (1.0 + 0.4 * max(len(groups), 2))),
+                             squeeze=False, layout="constrained")
+    for ax, (key, label, *_) in zip(axes[:, 0], SPLITS):
+        grid = [[math.nan] * len(epochs) for _ in groups]
+        for r in configs:
+            grid[groups.index(r["group"])][epochs.index(r["epoch"])] = r[key]
+        image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
+        for i, line in enumerate(grid):
+            for j, value in enumerate(line):
+                if not math.isnan(value):
+                    ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
+                            color="white" if value < 0.6 else "black")
+        ax.set_xticks(range(len(epochs)), [str(e) for e in epochs])
+        ax.set_yticks(range(len(groups)), groups)
+        ax.set_xlabel("rewound to epoch")
+        ax.set_ylabel("layer group rewound")
+        ax.set_title(f"{label} (final model: {base[key]:.3f})", fontsize=10)
+        fig.colorbar(image, ax=ax, label="accuracy (fraction)")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def plot_retrain(rows: list[dict], path: str | Path, *, title: str) -> None:
+    """One panel per group: clean, noisy and test accuracy against retraining epoch."""
+    groups = _ordered(r["group"] for r in rows)
+    cols = min(3, max(1, len(groups)))
+    nrows = max(1, math.ceil(len(groups) / cols))
+    plt = _pyplot()
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False,
+                             sharey=True, layout="constrained")
+    for ax, group in zip(axes.flat, groups):
+        mine = sorted((r for r in rows if r["group"] == group), key=lambda r: r["epoch"])
+        for key, label, colour, marker, line in SPLITS:
+            ax.plot([r["epoch"] for r in mine], [r[key] for r in mine], line, color=colour,
+                    marker=marker, ms=4, label=label)
+        ax.set_title(group, fontsize=10)
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel("retraining epoch (0 = reset)", fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(groups):]:
+        ax.set_visible(False)
+    for row in axes:
+        row[0].set_ylabel("accuracy (fraction)")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
+    fig.suptitle(title)
+    _save(fig, path)

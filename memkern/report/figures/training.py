@@ -1,0 +1,37 @@
+"""The training curves of a run (``metrics.jsonl``) as a PNG, for the report."""
+from __future__ import annotations
+
+import io
+
+from memkern.report.figures.style import SPLITS, legend_outside
+
+MODE_LINES = {"": "-", "_keep": "-.", "_drop": ":"}
+MODE_NAMES = {"": ", own masks", "_keep": ", memorization channels kept", "_drop": ", dropped"}
+
+
+def training_curves_png(rows: list[dict], *, title: str) -> bytes:
+    """Accuracy of the three sets per epoch, PNG bytes. A tied-dropout run's ``*_keep`` and
+    ``*_drop`` curves are drawn beside its own-mask curves: split by marker, mode by line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    tied = "noisy_acc_drop" in rows[0]
+    every = max(1, len(epochs) // 10)
+    fig, ax = plt.subplots(figsize=(7.2 if tied else 6.4, 3.8))
+    for key, label, colour, marker, line in SPLITS:
+        for mode in (MODE_LINES if tied else {"": line}):
+            if f"{key}{mode}" not in rows[0]:
+                continue
+            ax.plot(epochs, [r[f"{key}{mode}"] for r in rows], MODE_LINES[mode] if tied else line,
+                    color=colour, marker=marker, markevery=every, ms=4,
+                    label=label + (MODE_NAMES[mode] if tied else ""))
+    ax.set(xlabel="epoch", ylabel="accuracy (fraction correct)", ylim=(-0.02, 1.02),
+           title=title)
+    ax.grid(alpha=0.3)
+    legend_outside(ax, fontsize=7)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()

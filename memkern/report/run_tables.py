@@ -1,0 +1,139 @@
+"""What a run directory holds for the report: every table the commands wrote, read once and
+checked, and the figures beside them. An analysis the run lacks is None, not an error."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from memkern.rundir.atomic import read_json_object
+from memkern.training.config import TrainConfig
+from memkern.errors import RunDirError, printable
+from memkern.report.findings import TOTAL
+from memkern.rundir.paths import RunDir
+from memkern.rundir.csv_tables import read_csv, read_table
+
+CURVES = ("clean_acc", "noisy_acc", "test_acc")
+
+
+@dataclass
+class RunTables:
+    """One run's outputs. ``metrics``: ``metrics.jsonl`` lines; ``grads``: ``grads/summary.csv``
+    rows (strings); ``rewind`` / ``retrain``: accuracy rows; ``localize``:
+    ``localize_summary.json``; ``benchmark``: ``scores/benchmark.csv`` rows; ``figures``: PNG
+    paths by name (``rewind``, ``summed_norms``, ...)."""
+
+    run: RunDir
+    config: TrainConfig
+    noise: dict
+    metrics: list[dict]
+    grads: list[dict] | None = None
+    rewind: list[dict] | None = None
+    retrain: list[dict] | None = None
+    localize: dict | None = None
+    scores: bool = False
+    benchmark: list[dict] | None = None
+    figures: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return printable(self.run.root.name)
+
+    @property
+    def last(self) -> dict:
+        """The final accuracies ({} for an imported run not evaluated yet)."""
+        return self.metrics[-1] if self.metrics else {}
+
+    @property
+    def tied(self) -> bool:
+        return "noisy_acc_drop" in self.last
+
+
+FIGURES = {"summed_norms": "grads/summed_norms.png", "cosine": "grads/cosine.png",
+           "live_summed_norms": "grads/live_summed_norms.png",
+           "live_cosine": "grads/live_cosine.png", "rewind": "rewind.png",
+           "retrain": "retrain.png", "localize": "localize.png",
+           "benchmark_curves": "scores/benchmark_curves.png",
+           "top_memorization_score": "scores/top_memorization_score.png"}
+
+
+def _grads_summary(run: RunDir) -> list[dict] | None:
+    rows = read_csv(run.grads / "summary.csv")
+    needed = {"epoch", "group", "clean_norm", "noisy_norm", "cosine"}
+    if rows and not needed <= set(rows[0]):
+        raise RunDirError(f"{run.grads / 'summary.csv'} lacks the columns "
+                          f"{', '.join(sorted(needed - set(rows[0])))}; rerun memkern grads")
+    try:
+        for r in rows:
+            int(r["epoch"]), float(r["clean_norm"]), float(r["noisy_norm"]), float(r["cosine"])
+    except (TypeError, ValueError):
+        raise RunDirError(f"{run.grads / 'summary.csv'} holds a row that is not numbers; was it "
+                          f"edited? move it away and rerun memkern grads") from None
+    return rows or None
+
+
+LOCALIZE_FIELDS = ("count", "flip_rate", "median_channels_flipped", "mean_channels_flipped",
+                   "site_fraction", "edited_clean_acc", "edited_noisy_acc", "edited_test_acc")
+
+
+def _localize_summary(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    summary = read_json_object(path)
+    groups = summary.get("groups")
+    fine = (isinstance(summary.get("sites"), list) and isinstance(groups, dict) and groups
+            and all(isinstance(e, dict) and all(k in e for k in LOCALIZE_FIELDS)
+                    for e in groups.values()))
+    if not fine:
+        raise RunDirError(f"{path} is not memkern's localization summary (fields missing); "
+                          f"rerun memkern localize on the run, which rewrites it")
+    return summary
+
+
+def _benchmark(path: Path) -> list[dict] | None:
+    rows = read_csv(path)
+    if rows and not {"method", "covered", "auroc", "ap"} <= set(rows[0]):
+        raise RunDirError(f"{path} is not memkern's benchmark table; rerun memkern scores "
+                          f"--benchmark")
+    try:
+        for r in rows:
+            int(r["covered"]), float(r["auroc"] or "nan"), float(r["ap"] or "nan")
+    except (TypeError, ValueError):
+        raise RunDirError(f"{path} holds a row that is not numbers; was it edited? rerun "
+                          f"memkern scores --benchmark") from None
+    return rows or None
+
+
+def _imported_accuracies(run: RunDir) -> list[dict]:
+    """An imported run has no training history: its one checkpoint's accuracies, as a metrics
+    line, when `memkern evaluate` has written them."""
+    epochs = run.epochs()
+    path = run.evaluation_path(epochs[-1], "own") if epochs else None
+    return [read_json_object(path)] if path is not None and path.is_file() else []
+
+
+def load_run_tables(run_dir: str | Path) -> RunTables:
+    """Read everything the report shows from ``run_dir``; a missing analysis stays None."""
+    run = RunDir(run_dir)
+    config = run.load_config()
+    metrics = _imported_accuracies(run) if config.imported else run.load_metrics()
+    if not metrics and not config.imported:
+        raise RunDirError(f"{run.root} has no completed epoch in metrics.jsonl yet")
+    missing = [k for k in CURVES if any(k not in r for r in metrics)]
+    if missing:
+        raise RunDirError(f"{run.metrics_path} lacks {missing[0]} in some lines; was it edited? "
+                          f"restore it")
+    return RunTables(
+        run=run, config=config, noise=run.load_noise(), metrics=metrics,
+        grads=_grads_summary(run), rewind=read_table(run.root / "rewind.csv") or None,
+        retrain=read_table(run.root / "retrain.csv") or None,
+        localize=_localize_summary(run.root / "localize_summary.json"),
+        scores=(run.root / "scores.csv").is_file(),
+        benchmark=_benchmark(run.root / "scores" / "benchmark.csv"),
+        figures={k: run.root / p for k, p in FIGURES.items() if (run.root / p).is_file()})
+
+
+def last_accounted(rows: list[dict]) -> list[dict]:
+    """The rows of the last epoch in ``grads/summary.csv``, groups first, the total last."""
+    epoch = max(int(r["epoch"]) for r in rows)
+    mine = [r for r in rows if int(r["epoch"]) == epoch]
+    return [r for r in mine if r["group"] != TOTAL] + [r for r in mine if r["group"] == TOTAL]

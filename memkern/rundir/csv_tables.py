@@ -1,0 +1,63 @@
+"""CSV tables of the run directory, written whole and atomically (a killed command leaves the
+previous table or the new one).
+
+Accuracy tables (rewind.csv, retrain.csv) have one row per (group, epoch):
+``group, epoch, clean_acc, noisy_acc, test_acc``.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Sequence
+
+from memkern.rundir.atomic import atomic_write_text
+from memkern.errors import RunDirError
+from memkern.rundir.ownership import require_table_output
+
+COLUMNS = ("group", "epoch", "clean_acc", "noisy_acc", "test_acc")
+
+
+def csv_text(rows: list[dict], columns: Sequence[str]) -> str:
+    """``rows`` as CSV with a header of ``columns`` (other keys of a row are left out)."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n",
+                            extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
+
+
+def read_csv(path: str | Path) -> list[dict]:
+    """Rows as dicts of strings; a missing file is an empty table."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def write_table(path: str | Path, rows: list[dict]) -> None:
+    """Replace ``path`` (an accuracy table, or nothing) by ``rows``."""
+    require_table_output(path, columns=COLUMNS, what="a memkern accuracy table")
+    atomic_write_text(path, csv_text(rows, COLUMNS))
+
+
+def read_table(path: str | Path) -> list[dict]:
+    """Rows with ``epoch`` as int and accuracies as float; a missing file is an empty table."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    reader = csv.DictReader(io.StringIO(path.read_text()))
+    if tuple(reader.fieldnames or ()) != COLUMNS:
+        raise RunDirError(f"{path} is not a memkern accuracy table (columns {reader.fieldnames}, "
+                          f"expected {', '.join(COLUMNS)}); move it away and rerun")
+    rows = []
+    for n, r in enumerate(reader, 2):
+        try:
+            rows.append({"group": r["group"], "epoch": int(r["epoch"]),
+                         **{k: float(r[k]) for k in COLUMNS[2:]}})
+        except (TypeError, ValueError):  # a short row (None) or a non-number
+            raise RunDirError(f"{path}, line {n}: not a row of group, epoch and three "
+                              f"accuracies; was it edited? move it away and rerun") from None
+    return rows

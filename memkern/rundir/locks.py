@@ -1,0 +1,149 @@
+"""One writer at a time: an OS file lock per run directory and per localize output.
+
+The lock is ``fcntl.flock`` on a small file holding the holder's pid, taken without waiting:
+a second writer fails at once with :class:`memkern.errors.BusyError` naming that pid. The
+kernel drops a flock when its process dies, so the file a killed process leaves behind is
+simply locked again by the next one (a stale lock is taken over, never honoured). The holder
+removes the file on release; a process that opened it just before then notices, because the
+path no longer names the file it locked, and tries again.
+
+Taking a lock also removes the temporaries that killed writers left in the locked folders
+(:func:`memkern.rundir.atomic.remove_interrupted_writes`).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import functools
+import inspect
+import os
+from pathlib import Path
+from typing import Callable, Iterator
+
+from memkern.rundir.atomic import remove_interrupted_writes
+from memkern.errors import BusyError
+from memkern.rundir.paths import RUN_LOCK
+
+# What a run lock cleans: the folders memkern writes a run's files into.
+RUN_FOLDERS = ("", "checkpoints", "grads", "report")
+
+_held: dict[Path, int] = {}  # lock file -> depth: a process may nest holds of one lock
+
+
+def _holder(path: Path) -> str:
+    try:
+        pid = path.read_text().strip()
+    except (OSError, ValueError):  # gone, or not text
+        pid = ""
+    return f"pid {pid}" if pid.isdigit() else "a process that is starting"
+
+
+def _acquire(path: Path, what: str) -> int:
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise BusyError(f"{what} is in use by another memkern process ({_holder(path)}); "
+                            f"wait for it to finish, or stop it") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
+            return fd
+        os.close(fd)  # the holder removed the file between our open and lock: start over
+
+
+@contextlib.contextmanager
+def hold(path: str | Path, *, what: str, clean: tuple[Path, ...] = ()) -> Iterator[None]:
+    """Hold the lock file ``path`` (its folder must exist) for the ``with`` block; ``what``
+    names the locked thing in the refusal. ``clean``: folders whose interrupted writes are
+    removed once the lock is held."""
+    path = Path(path).absolute()
+    if path in _held:
+        _held[path] += 1
+        try:
+            yield
+        finally:
+            _held[path] -= 1
+        return
+    fd = _acquire(path, what)
+    _held[path] = 1
+    try:
+        for folder in clean:
+            remove_interrupted_writes(folder)
+        yield
+    finally:
+        del _held[path]
+        path.unlink(missing_ok=True)  # still locked: nobody else can hold this file now
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _folder(folder: Path) -> Iterator[None]:
+    """``folder`` exists during the block; the folders made for it are removed afterwards when
+    the block left nothing in them, so a refused command leaves no trace."""
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        yield
+    finally:
+        for made in created:  # innermost first
+            try:
+                made.rmdir()
+            except OSError:  # not empty: the command wrote there
+                break
+
+
+@contextlib.contextmanager
+def hold_run(root: str | Path) -> Iterator[None]:
+    """Hold the lock of run directory ``root`` (``root/.memkern.lock``), cleaning the
+    interrupted writes of its folders."""
+    root = Path(root)
+    with _folder(root), hold(root / RUN_LOCK, what=f"run directory {root}",
+                             clean=tuple(root / f for f in RUN_FOLDERS)):
+        yield
+
+
+@contextlib.contextmanager
+def hold_output(out: str | Path, *, rank: int = 0, size: int = 1) -> Iterator[None]:
+    """Hold the lock of output file ``out`` for rank ``rank`` of ``size`` processes started
+    together: rank 0 (or a lone process) takes ``.<name>.lock``, rank r > 0 the lock of its
+    part file, so a second launch on the same output is refused on every rank."""
+    out = Path(out)
+    name = out.name if rank == 0 else f"{out.name}.rank{rank}-of-{size}"
+    with _folder(out.parent), hold(out.with_name(f".{name}.lock"), what=f"output {out}",
+                                   clean=(out.parent,)):
+        yield
+
+
+def for_checkpoint(ckpt: str | Path, lock: Callable[[], contextlib.AbstractContextManager]
+                   ) -> contextlib.AbstractContextManager:
+    """``lock()`` when the checkpoint ``ckpt`` exists; otherwise no lock (the command fails on
+    reading it, before it writes anything), so a mistyped path creates no folder for a lock."""
+    return lock() if Path(ckpt).is_file() else contextlib.nullcontext()
+
+
+def _arguments(func: Callable, args, kwargs) -> dict:
+    bound = inspect.signature(func).bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def locked(lock: Callable[[dict], contextlib.AbstractContextManager]):
+    """Decorator: the function runs inside ``lock(its bound arguments by name)``, e.g.
+    ``@locked(lambda a: hold_run(a["out"]))``."""
+    def wrap(func):
+        @functools.wraps(func)
+        def run_locked(*args, **kwargs):
+            with lock(_arguments(func, args, kwargs)):
+                return func(*args, **kwargs)
+        return run_locked
+    return wrap

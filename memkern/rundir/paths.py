@@ -1,0 +1,129 @@
+"""The run directory: the contract between memkern's commands (README.md, "The CLI at a glance")."""
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+from memkern.rundir.atomic import read_jsonl
+from memkern.training.config import TrainConfig
+from memkern.errors import RunDirError
+
+RUN_LOCK = ".memkern.lock"  # held by the command writing the run (memkern.rundir.locks)
+
+CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{3,})\.safetensors$")
+
+
+class RunDir:
+    """Paths and readers for ``runs/NAME``: config.json, noise.json, metrics.jsonl, checkpoints/."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    @classmethod
+    def of_checkpoint(cls, path: str | Path) -> "RunDir":
+        """The run holding ``path`` (``<run>/checkpoints/epoch_NNN.safetensors``); a checkpoint
+        kept elsewhere counts its own folder as the run."""
+        parent = Path(path).parent
+        return cls(parent.parent if parent.name == "checkpoints" else parent)
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.json"
+
+    @property
+    def noise_path(self) -> Path:
+        return self.root / "noise.json"
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.root / "metrics.jsonl"
+
+    @property
+    def grads(self) -> Path:
+        """Gradient accounting outputs (``memkern grads``, ``memkern train --track-grads``)."""
+        return self.root / "grads"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    def checkpoint_path(self, epoch: int) -> Path:
+        return self.checkpoints / f"epoch_{epoch:03d}.safetensors"
+
+    def evaluation_path(self, epoch: int, mode: str) -> Path:
+        return self.root / f"evaluate_{epoch:03d}_{mode}.json"
+
+    def epochs(self) -> list[int]:
+        """Epochs with a complete checkpoint, ascending (0 is the initialization)."""
+        if not self.checkpoints.is_dir():
+            return []
+        found = (CHECKPOINT_PATTERN.match(p.name) for p in self.checkpoints.iterdir())
+        return sorted(int(m.group(1)) for m in found if m)
+
+    def require_checkpoint(self, epoch: int) -> Path:
+        """The checkpoint of ``epoch``, or an error naming the epochs that exist."""
+        path = self.checkpoint_path(epoch)
+        if not path.is_file():
+            have = self.epochs()
+            listing = ", ".join(map(str, have)) if have else "none"
+            raise RunDirError(f"run {self.root} has no checkpoint for epoch {epoch} "
+                              f"(epochs with checkpoints: {listing})")
+        return path
+
+    def final_checkpoint(self) -> Path:
+        have = self.epochs()
+        if not have:
+            raise RunDirError(f"{self.root} is not a memkern run with checkpoints "
+                              f"(expected {self.checkpoints}/epoch_NNN.safetensors)")
+        return self.checkpoint_path(have[-1])
+
+    def load_config(self) -> TrainConfig:
+        """The run's config, checked field by field; a damaged file names the field."""
+        if not self.config_path.is_file():
+            raise RunDirError(f"{self.root} is not a memkern run directory (no config.json)")
+        return TrainConfig.from_json(_read_text(self.config_path), source=str(self.config_path))
+
+    def load_noise(self) -> dict:
+        """noise.json: the rate, seed, training-set size and the flipped indices and labels."""
+        try:
+            noise = json.loads(_read_text(self.noise_path))
+        except json.JSONDecodeError as e:
+            raise RunDirError(f"{self.noise_path} is not JSON ({e}); only `memkern train` writes "
+                              f"it: restore the file") from None
+        fields = {"num_train": int, "noisy_indices": list, "original_labels": list,
+                  "noisy_labels": list}
+        bad = [k for k, kind in fields.items() if not isinstance(noise, dict)
+               or not isinstance(noise.get(k), kind) or isinstance(noise.get(k), bool)]
+        if bad:
+            raise RunDirError(f"{self.noise_path} is not memkern's noise record (field {bad[0]} "
+                              f"missing or of the wrong type); restore it")
+        return noise
+
+    def load_metrics(self, *, until: int | None = None) -> list[dict]:
+        """metrics.jsonl's lines (those of epochs up to ``until``), each checked to be an epoch's
+        record: an integer ``epoch`` and numbers for the rest (null for an accuracy that is
+        undefined, as of an empty subset)."""
+        rows = read_jsonl(self.metrics_path)
+        for n, row in enumerate(rows, 1):
+            epoch = row.get("epoch")
+            if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+                raise RunDirError(f"{self.metrics_path}, record {n}: no positive integer "
+                                  f"'epoch'; was the file edited? restore it or remove the line")
+            wrong = [k for k, v in row.items()
+                     if isinstance(v, bool) or not isinstance(v, (int, float, type(None)))]
+            if wrong:
+                raise RunDirError(f"{self.metrics_path}, record {n}: field {wrong[0]!r} is not "
+                                  f"a number; restore the file or remove the line")
+        return [r for r in rows if until is None or r["epoch"] <= until]
+
+    def has_content(self) -> bool:
+        """Anything in the run directory besides a lock."""
+        return self.root.exists() and any(p.name != RUN_LOCK for p in self.root.iterdir())
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except UnicodeDecodeError:
+        raise RunDirError(f"{path} is not a UTF-8 text file; restore it from the run") from None

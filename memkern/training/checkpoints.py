@@ -1,0 +1,142 @@
+"""Checkpoints: safetensors files (no code runs on load) with the run's config in the metadata.
+
+Tensor keys: ``model.<state_dict key>`` for weights and buffers, ``optim.momentum.<param>`` for
+SGD momentum (so a resumed run is bit-identical to an uninterrupted one). Metadata:
+``format = memkern-checkpoint``, ``version``, ``epoch``, ``config`` (TrainConfig JSON).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save
+from torch import nn
+
+from memkern.rundir.atomic import atomic_write
+from memkern.training.config import TrainConfig
+from memkern.errors import CheckpointError, ConfigError
+
+FORMAT = "memkern-checkpoint"
+VERSION = "1"
+MODEL_PREFIX = "model."
+MOMENTUM_PREFIX = "optim.momentum."
+
+
+@dataclass
+class Checkpoint:
+    path: Path
+    config: TrainConfig
+    epoch: int
+    model_state: dict[str, torch.Tensor]
+    momentum: dict[str, torch.Tensor]
+
+
+def save_checkpoint(path: str | Path, model: nn.Module, *, config: TrainConfig, epoch: int,
+                    optimizer: torch.optim.Optimizer | None = None) -> None:
+    """Write atomically: a kill mid-save leaves no partial checkpoint behind. The bytes are
+    written by us (safetensors' own file writer renames a temporary of its own, mode 0600)."""
+    tensors = {MODEL_PREFIX + k: v.detach().cpu().contiguous()
+               for k, v in model.state_dict().items()}
+    if optimizer is not None:
+        names = {id(p): n for n, p in model.named_parameters()}
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                buf = optimizer.state.get(p, {}).get("momentum_buffer")
+                if buf is not None:
+                    tensors[MOMENTUM_PREFIX + names[id(p)]] = buf.detach().cpu().contiguous()
+    metadata = {"format": FORMAT, "version": VERSION, "epoch": str(epoch),
+                "config": config.to_json()}
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(save(tensors, metadata=metadata)))
+
+
+def _read_metadata(path: Path) -> dict[str, str]:
+    """Parse the safetensors header by hand: 8-byte little-endian length, then JSON."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a checkpoint (file is {len(head)} bytes)")
+        size = int.from_bytes(head, "little")
+        if size > 100_000_000:
+            raise CheckpointError(f"{path}: not a safetensors checkpoint (bad header length)")
+        try:
+            header = json.loads(f.read(size))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            raise CheckpointError(f"{path}: not a safetensors checkpoint (unreadable header)")
+    meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def load_checkpoint(path: str | Path) -> Checkpoint:
+    """Read and validate; corrupt, foreign or newer-format files raise CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:  # safetensors takes UTF-8 paths only
+        raise CheckpointError(f"the path {path} is not valid UTF-8; rename the file (or its "
+                              f"folder) to a UTF-8 name") from None
+    meta = _read_metadata(path)
+    if meta.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a memkern checkpoint (no memkern metadata); "
+                              f"pass a file written by `memkern train`")
+    if meta.get("version") != VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {meta.get('version')}, "
+                              f"this memkern reads version {VERSION}")
+    config_text, epoch = meta.get("config"), meta.get("epoch")
+    if not (isinstance(config_text, str) and isinstance(epoch, str) and epoch.isascii()
+            and epoch.isdigit()):
+        raise CheckpointError(f"{path} is corrupt: its metadata lacks the config or the epoch; "
+                              f"use another checkpoint of the run")
+    try:
+        config = TrainConfig.from_json(config_text, source=f"{path}: the config")
+    except ConfigError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is corrupt or truncated ({(str(e).splitlines() or [type(e).__name__])[0]}); use "
+                              f"another checkpoint of the run") from None
+    epoch = int(epoch)
+    bad = next((k for k, t in tensors.items()
+                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise CheckpointError(f"{path}: tensor {bad} holds NaN or inf (a diverged run); use an "
+                              f"earlier checkpoint, or retrain with a smaller --lr")
+    return Checkpoint(
+        path=path, config=config, epoch=epoch,
+        model_state={k[len(MODEL_PREFIX):]: v for k, v in tensors.items()
+                     if k.startswith(MODEL_PREFIX)},
+        momentum={k[len(MOMENTUM_PREFIX):]: v for k, v in tensors.items()
+                  if k.startswith(MOMENTUM_PREFIX)},
+    )
+
+
+def load_model_state(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Load weights and buffers strictly; a checkpoint of another architecture is a clear error."""
+    check_fits(model, ckpt)
+    model.load_state_dict(ckpt.model_state)
+
+
+def check_fits(model: nn.Module, ckpt: Checkpoint) -> None:
+    """CheckpointError naming both models unless ``ckpt`` holds exactly ``model``'s tensors."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(ckpt.model_state))
+    extra = sorted(set(ckpt.model_state) - set(own))
+    bad_shapes = [k for k in own if k in ckpt.model_state and own[k].shape != ckpt.model_state[k].shape]
+    if missing or extra or bad_shapes:
+        detail = (f"missing {missing[:3]}" if missing else f"unexpected {extra[:3]}" if extra
+                  else f"shape mismatch at {bad_shapes[:3]}")
+        raise CheckpointError(f"{ckpt.path} holds a {ckpt.config.model!r} model that does not fit "
+                              f"the {type(model).__name__} model it is loaded into ({detail}): "
+                              f"a checkpoint of another architecture, or of another run?")
+
+
+def restore_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+    params = dict(model.named_parameters())
+    for name, buf in ckpt.momentum.items():
+        p = params[name]
+        optimizer.state[p]["momentum_buffer"] = buf.to(p.device).clone()
