@@ -69,7 +69,7 @@ def test_wheel_install_renders_the_report_template(wheel, tmp_path):
     target = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target",
                     str(target), str(wheel)], check=True, capture_output=True)
-    code = ("import jinja2; env = jinja2.Environment(loader=jinja2.PackageLoader('memkern', "
+    code = ("import jinja2; env = jinja2.Environment(loader=jinja2.PackageLoader('memkern.report', "
             "'templates')); print(env.get_template('report.html.j2').filename)")
     deps = [p for p in sys.path if p.endswith("site-packages")]
     env = {"PYTHONPATH": ":".join([str(target)] + deps), "PATH": "/usr/bin:/bin"}
