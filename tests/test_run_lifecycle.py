@@ -138,7 +138,7 @@ def test_grads_rewind_retrain_end_with_their_numbers(tiny_run, tmp_path):
     (["demo", "--out", "OUT"], "memkern.demo.run_demo", "rerun the same command to continue"),
     (["train", "--out", "OUT"], "memkern.training.train.train_from_options", "rerun with --resume"),
     (["grads", "--run", "OUT"], "memkern.experiments.gradients.run.gradient_accounting", "rerun the same command"),
-    (["rewind", "--run", "OUT"], "memkern.experiments.rewind.rewind", "nothing was left half-written"),
+    (["rewind", "--run", "OUT"], "memkern.experiments.rewind.run.rewind", "nothing was left half-written"),
 ])
 def test_ctrl_c_advice_fits_the_command(command, target, advice, monkeypatch, tmp_path):
     def interrupted(**_):
