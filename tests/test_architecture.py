@@ -46,9 +46,8 @@ RUNNER_TOOLS = ("memkern.rundir.locks", "memkern.rundir.atomic", "memkern.rundir
 
 def module_name(path: Path) -> str:
     """The installed dotted name of a source file."""
-    for package, folder in sorted(SOURCES.items(), key=lambda kv: -len(kv[0])):
-        if path.is_relative_to(folder) and not (package == "memkern" and path.is_relative_to(
-                ROOT / "memkern" / "kernels")):
+    for package, folder in SOURCES.items():
+        if path.is_relative_to(folder):
             parts = path.relative_to(folder).with_suffix("").parts
             parts = parts[:-1] if parts[-1] == "__init__" else parts
             return ".".join((package, *parts))

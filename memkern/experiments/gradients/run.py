@@ -14,8 +14,9 @@ Each epoch is computed by :func:`memkern.experiments.gradients.accounting.accoun
 algorithm: how the sums are taken, and how torchrun ranks share the chunks); rank 0 gathers the
 norms and writes every file.
 
-An epoch is complete once both files hold it; a rerun skips complete epochs. Every file is written atomically. A run trained with ``--track-grads`` also
-gets ``live_summed_norms.png`` and ``live_cosine.png`` from the real training steps.
+An epoch is complete once both files hold it; a rerun skips complete epochs. Every file is
+written atomically. A run trained with ``--track-grads`` also gets ``live_summed_norms.png``
+and ``live_cosine.png`` from the real training steps.
 """
 from __future__ import annotations
 
