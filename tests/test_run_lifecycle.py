@@ -91,13 +91,14 @@ def test_run_names_the_final_checkpoint(tiny_run):
 def test_rewind_reuses_its_table_while_the_inputs_are_unchanged(tiny_run, tmp_path, monkeypatch):
     import shutil
 
-    from memkern.experiments import rewind as rewind_module
+    from memkern.experiments.rewind import algorithm
+    from memkern.experiments.rewind import run as rewind_module
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     first = rewind_module.rewind(run=run, device="cpu", progress=False)
     calls = []
-    real = rewind_module.split_accuracies
-    monkeypatch.setattr(rewind_module, "split_accuracies",
+    real = algorithm.split_accuracies
+    monkeypatch.setattr(algorithm, "split_accuracies",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     again = rewind_module.rewind(run=run, device="cpu", progress=False)
     assert calls == [] and again == first
