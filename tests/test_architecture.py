@@ -11,6 +11,8 @@ statement, including those inside functions; relative imports resolved).
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -119,3 +121,14 @@ def test_algorithms_touch_no_run_directory(folder):
     bad = offending(paths, lambda m: any(within(m, p) for p in (
         "memkern.rundir", "memkern.report", "memkern.cli")))
     assert not bad, "\n".join(bad)
+
+
+def test_the_public_api_loads_from_memkern_on_first_use():
+    code = ("import sys, memkern; assert 'torch' not in sys.modules, 'import memkern loaded torch'; "
+            "missing = [n for n in memkern.__all__ if getattr(memkern, n, None) is None]; "
+            "print(len(memkern.__all__), missing)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr
+    count, missing = done.stdout.split(" ", 1)
+    assert int(count) >= 30 and missing.strip() == "[]"
