@@ -10,7 +10,7 @@ from memkern.training.config import TrainConfig
 from memkern.training.evaluate import split_accuracies
 from memkern.rundir.context import load_data, model_for
 from memkern.network.models import layer_groups
-from memkern.experiments.rewind import with_group_from
+from memkern.experiments.rewind.algorithm import with_group_from
 
 
 MEDIANS: dict[str, float] = {}  # method -> median seconds, for ratios to functional_call

@@ -27,7 +27,7 @@ def evaluate(ckpt, run_dir, mode, as_json, data_dir, device):
       memkern evaluate --ckpt runs/tied/checkpoints/epoch_010.safetensors --mode drop
       memkern evaluate --run runs/tied --mode keep
     """
-    from memkern.training.evaluate import evaluate_checkpoint
+    from memkern.training.evaluate_run import evaluate_checkpoint
 
     record, path = evaluate_checkpoint(ckpt=checkpoint_from(ckpt, run_dir), mode=mode,
                                        device=device, data_dir=data_dir)

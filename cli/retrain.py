@@ -6,7 +6,7 @@ import click
 from memkern.cli.options import data_dir_option, device_option
 from memkern.cli.options import split_names
 from memkern.cli.rewind import groups_option
-from memkern.experiments.retrain import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
+from memkern.experiments.retrain.run import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
 
 
 @click.command()
@@ -34,7 +34,7 @@ def retrain(run_dir, groups, from_epoch, epochs, lr, overwrite, data_dir, device
       memkern retrain --run runs/digits
       memkern retrain --run runs/digits --groups block2,hidden --from-epoch 3 --epochs 5
     """
-    from memkern.experiments.retrain import retrain as run_retrain
+    from memkern.experiments.retrain.run import retrain as run_retrain
     from memkern.report.summaries import retrain_summary
 
     rows = run_retrain(run=run_dir, groups=split_names(groups), from_epoch=from_epoch,

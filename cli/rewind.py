@@ -29,7 +29,7 @@ def rewind(run_dir, epochs, groups, data_dir, device, progress):
       memkern rewind --run runs/digits
       memkern rewind --run runs/digits --epochs 0,10,20 --groups block1,head
     """
-    from memkern.experiments.rewind import rewind as run_rewind
+    from memkern.experiments.rewind.run import rewind as run_rewind
     from memkern.report.summaries import rewind_summary
 
     rows = run_rewind(run=run_dir, epochs=parse_epochs(epochs), groups=split_names(groups),

@@ -7,10 +7,10 @@ from pathlib import Path
 from typing import Callable
 
 from memkern.training.config import TrainConfig
-from memkern.training.evaluate import evaluate_checkpoint
+from memkern.training.evaluate_run import evaluate_checkpoint
 from memkern.report.page import write_report
-from memkern.experiments.retrain import retrain
-from memkern.experiments.rewind import rewind
+from memkern.experiments.retrain.run import retrain
+from memkern.experiments.rewind.run import rewind
 from memkern.rundir.paths import RunDir
 from memkern.training.train import train
 

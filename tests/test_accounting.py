@@ -19,7 +19,8 @@ from memkern.errors import ConfigError
 from memkern.experiments.gradients.norms import per_example_grad_norms
 from memkern.network.models import build_model, layer_groups
 from memkern.rundir.paths import RunDir
-from memkern.experiments.gradients.subset import LiveSubsetTracker, subset_gradients, subset_stats
+from memkern.experiments.gradients.live import LiveSubsetTracker
+from memkern.experiments.gradients.subset import subset_gradients, subset_stats
 from memkern.training.train import train
 
 

@@ -16,8 +16,8 @@ from memkern.experiments.localize import LocalizationObjective, channel_space, g
 from memkern.experiments.localize.exhaustive import exhaustive_localize
 from memkern.experiments.localize.scan import ablation_scan, naive_ablation_scan
 from memkern.network.models import build_model, layer_groups
-from memkern.experiments.retrain import retrain_group
-from memkern.experiments.rewind import with_group_from
+from memkern.experiments.retrain.algorithm import retrain_group
+from memkern.experiments.rewind.algorithm import with_group_from
 from memkern.network.sites import example_indices
 from memkern.network.tied_dropout import attach_tied_dropout, set_tied_dropout_mode, tied_dropout_mode
 from zoo_checks import needs_zoo

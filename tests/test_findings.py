@@ -158,7 +158,7 @@ def test_sentences_quote_a_fresh_runs_own_tables(tiny_run, tmp_path):
     """A real 3-epoch run: the training and rewind sentences carry its numbers."""
     import shutil
 
-    from memkern.experiments.rewind import rewind
+    from memkern.experiments.rewind.run import rewind
     from memkern.rundir.paths import RunDir
 
     run = tmp_path / "run"

@@ -25,8 +25,8 @@ SECTION_ORDER = ["training", "grads", "rewind", "retrain", "localize", "tied", "
 def _analysed(root, name, config, *, scores=False):
     from memkern.experiments.gradients.run import gradient_accounting
     from memkern.experiments.localize.run import localize
-    from memkern.experiments.retrain import retrain
-    from memkern.experiments.rewind import rewind
+    from memkern.experiments.retrain.run import retrain
+    from memkern.experiments.rewind.run import rewind
     from memkern.training.train import train
 
     run = root / name

@@ -5,7 +5,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import memkern.experiments.retrain as retrain_module
+import memkern.experiments.retrain.run as retrain_module
 from memkern.rundir.csv_tables import read_table
 from memkern.training.checkpoints import load_checkpoint
 from memkern.cli.main import main
@@ -13,8 +13,9 @@ from memkern.errors import ConfigError
 from memkern.training.evaluate import split_accuracies
 from memkern.rundir.context import load_trained
 from memkern.network.models import layer_groups
-from memkern.experiments.retrain import retrain, retrain_group
-from memkern.experiments.rewind import with_group_from
+from memkern.experiments.retrain.algorithm import retrain_group
+from memkern.experiments.retrain.run import retrain
+from memkern.experiments.rewind.algorithm import with_group_from
 from memkern.rundir.paths import RunDir
 from memkern.network.sites import current_example_indices
 

@@ -12,7 +12,8 @@ from memkern.errors import ConfigError, RunDirError
 from memkern.training.evaluate import split_accuracies
 from memkern.rundir.context import load_trained
 from memkern.network.models import layer_groups
-from memkern.experiments.rewind import default_epochs, rewind, with_group_from
+from memkern.experiments.rewind.algorithm import default_epochs, with_group_from
+from memkern.experiments.rewind.run import rewind
 from memkern.rundir.paths import RunDir
 
 

@@ -91,13 +91,14 @@ def test_run_names_the_final_checkpoint(tiny_run):
 def test_rewind_reuses_its_table_while_the_inputs_are_unchanged(tiny_run, tmp_path, monkeypatch):
     import shutil
 
-    from memkern.experiments import rewind as rewind_module
+    from memkern.experiments.rewind import algorithm
+    from memkern.experiments.rewind import run as rewind_module
     run = tmp_path / "run"
     shutil.copytree(tiny_run, run)
     first = rewind_module.rewind(run=run, device="cpu", progress=False)
     calls = []
-    real = rewind_module.split_accuracies
-    monkeypatch.setattr(rewind_module, "split_accuracies",
+    real = algorithm.split_accuracies
+    monkeypatch.setattr(algorithm, "split_accuracies",
                         lambda *a, **k: calls.append(1) or real(*a, **k))
     again = rewind_module.rewind(run=run, device="cpu", progress=False)
     assert calls == [] and again == first
@@ -138,7 +139,7 @@ def test_grads_rewind_retrain_end_with_their_numbers(tiny_run, tmp_path):
     (["demo", "--out", "OUT"], "memkern.demo.run_demo", "rerun the same command to continue"),
     (["train", "--out", "OUT"], "memkern.training.train.train_from_options", "rerun with --resume"),
     (["grads", "--run", "OUT"], "memkern.experiments.gradients.run.gradient_accounting", "rerun the same command"),
-    (["rewind", "--run", "OUT"], "memkern.experiments.rewind.rewind", "nothing was left half-written"),
+    (["rewind", "--run", "OUT"], "memkern.experiments.rewind.run.rewind", "nothing was left half-written"),
 ])
 def test_ctrl_c_advice_fits_the_command(command, target, advice, monkeypatch, tmp_path):
     def interrupted(**_):

@@ -19,7 +19,8 @@ from memkern.experiments.scores import signals
 from memkern.experiments.scores.benchmark import run_benchmark
 from memkern.experiments.scores.crossval import cross_validate, fold_assignment, fold_data
 from memkern.experiments.scores.detection import auroc, average_precision, precision_at_k
-from memkern.experiments.scores.table import channels_to_flip, collect_scores, tied_gap
+from memkern.experiments.scores.signals import channels_to_flip, tied_gap
+from memkern.experiments.scores.table import collect_scores
 from memkern.network.sites import example_indices
 from memkern.rundir.csv_tables import read_csv
 from memkern.network.tied_dropout import tied_dropout_mode
@@ -240,7 +241,7 @@ def test_channels_to_flip_reads_localize_lines(tmp_path):
     path = tmp_path / "localize.jsonl"
     rewrite_jsonl(path, [{"index": 4, "n_channels": 3, "flipped": True},
                          {"index": 1, "n_channels": 50, "flipped": False}])
-    got = channels_to_flip(path, 6)
+    got = channels_to_flip(read_jsonl(path), 6)
     assert got[4] == 3 and got[1] == np.inf and np.isnan(got[[0, 2, 3, 5]]).all()
 
 

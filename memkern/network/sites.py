@@ -7,19 +7,23 @@ applied one after the other (example-tied dropout first, from the model's build;
 per-row localization mask); a site without ops costs a Python call and nothing else.
 
 The dataset index of each row reaches the ops through :func:`example_indices`, a context
-manager over a context variable, so no model's ``forward`` signature has to carry it:
+manager over a thread-local value, so no model's ``forward`` signature has to carry it:
 
     with example_indices(batch_index):
         logits = model(x)
 
-Whoever runs rows through a model sets the indices of exactly those rows: chunks slice them,
-EoT copies and candidate rows repeat them, and ``torch.func.vmap`` over single examples sets
-each example's own index inside the vmapped function (the registered op's vmap rule keeps the
-pairing). Rows without a dataset index (test examples) pass None.
+It is the one way in, and an implementation detail of the library: every public function that
+runs rows through a model takes their indices as an argument (``ids`` / ``indices`` /
+``targets``, or the positions of a :class:`memkern.data.PreparedData`'s rows) and enters this
+context itself. Whoever runs rows through a model sets the indices of exactly those rows:
+chunks slice them, EoT copies and candidate rows repeat them, and ``torch.func.vmap`` over
+single examples sets each example's own index inside the vmapped function (the registered
+op's vmap rule keeps the pairing). Rows without a dataset index (test examples) pass None.
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -30,10 +34,11 @@ PRE_NORM = "pre-norm"
 POST_ACTIVATION = "post-activation"
 POSITIONS = (PRE_NORM, POST_ACTIVATION)
 
-class _RowIndices:
-    """The process's current row indices. A plain attribute rather than a ContextVar: torch.compile
-    traces an attribute read into the graph but breaks the graph at every ContextVar.get. Analyses
-    run their forwards on one thread, and the context manager restores the outer value."""
+class _RowIndices(threading.local):
+    """The current thread's row indices: each thread that runs forwards sets its own. A
+    thread-local attribute rather than a ContextVar: torch.compile traces an attribute read into
+    the graph (fullgraph included) but breaks the graph at every ContextVar.get. The context
+    manager restores the outer value."""
 
     ids: torch.Tensor | None = None
 

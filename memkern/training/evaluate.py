@@ -4,22 +4,20 @@ For a model with example-tied dropout (docs/method.md, Experiment 5) the mode de
 "own" gives every training example its own tied mask; "keep" (the paper's test mode) scales
 memorization channels by p_mem; "drop" removes them. Test examples have no tied mask of their
 own, so in modes "train"/"own" ``test_acc`` is measured in mode "keep".
+
+The algorithm (models and data in, accuracies out); ``memkern evaluate``'s runner, which writes
+the record into the run, is :mod:`memkern.training.evaluate_run`.
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Callable
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
-from memkern.rundir.atomic import atomic_write_json
 from memkern.data import PreparedData
 from memkern.errors import ConfigError
-from memkern.rundir.context import load_trained
-from memkern.rundir.locks import for_checkpoint, hold_run, locked
-from memkern.rundir.paths import RunDir
 from memkern.network.sites import example_indices
 from memkern.network.tied_dropout import has_tied_dropout, tied_dropout_mode, unindexed_rows
 
@@ -102,24 +100,3 @@ def epoch_accuracies(model: nn.Module, data: PreparedData, *,
         for mode in ("keep", "drop"):
             out.update({f"{k}_{mode}": v for k, v in mode_accuracies(model, data, mode=mode).items()})
     return out
-
-
-@locked(lambda a: for_checkpoint(
-    a["ckpt"], lambda: hold_run(RunDir.of_checkpoint(a["ckpt"]).root)))
-def evaluate_checkpoint(*, ckpt: str | Path, mode: str, device: str = "auto",
-                        data_dir: str | Path | None = None) -> tuple[dict, Path]:
-    """Accuracies of checkpoint ``ckpt`` in ``mode``, written atomically to
-    ``<run>/evaluate_<epoch>_<mode>.json``; returns (the record, its path).
-
-    The record: ``checkpoint``, ``epoch``, ``mode``, ``tied_dropout`` and the three accuracies of
-    :func:`mode_accuracies`. The masks come from the checkpoint's config alone.
-    """
-    if mode not in EVAL_MODES:
-        raise ConfigError(f"evaluation mode {mode!r} is unknown: use one of {EVAL_MODES}")
-    trained = load_trained(ckpt, device=device, data_dir=data_dir)
-    record = {"checkpoint": str(trained.checkpoint.path), "epoch": trained.checkpoint.epoch,
-              "mode": mode, "tied_dropout": trained.checkpoint.config.tied_dropout,
-              **mode_accuracies(trained.model, trained.data, mode=mode)}
-    path = RunDir.of_checkpoint(trained.checkpoint.path).evaluation_path(record["epoch"], mode)
-    atomic_write_json(path, record)
-    return record, path

@@ -32,7 +32,7 @@ from memkern.rundir.progress import Progress
 from memkern.rundir.paths import RunDir
 from memkern.network.sites import example_indices
 from memkern.report.summaries import epoch_line
-from memkern.experiments.gradients.subset import LiveSubsetTracker
+from memkern.experiments.gradients.live import LiveSubsetTracker
 
 
 def learning_rate(step: int, *, total_steps: int, base_lr: float, warmup: float,
@@ -110,7 +110,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     config then does not rebuild them).
 
     ``track_grads``: record every epoch's summed clean and noisy gradients of the real steps in
-    ``grads/live.jsonl`` (:class:`memkern.experiments.gradients.subset.LiveSubsetTracker`; one more backward
+    ``grads/live.jsonl`` (:class:`memkern.experiments.gradients.live.LiveSubsetTracker`; one more backward
     per step, the weights stay bit-identical).
 
     Under torchrun (``WORLD_SIZE`` > 1) every rank calls this with the same arguments and

@@ -1,14 +1,24 @@
-"""Per-example memorization signals from training dynamics, and what "suspicious" means for each.
+"""Per-example memorization signals, and what "suspicious" means for each.
 
-Every function takes the arrays of :class:`memkern.training.dynamics.Dynamics` (``[E, N]``, epoch rows
-ascending) and returns float64 ``[N]`` in the signal's natural unit. ``DIRECTION`` says which way
+The dynamics signals take the arrays of :class:`memkern.training.dynamics.Dynamics` (``[E, N]``,
+epoch rows ascending); :func:`tied_gap` takes a tied-dropout model and its data;
+:func:`channels_to_flip` takes localization results. Each returns float64 ``[N]`` in the
+signal's natural unit (the gradient-norm signal is
+:func:`memkern.experiments.gradients.accounting.account_epoch`'s per-example norms). No files. ``DIRECTION`` says which way
 points at memorized / mislabeled examples (+1: high values, -1: low values);
 :func:`oriented` turns any signal into "higher = more suspicious". See docs/scores.md.
 """
 from __future__ import annotations
 
+from typing import Iterable, Mapping
+
 import numpy as np
 import torch
+
+from memkern.data import PreparedData
+from memkern.network.tied_dropout import tied_dropout_mode
+from memkern.training.dynamics import example_stats
+from memkern.training.evaluate import predictions
 
 # +1: a high value marks a memorized / mislabeled example; -1: a low value does.
 DIRECTION = {
@@ -87,6 +97,31 @@ def dynamics_signals(dynamics) -> dict[str, np.ndarray]:
             "confidence": confidence(dynamics.loss),
             "variability": variability(dynamics.loss),
             "final_loss": final_loss(dynamics.loss)}
+
+
+def channels_to_flip(results: Iterable[Mapping], num_train: int) -> np.ndarray:
+    """Channels zeroed to flip each localized example (inf: not flipped); NaN elsewhere.
+    ``results``: localization lines (``index``, ``n_channels``, ``flipped``), as
+    ``memkern localize`` writes them."""
+    out = np.full(num_train, np.nan)
+    for row in results:
+        out[row["index"]] = row["n_channels"] if row["flipped"] else np.inf
+    return out
+
+
+def tied_gap(model: torch.nn.Module, data: PreparedData) -> np.ndarray:
+    """Margin of each training example with its own tied-dropout mask minus its margin in mode
+    "keep" (every example's memorization channels scaled by p_mem); ``data``'s training rows
+    carry their position as dataset index."""
+    index = torch.arange(len(data.train_labels))
+    margins = {}
+    for mode in ("own", "keep"):
+        chunks = []
+        with tied_dropout_mode(model, mode):
+            predictions(model, data.train_images, indices=index,
+                        on_logits=lambda logits: chunks.append(logits.float().cpu()))
+        margins[mode] = example_stats(torch.cat(chunks), data.train_labels)["margin"]
+    return (margins["own"] - margins["keep"]).double().numpy()
 
 
 def oriented(name: str, values: np.ndarray) -> np.ndarray:

@@ -12,6 +12,8 @@ signal found (see docs/scores.md), then ``memorization_score``. Sources:
 - the final checkpoint of a tied-dropout run: tied_gap.
 
 A signal the run lacks is listed with the reason and the command that adds it, never an error.
+This module reads the run directory; every signal is computed by a pure function of
+:mod:`memkern.experiments.scores.signals`.
 """
 from __future__ import annotations
 
@@ -19,18 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from memkern.rundir.atomic import atomic_write_text, read_jsonl
 from memkern.data import PreparedData
-from memkern.training.dynamics import Dynamics, dynamics_path, example_stats
+from memkern.training.dynamics import Dynamics, dynamics_path
 from memkern.errors import RunDirError
-from memkern.training.evaluate import predictions
 from memkern.rundir.context import load_data, open_run
 from memkern.rundir.paths import RunDir
-from memkern.experiments.scores.signals import COMBINED, DYNAMICS_SIGNALS, combined_score, dynamics_signals
+from memkern.experiments.scores.signals import (COMBINED, DYNAMICS_SIGNALS, channels_to_flip,
+                                                combined_score, dynamics_signals, tied_gap)
 from memkern.rundir.csv_tables import csv_text, read_csv
-from memkern.network.tied_dropout import tied_dropout_mode
 
 LOCALIZE_FILE = "localize.jsonl"
 SCORES_FILE = "scores.csv"
@@ -117,28 +117,6 @@ def grad_columns(run: RunDir, num_train: int) -> dict[str, np.ndarray]:
     return out
 
 
-def channels_to_flip(path: Path, num_train: int) -> np.ndarray:
-    """Channels zeroed to flip each localized example (inf: not flipped); NaN elsewhere."""
-    out = np.full(num_train, np.nan)
-    for row in read_jsonl(path):
-        out[row["index"]] = row["n_channels"] if row["flipped"] else np.inf
-    return out
-
-
-def tied_gap(model: torch.nn.Module, data: PreparedData) -> np.ndarray:
-    """Margin of each training example with its own tied-dropout mask minus its margin in mode
-    "keep" (every example's memorization channels scaled by p_mem)."""
-    index = torch.arange(len(data.train_labels))
-    margins = {}
-    for mode in ("own", "keep"):
-        chunks = []
-        with tied_dropout_mode(model, mode):
-            predictions(model, data.train_images, indices=index,
-                        on_logits=lambda logits: chunks.append(logits.float().cpu()))
-        margins[mode] = example_stats(torch.cat(chunks), data.train_labels)["margin"]
-    return (margins["own"] - margins["keep"]).double().numpy()
-
-
 def collect_scores(run: str | Path, *, data: PreparedData | None = None, device: str = "auto",
                    data_dir: str | Path | None = None) -> ScoreTable:
     """Gather every signal ``run`` holds (module docstring) and the combined score; ``data``:
@@ -162,8 +140,9 @@ def collect_scores(run: str | Path, *, data: PreparedData | None = None, device:
                                    f"{early_epoch(config.epochs)},{config.epochs}` or "
                                    f"`memkern scores --compute`")
     localized = run.root / LOCALIZE_FILE
-    if localized.is_file() and read_jsonl(localized):
-        table.signals["channels_to_flip"] = channels_to_flip(localized, n)
+    lines = read_jsonl(localized) if localized.is_file() else []
+    if lines:
+        table.signals["channels_to_flip"] = channels_to_flip(lines, n)
     else:
         table.missing["channels_to_flip"] = (f"no {localized}: `memkern localize --ckpt ...` or "
                                              f"`memkern scores --compute` (top candidates)")

@@ -1,0 +1,33 @@
+"""``memkern evaluate``: one checkpoint's accuracies in one tied-dropout mode, written into its
+run as ``evaluate_<epoch>_<mode>.json`` (the algorithm: :mod:`memkern.training.evaluate`)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from memkern.errors import ConfigError
+from memkern.rundir.atomic import atomic_write_json
+from memkern.rundir.context import load_trained
+from memkern.rundir.locks import for_checkpoint, hold_run, locked
+from memkern.rundir.paths import RunDir
+from memkern.training.evaluate import EVAL_MODES, mode_accuracies
+
+
+@locked(lambda a: for_checkpoint(
+    a["ckpt"], lambda: hold_run(RunDir.of_checkpoint(a["ckpt"]).root)))
+def evaluate_checkpoint(*, ckpt: str | Path, mode: str, device: str = "auto",
+                        data_dir: str | Path | None = None) -> tuple[dict, Path]:
+    """Accuracies of checkpoint ``ckpt`` in ``mode``, written atomically to
+    ``<run>/evaluate_<epoch>_<mode>.json``; returns (the record, its path).
+
+    The record: ``checkpoint``, ``epoch``, ``mode``, ``tied_dropout`` and the three accuracies of
+    :func:`mode_accuracies`. The masks come from the checkpoint's config alone.
+    """
+    if mode not in EVAL_MODES:
+        raise ConfigError(f"evaluation mode {mode!r} is unknown: use one of {EVAL_MODES}")
+    trained = load_trained(ckpt, device=device, data_dir=data_dir)
+    record = {"checkpoint": str(trained.checkpoint.path), "epoch": trained.checkpoint.epoch,
+              "mode": mode, "tied_dropout": trained.checkpoint.config.tied_dropout,
+              **mode_accuracies(trained.model, trained.data, mode=mode)}
+    path = RunDir.of_checkpoint(trained.checkpoint.path).evaluation_path(record["epoch"], mode)
+    atomic_write_json(path, record)
+    return record, path
