@@ -2,7 +2,8 @@
 the layer's input activation and the gradient of the summed loss with respect to its output.
 
 A rule is registered for a layer type with :func:`register`; ``ghost`` mode
-hooks every module that has one, anything else goes through ``torch.func``. Each rule returns
+hooks every module that has one, anything else goes through ``torch.func``. A subclass
+inherits its base's rule only if it keeps the base's forward (see :func:`rule_for`). Each rule returns
 ``{local parameter name: float [B] squared norm}`` for the parameters it covers.
 
 Linear and convolution layers pick per layer between two exact forms (Bu et al.'s mixed ghost
@@ -44,12 +45,21 @@ def register(*types: type, supports: Callable[[nn.Module], bool] = lambda m: Tru
     return deco
 
 
+# nn.Conv*'s forward delegates to _conv_forward, which subclasses override as well
+FORWARD_METHODS = ("forward", "_conv_forward")
+
+
 def rule_for(module: nn.Module) -> Rule | None:
-    """The rule of ``module``'s type (or its nearest registered base class) if it applies."""
+    """The rule registered for ``module``'s exact type, or for its nearest registered base
+    class when no class in between redefines the forward computation (a weight-standardized
+    conv, a linear that scales its weight: their math is not the base's formula); None sends
+    the layer to the exact ``torch.func`` fallback."""
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
         if rule is not None:
-            return rule if rule.supports(module) else None
+            same_math = all(getattr(type(module), name, None) is getattr(cls, name, None)
+                            for name in FORWARD_METHODS)
+            return rule if same_math and rule.supports(module) else None
     return None
 
 
