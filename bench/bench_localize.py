@@ -54,13 +54,8 @@ def _record(benchmark, group: str, name: str, info: dict, work: int, unit: str) 
 
 @pytest.fixture(scope="module")
 def resnet9_case():
-    torch.manual_seed(0)
     size = 12 if QUICK else 32
-    model = build_model("resnet9", num_classes=10, in_channels=3, image_size=size).eval()
-    for m in model.modules():  # non-trivial running statistics, as after training
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
+    model = eval_model("resnet9", image_size=size)
     sites = ["res2.body.1.pre", "conv4.pre"] if QUICK else None
     space = channel_space(model, sites)
     x = torch.randn(1, 3, size, size)
@@ -139,12 +134,7 @@ SCAN_MODELS = {
 def scan_case(request):
     name = request.param
     side, site_lists, per_site = (v[1] if QUICK else v[0] for v in SCAN_MODELS[name])
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=10, in_channels=3, image_size=side).eval()
-    for m in model.modules():  # non-trivial running statistics, as after training
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
+    model = eval_model(name, image_size=side)
     space = channel_space(model, site_lists or [n for n in channel_sites(model) if "hidden" in n])
     cand = torch.cat([off + torch.randperm(count)[:per_site or count]
                       for off, count in zip(space.offsets, space.counts)])

@@ -17,7 +17,6 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memkern.rundir.csv_tables import read_table, write_table
@@ -33,9 +32,9 @@ from memkern.network.models.groups import LayerGroup
 from memkern.rundir.progress import Progress
 from memkern.experiments.rewind import select_groups, with_group_from
 from memkern.rundir.paths import RunDir
-from memkern.network.sites import example_indices
 from memkern.report.summaries import accuracy_text
-from memkern.training.train import epoch_generator, learning_rate
+from memkern.training.step import learning_rate, sgd_optimizer, sgd_step
+from memkern.training.train import epoch_generator
 
 # Default reset point: the initialization. It removes everything the group learned, so any
 # noisy-train accuracy after retraining on clean data can only come from the frozen layers.
@@ -82,19 +81,14 @@ def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData, *, ep
     total_steps = steps_per_epoch * epochs
     rows = [{"group": group.name, "epoch": 0, **split_accuracies(model, data)}]
     trainable = freeze_all_but(model, group)
-    optimizer = torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = sgd_optimizer(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for epoch in range(1, epochs + 1):
         gen = epoch_generator(seed, epoch)
         for i, (x, y, idx) in enumerate(iterate_batches(train_x, train_y, batch_size,
                                                          generator=gen, indices=clean)):
             step = (epoch - 1) * steps_per_epoch + i
-            for pg in optimizer.param_groups:
-                pg["lr"] = learning_rate(step, total_steps=total_steps, base_lr=lr, warmup=0.0)
-            with example_indices(idx.to(device)):
-                loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            sgd_step(model, optimizer, x, y, ids=idx.to(device),
+                     lr=learning_rate(step, total_steps=total_steps, base_lr=lr, warmup=0.0))
             if bar is not None:
                 bar.advance()
         rows.append({"group": group.name, "epoch": epoch, **split_accuracies(model, data)})

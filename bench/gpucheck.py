@@ -1,5 +1,6 @@
-"""``python -m memkern.gpucheck --out FILE.json``: everything worth knowing about memkern on one
-CUDA GPU, measured in one run (minutes) and written to one JSON file.
+"""``python bench/gpucheck.py --out FILE.json``: everything worth knowing about memkern on one
+CUDA GPU, measured in one run (minutes) and written to one JSON file, with the versions report
+of ``memkern env`` (:func:`memkern.versions.versions`).
 
 - ``correctness``: the Triton kernels against the torch reference on the same GPU tensors, per
   dtype x layout ([N, C], [N, C, H, W], channels_last, tokens [N, T, C]) x op, forward and
@@ -17,7 +18,6 @@ correctness case or section failed. Without CUDA it prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,9 +29,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from memkern.rundir.atomic import atomic_write_json
+from fixture_models import eval_model
 from memkern.kernels.channel_mask import gathered_channel_mask, tied_channel_mask
 from memkern.network.sites import example_indices
+from memkern.rundir.atomic import atomic_write_json
+from memkern.training.step import sgd_optimizer, sgd_step
+from memkern.versions import versions
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # grad_mask sums a channel's products: |kernel - float64 sum| <= rtol * sum |g * x|. Forward
@@ -151,15 +154,8 @@ def bandwidth(device: torch.device, *, quick: bool) -> dict:
 
 
 def _sgd_step_ms(model, x, y, ids, device, reps) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        with example_indices(ids):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return 1e3 * _timed(step, device, reps)
+    opt = sgd_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    return 1e3 * _timed(lambda: sgd_step(model, opt, x, y, ids=ids), device, reps)
 
 
 def tied_dropout_step(device: torch.device, *, quick: bool) -> dict:
@@ -245,16 +241,9 @@ def ghost(trained, device: torch.device, *, quick: bool) -> dict:
 def scan(device: torch.device, *, quick: bool) -> dict:
     """The exact ablation scan vs the naive loop over channels, ResNet-9 at one input."""
     from memkern.experiments.localize import ablation_scan, channel_space, naive_ablation_scan
-    from memkern.network.models import build_model
 
-    torch.manual_seed(0)
     size = 12 if quick else 32
-    model = build_model("resnet9", num_classes=10, in_channels=3, image_size=size).eval()
-    for m in model.modules():  # non-trivial running statistics, as after training
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-    model = model.to(device)
+    model = eval_model("resnet9", image_size=size).to(device)
     space = channel_space(model, ["conv4.pre"] if quick else None)
     x, y = torch.randn(1, 3, size, size, device=device), torch.tensor([3], device=device)
     with torch.no_grad():
@@ -301,12 +290,7 @@ def compiled(device: torch.device, *, quick: bool) -> dict:
 def run_checks(device: torch.device, *, quick: bool = False) -> dict:
     """Every section on ``device``; a failing section records its error instead of a result."""
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "python": platform.python_version(), "quick": quick}
-    try:
-        import triton
-        report["triton"] = triton.__version__
-    except ImportError:
-        report["triton"] = None
+              "quick": quick, **versions()}
 
     def section(name, fn):
         started = time.perf_counter()
@@ -340,9 +324,9 @@ def failures(report: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m memkern.gpucheck",
+        prog="python bench/gpucheck.py",
         description="Check and measure memkern on one CUDA GPU; write every figure to one "
-                    "JSON file. Example: python -m memkern.gpucheck --out gpucheck.json")
+                    "JSON file. Example: python bench/gpucheck.py --out gpucheck.json")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
     args = parser.parse_args(argv)
