@@ -47,8 +47,8 @@ def _mul32(a, k: int):
 
 def lowbias32(h):
     """The 32-bit finalizer on int64 tensors (or Python ints) holding values in [0, 2**32); same
-    values as uint32. In place after the first op: on [64, 128] this halves the time of the
-    out-of-place chain."""
+    values as uint32. In place after the first op: fewer temporaries than the out-of-place
+    chain (bench/README.md, "Measured choices in the code")."""
     h = h ^ (h >> 16)
     h = _mul32(h, HASH_M1)
     h ^= h >> 15

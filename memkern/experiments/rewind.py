@@ -113,10 +113,8 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
         return finished
 
     # One functional_call per configuration beats vmap over stacked dicts on CPU, where batched
-    # weights turn each conv into a grouped conv. bench/bench_rewind.py (digits cnn, the 5
-    # single-group configurations, 2 shared CPU cores): functional_call 7.00 s, vmap 7.82 s,
-    # deep copy per configuration 9.29 s; on the 30-epoch run's 15 configurations: 14.0 s vs
-    # vmap in chunks of 5: 24.4 s.
+    # weights turn each conv into a grouped conv, and a deep copy per configuration
+    # (bench/bench_rewind.py; numbers in bench/README.md, "Measured choices in the code").
     # The bar counts rewound configurations only, as the command's closing line does; the final
     # model's baseline is evaluated before it starts.
     rows = [{"group": BASELINE, "epoch": available[-1], **split_accuracies(model, data)}]

@@ -73,8 +73,8 @@ def gram_is_cheaper(tokens: int, d: int, p: int) -> bool:
     """Gram (``T^2 (d + p)`` multiply-adds) vs forming ``g^T a`` (``T d p``), by time.
 
     Bu et al.'s rule compares space (``2 T^2 <= d p``); memory is already bounded by chunking,
-    and on ResNet-9 the space rule picks Gram where it is slower: at T=256, d=1152, p=128 Gram
-    took 0.37 s against 0.25 s for ``g^T a`` (batch 32, 2 CPU threads).
+    and on ResNet-9 the space rule picks Gram where it is slower (bench/README.md, "Measured
+    choices in the code").
     """
     return tokens * (d + p) < d * p
 
@@ -132,8 +132,8 @@ def _conv_pads(module: nn.modules.conv._ConvNd, kernel: tuple[int, ...]) -> list
 def conv_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     """Input patches of a Conv1d/Conv2d, ``[B, groups, Cin/groups * kernel, T]``.
 
-    A strided view of the padded input copied once: F.unfold took 0.61 s where this takes
-    0.10 s (batch 32, 128 channels at 16x16, 3x3 kernel, 2 CPU threads).
+    A strided view of the padded input copied once, several times faster than F.unfold on CPU
+    (bench/README.md, "Measured choices in the code").
     """
     pads = _conv_pads(module, module.kernel_size)
     if any(pads):
