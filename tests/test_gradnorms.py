@@ -129,7 +129,7 @@ def test_layers_match_loop(case, batch, dtype):
 
 
 MODEL_PARAMS = [(n, d) for n in sorted(MODEL_CASES) for d in ("f64", "f32")
-                if (n, d) != ("resnet50", "f32")]  # resnet50 in float64 only: ~10 s a call
+                if (n, d) != ("resnet50", "f32")]  # resnet50 in float64 only: its calls are the slowest
 
 
 @pytest.mark.parametrize("name,dtype", MODEL_PARAMS)
