@@ -49,8 +49,10 @@ def paper_localize(model: nn.Module, objective: LocalizationObjective, targets: 
         edited = copy.deepcopy(model).eval()
         params = dict(edited.named_parameters())
         weights = [params[n] for n in filters]
-        rows, ids = objective.inputs(torch.tensor([t])), objective.ids(torch.tensor([t]))
-        zeroed = [torch.zeros(w.shape[0], dtype=torch.bool) for w in weights]
+        device = weights[0].device
+        rows = objective.inputs(torch.tensor([t])).to(device)
+        ids = objective.ids(torch.tensor([t])).to(device)
+        zeroed = [torch.zeros(w.shape[0], dtype=torch.bool, device=device) for w in weights]
         result = Localization(index=t)
         while True:
             with example_indices(ids):
@@ -62,11 +64,11 @@ def paper_localize(model: nn.Module, objective: LocalizationObjective, targets: 
             if len(result.channels) >= max_channels:
                 break
             grads = torch.autograd.grad(loss.sum(), weights)
-            scores = [(w * g).flatten(1).sum(1).masked_fill(z, float("-inf"))
-                      for w, g, z in zip(weights, grads, zeroed)]
-            best = max(range(len(scores)), key=lambda i: float(scores[i].max()))
-            c = int(scores[best].argmax())
             with torch.no_grad():
+                scores = [(w * g).flatten(1).sum(1).masked_fill(z, float("-inf"))
+                          for w, g, z in zip(weights, grads, zeroed)]
+                best = max(range(len(scores)), key=lambda i: float(scores[i].max()))
+                c = int(scores[best].argmax())
                 weights[best][c] = 0
             zeroed[best][c] = True
             result.channels.append((space.names[best], c))
