@@ -15,7 +15,6 @@
 Peak memory: the process's resident high-water mark after each method (ru_maxrss), so only
 increases are attributable to the method run last.
 """
-import copy
 import resource
 import time
 
@@ -24,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import QUICK, rounds
+from fixture_models import eval_model
 from memkern.training.config import TrainConfig
 from memkern.rundir.context import load_trained
 from memkern.experiments.localize import (LocalizationObjective, ablation_scan, channel_space,
@@ -31,7 +31,7 @@ from memkern.experiments.localize import (LocalizationObjective, ablation_scan, 
 from memkern.experiments.localize.channels import row_masks, set_masks
 from memkern.experiments.localize.examples import select_examples
 from memkern.experiments.localize.greedy import frozen
-from memkern.network.models import build_model
+from memkern.experiments.localize.paper_loop import paper_localize
 from memkern.training.train import train
 from memkern.network.sites import channel_sites
 
@@ -54,13 +54,8 @@ def _record(benchmark, group: str, name: str, info: dict, work: int, unit: str) 
 
 @pytest.fixture(scope="module")
 def resnet9_case():
-    torch.manual_seed(0)
     size = 12 if QUICK else 32
-    model = build_model("resnet9", num_classes=10, in_channels=3, image_size=size).eval()
-    for m in model.modules():  # non-trivial running statistics, as after training
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
+    model = eval_model("resnet9", image_size=size)
     sites = ["res2.body.1.pre", "conv4.pre"] if QUICK else None
     space = channel_space(model, sites)
     x = torch.randn(1, 3, size, size)
@@ -75,6 +70,7 @@ def _scan_info(context_info, space, x):
 def test_scan_naive(benchmark, resnet9_case, context_info):
     model, space, x, y = resnet9_case
     benchmark.group = "ablation-scan-resnet9"
+    _scan_error(model, x, y, space, torch.randperm(space.total)[:16])
     with torch.no_grad():
         benchmark.pedantic(naive_ablation_scan, args=(model, x, y), kwargs={"sites": space},
                            rounds=rounds(2), warmup_rounds=1 if rounds(2) > 1 else 0)
@@ -94,13 +90,22 @@ def test_scan_captum(benchmark, resnet9_case, context_info):
     def forward(inp):
         return F.log_softmax(model(inp), dim=1)
 
-    def scan():
+    def scan(names=space.names):
         with torch.no_grad():
-            for s in space.names:
-                lfa = captum.LayerFeatureAblation(forward, convs[s])
-                mask = torch.arange(sites[s].channels).view(1, -1, 1, 1)
-                lfa.attribute(x, target=y, layer_mask=mask, perturbations_per_eval=64)
+            return [captum.LayerFeatureAblation(forward, convs[s]).attribute(
+                        x, target=y, layer_mask=torch.arange(sites[s].channels).view(1, -1, 1, 1),
+                        perturbations_per_eval=64).amax((0, 2, 3)) for s in names]
 
+    # Before timing: captum's attribution of a channel is log p_y(x) - log p_y(x, channel off),
+    # i.e. memkern's scan value (the cross-entropy with the channel off) minus the unablated one.
+    last = space.names[-1]
+    with torch.no_grad():
+        base = float(F.cross_entropy(model(x), y))
+        ours = ablation_scan(model, x, y, sites=space).values
+    offset = space.offsets[-1]
+    want = ours[offset:offset + space.counts[-1]] - base
+    err = float((scan([last])[0].double() - want).abs().max())
+    assert err <= 1e-4, f"captum differs from memkern's scan by {err} at {last}"
     benchmark.pedantic(scan, rounds=rounds(2), warmup_rounds=1 if rounds(2) > 1 else 0)
     _record(benchmark, "scan", "captum", _scan_info(context_info, space, x), space.total, "channels")
 
@@ -139,12 +144,7 @@ SCAN_MODELS = {
 def scan_case(request):
     name = request.param
     side, site_lists, per_site = (v[1] if QUICK else v[0] for v in SCAN_MODELS[name])
-    torch.manual_seed(0)
-    model = build_model(name, num_classes=10, in_channels=3, image_size=side).eval()
-    for m in model.modules():  # non-trivial running statistics, as after training
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
+    model = eval_model(name, image_size=side)
     space = channel_space(model, site_lists or [n for n in channel_sites(model) if "hidden" in n])
     cand = torch.cat([off + torch.randperm(count)[:per_site or count]
                       for off, count in zip(space.offsets, space.counts)])
@@ -159,6 +159,7 @@ def _model_scan_info(context_info, name, space, x, cand):
 def test_scan_model_naive(benchmark, scan_case, context_info):
     name, model, space, x, y, cand = scan_case
     benchmark.group = f"ablation-scan-{name}"
+    _scan_error(model, x, y, space, cand[torch.randperm(len(cand))[:16]])
     benchmark.pedantic(naive_ablation_scan, args=(model, x, y),
                        kwargs={"sites": space, "candidates": cand}, rounds=1, warmup_rounds=0)
     _record(benchmark, f"scan-{name}", "naive",
@@ -189,7 +190,21 @@ def digits_case(tmp_path_factory):
     refs = reference_indices(len(data.train_labels), 16 if QUICK else 512, seed=0)
     objective = LocalizationObjective(data.train_images, data.train_labels, refs)
     targets = select_examples(data, "all", limit=4 if QUICK else 32)
-    return model, channel_space(model), objective, targets, 3 if QUICK else 50
+    space, cap = channel_space(model), 3 if QUICK else 50
+    _assert_greedy_peers_agree(model, objective, targets[:4], space, cap)
+    return model, space, objective, targets, cap
+
+
+def _assert_greedy_peers_agree(model, objective, targets, space, cap) -> None:
+    """Before anything is timed: batched, one target at a time and the paper's loop zero the
+    same channels in the same order on the benchmark's own model, references and targets."""
+    batched = greedy_localize(model, objective, targets, space=space, max_channels=cap)
+    for b, p in zip(batched, paper_localize(model, objective, targets, space=space,
+                                            max_channels=cap), strict=True):
+        (one,) = greedy_localize(model, objective, torch.tensor([b.index]), space=space,
+                                 max_channels=cap)
+        assert (b.channels, b.flipped) == (one.channels, one.flipped) == \
+            (p.channels, p.flipped), f"greedy peers differ on target {b.index}"
 
 
 def _greedy_info(context_info, objective, targets, max_channels):
@@ -197,39 +212,11 @@ def _greedy_info(context_info, objective, targets, max_channels):
             "max_channels": max_channels, "model": "cnn", "dataset": "digits"}
 
 
-def _paper_loop(model, objective, targets, cap):
-    """The paper's procedure as its reference code runs it: per target, a model copy, a full
-    backward (weight gradients), score = sum over each filter of w * dL/dw, the best filter's
-    weights set to zero. Same objective, refs and stop rule as memkern's greedy."""
-    names = ("block1", "block2", "block3", "hidden")
-    out = []
-    for t in targets:
-        edited = copy.deepcopy(model).eval()
-        weights = [dict(edited.named_modules())[n + (".linear" if n == "hidden" else ".conv")].weight
-                   for n in names]
-        x = objective.inputs(t[None])
-        zeroed = [torch.zeros(w.shape[0], dtype=torch.bool) for w in weights]
-        for _ in range(cap + 1):
-            loss, clean = objective(edited(x)[None], t[None])
-            if int(clean.argmax()) != int(objective.labels[t]) or sum(int(z.sum()) for z in zeroed) >= cap:
-                break
-            grads = torch.autograd.grad(loss.sum(), weights)
-            scores = [(w * g).flatten(1).sum(1).masked_fill(z, float("-inf"))
-                      for w, g, z in zip(weights, grads, zeroed)]
-            best = max(range(len(scores)), key=lambda i: float(scores[i].max()))
-            c = int(scores[best].argmax())
-            with torch.no_grad():
-                weights[best][c] = 0
-            zeroed[best][c] = True
-        out.append(zeroed)
-    return out
-
-
 def test_greedy_paper_loop(benchmark, digits_case, context_info):
     model, space, objective, targets, cap = digits_case
     benchmark.group = "greedy-digits-cnn"
-    benchmark.pedantic(_paper_loop, args=(model, objective, targets, cap), rounds=1,
-                       warmup_rounds=0)
+    benchmark.pedantic(paper_localize, args=(model, objective, targets),
+                       kwargs={"space": space, "max_channels": cap}, rounds=1, warmup_rounds=0)
     _record(benchmark, "greedy", "paper_loop", _greedy_info(context_info, objective, targets, cap),
             len(targets), "targets")
 

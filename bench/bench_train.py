@@ -8,6 +8,7 @@ from memkern.training.config import TrainConfig
 from memkern.data.prepared import iterate_batches
 from memkern.rundir.context import load_data, model_for
 from memkern.network.sites import example_indices
+from memkern.training.step import sgd_optimizer, sgd_step
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "mlp"])
@@ -18,17 +19,13 @@ def test_digits_epoch(benchmark, model_name, quick, context_info):
     images, labels = data.train_images[:limit], data.train_labels[:limit]
     torch.manual_seed(0)
     model = model_for(config, data).train()
-    opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                          weight_decay=config.weight_decay)
+    opt = sgd_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
+                        weight_decay=config.weight_decay)
 
     def epoch():
         gen = torch.Generator().manual_seed(0)
         for x, y, idx in iterate_batches(images, labels, config.batch_size, generator=gen):
-            with example_indices(idx):
-                loss = F.cross_entropy(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+            sgd_step(model, opt, x, y, ids=idx)
 
     def loss_now() -> float:
         """Training loss on the timed examples (eval mode), to check the epochs trained."""

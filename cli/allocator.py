@@ -3,11 +3,10 @@
 glibc serves every allocation above its mmap threshold (at most 32 MiB, adjusted as the
 process runs) with a fresh mmap and returns it with munmap when freed. Analyses on a CPU
 allocate and free activations of that size many times a second (a reference batch through a
-ViT, every greedy step), and each fresh mapping is zeroed by the kernel page by page: on the
-2-core development machine, localizing 6 examples of a 4-block timm ViT spent 60 s of 84 s in
-the kernel. With large blocks reused from the heap it took 54 s (12-18 s in the kernel), with
-identical results (bench/README.md, "Memory allocator"). The price is memory: freed blocks
-stay in the process, and that run's peak resident size grew from 4.3 to 6.2 GB.
+ViT, every greedy step), and each fresh mapping is zeroed by the kernel page by page, which
+can take most of a run's time; reusing large blocks from the heap gives identical results in
+less time (bench/README.md, "Memory allocator"). The price is memory: freed blocks stay in
+the process, so the peak resident size grows (measured there too).
 ``MEMKERN_KEEP_FREED_MEMORY=0`` keeps glibc's defaults where memory is tighter than time.
 
 Only the CLI calls this: a notebook that imports memkern keeps its own allocator settings.

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import device_option
+from memkern.cli.options import device_option, progress_option
 
 
 @click.command()
 @click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False))
 @device_option
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def demo(out, device, progress):
     """Run every experiment on the embedded digits data (minutes on a laptop CPU; rerun the same
     command to resume: finished steps are not computed again).

@@ -3,20 +3,19 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option
+from memkern.cli.options import data_dir_option, device_option, progress_option, run_option
 
 
 @click.command()
-@click.option("--run", "--run-dir", "run_dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory written by `memkern train` (under torchrun write --run-dir: "
-              "torchrun takes --run for its own --run-path).")
+@run_option("Run directory written by `memkern train` (under torchrun write --run-dir: "
+            "torchrun takes --run for its own --run-path).", aliases=("--run-dir",))
 @click.option("--epochs", help="Comma-separated epochs, e.g. 0,5,10. [default: all checkpoints]")
 @click.option("--mode", type=click.Choice(["auto", "ghost", "func", "loop"]), default="auto",
               show_default=True, help="How per-example norms are computed (loop: reference).")
 @click.option("--batch-size", type=int, default=256, show_default=True)
 @data_dir_option
 @device_option
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def grads(run_dir, epochs, mode, batch_size, data_dir, device, progress):
     """Per-example, per-layer gradient norms and clean/noisy gradient accounting of a run.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_option,
-                                 device_option)
+                                 device_option, progress_option)
 
 
 @click.command()
@@ -32,7 +32,7 @@ from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_o
               help="Seed of the reference batch and the EoT noise.")
 @device_option
 @data_dir_option
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batch, candidates,
              sites, out, chunk, seed, device, data_dir, progress):
     """Find the channels whose zeroing flips each example's prediction (docs/method.md, Experiment 4).

@@ -42,12 +42,21 @@ data_dir_option = click.option("--data-dir", type=click.Path(file_okay=False),
                                     "(not needed for digits); overrides the checkpoint's.")
 
 
+progress_option = click.option("--progress/--no-progress", default=True, show_default=True)
+
+
+def run_option(help: str = "Run directory written by `memkern train`.", *,
+               required: bool = True, aliases: tuple[str, ...] = ()):
+    """``--run DIR`` (and ``aliases``), passed to the command as ``run_dir``."""
+    return click.option("--run", *aliases, "run_dir", required=required,
+                        type=click.Path(file_okay=False), help=help)
+
+
 def checkpoint_options(what: str):
     """``--ckpt PATH`` or ``--run DIR`` (that run's final checkpoint), exactly one of them; the
     command gets ``ckpt`` and ``run_dir`` and passes them to :func:`checkpoint_from`."""
     def decorate(command):
-        command = click.option("--run", "run_dir", type=click.Path(file_okay=False),
-                               help="Run directory: use its final checkpoint.")(command)
+        command = run_option("Run directory: use its final checkpoint.", required=False)(command)
         return click.option("--ckpt", type=click.Path(dir_okay=False),
                             help=f"{what}; or give --run.")(command)
     return decorate

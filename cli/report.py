@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import click
 
+from memkern.cli.options import run_option
+
 
 @click.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory written by `memkern train`.")
+@run_option()
 @click.option("--compare", "compare_dir", type=click.Path(file_okay=False),
               help="A second run shown side by side (a plain and a tied-dropout run: the "
                    "tied-dropout comparison of docs/method.md, Experiment 5).")

@@ -3,15 +3,14 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option
+from memkern.cli.options import data_dir_option, device_option, progress_option, run_option
 from memkern.cli.options import split_names
 from memkern.cli.rewind import groups_option
 from memkern.experiments.retrain.run import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
 
 
 @click.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory written by `memkern train`.")
+@run_option()
 @groups_option
 @click.option("--from-epoch", type=int, default=DEFAULT_FROM_EPOCH, show_default=True,
               help="Checkpoint the retrained group is reset to (0: the initialization).")
@@ -23,7 +22,7 @@ from memkern.experiments.retrain.run import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
               help="Start over instead of resuming an earlier retrain.csv.")
 @data_dir_option
 @device_option
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def retrain(run_dir, groups, from_epoch, epochs, lr, overwrite, data_dir, device, progress):
     """Reset one layer group at a time to an early checkpoint, freeze the rest, fine-tune the
     group on clean examples only; write retrain.csv and retrain.png into the run directory.

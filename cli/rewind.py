@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option, parse_epochs, split_names
+from memkern.cli.options import (data_dir_option, device_option, parse_epochs, progress_option,
+                                 run_option, split_names)
 
 
 groups_option = click.option("--groups", multiple=True,
@@ -12,14 +13,13 @@ groups_option = click.option("--groups", multiple=True,
 
 
 @click.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory written by `memkern train`.")
+@run_option()
 @click.option("--epochs", help="Comma-separated checkpoint epochs to rewind to "
               "[default: 0 and about every 10% of the run].")
 @groups_option
 @data_dir_option
 @device_option
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def rewind(run_dir, epochs, groups, data_dir, device, progress):
     """Rewind each layer group (weights and BatchNorm statistics) of a run's final model to
     earlier checkpoints; write rewind.csv and rewind.png into the run directory.

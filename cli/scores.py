@@ -3,12 +3,12 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option, parse_epochs
+from memkern.cli.options import (data_dir_option, device_option, parse_epochs, progress_option,
+                                 run_option)
 
 
 @click.command()
-@click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
-              help="Run directory written by `memkern train`.")
+@run_option()
 @click.option("--compute", is_flag=True, help="First add the cheap signals the run lacks: "
               "dynamics from the checkpoints, gradient norms, localization of top candidates.")
 @click.option("--grad-epochs", help="Epochs of per-example gradient norms for --compute. "
@@ -25,7 +25,7 @@ from memkern.cli.options import data_dir_option, device_option, parse_epochs
               "(quick checks only). [default: the run's]")
 @data_dir_option
 @device_option
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def scores(run_dir, compute, grad_epochs, localize_top, top, benchmark, folds, cv_epochs,
            data_dir, device, progress):
     """Which training examples did the model memorize? Every per-example signal side by side.

@@ -47,8 +47,8 @@ def _mul32(a, k: int):
 
 def lowbias32(h):
     """The 32-bit finalizer on int64 tensors (or Python ints) holding values in [0, 2**32); same
-    values as uint32. In place after the first op: on [64, 128] this halves the time of the
-    out-of-place chain."""
+    values as uint32. In place after the first op: fewer temporaries than the out-of-place
+    chain (bench/README.md, "Measured choices in the code")."""
     h = h ^ (h >> 16)
     h = _mul32(h, HASH_M1)
     h ^= h >> 15
@@ -86,21 +86,22 @@ def generalization_channels(p_gen: float, channels: int) -> int:
 
 
 def check_tied_args(*, p_gen: float, p_mem: float, mode: str, seed: int) -> None:
-    """Raise ChannelMaskError for probabilities out of range, an unknown mode or a non-integer seed."""
+    """Raise ChannelMaskError for probabilities out of range, an unknown mode or a non-integer seed.
+
+    The one check of tied-dropout settings (memkern's training config calls it too). ``p_gen``
+    is the share of generalization channels and ``p_mem`` the keep probability of each other
+    channel, so any pair in [0, 1] defines a mask; only mode "drop" asks more (its scale).
+    """
     if mode not in MODES:
         raise ChannelMaskError(f"tied dropout mode {mode!r} is unknown: use one of {MODES}")
     for name, p in (("p_gen", p_gen), ("p_mem", p_mem)):
         if not 0.0 <= p <= 1.0:
             raise ChannelMaskError(f"{name}={p} is not a probability: pick a value in [0, 1]")
-    if p_gen + p_mem > 1.0:
+    if mode == "drop" and not 0.0 < p_gen < 1.0:
         raise ChannelMaskError(
-            f"p_gen + p_mem = {p_gen} + {p_mem} > 1: memorization channels are kept with "
-            f"probability p_mem among the 1 - p_gen non-generalization ones; lower one of them"
-        )
-    if mode == "drop" and p_gen == 0.0:
-        raise ChannelMaskError(
-            "mode 'drop' rescales generalization channels by (p_gen + p_mem) / p_gen, "
-            "which needs p_gen > 0: train with p_gen > 0 or evaluate with mode 'keep'"
+            f"mode 'drop' zeroes the memorization channels and rescales the generalization "
+            f"ones by (p_gen + p_mem) / p_gen, which needs 0 < p_gen < 1 (got p_gen={p_gen}): "
+            f"use such a p_gen or evaluate with mode 'keep'"
         )
     if isinstance(seed, bool) or not isinstance(seed, (int, torch.SymInt)):  # symbolic: compiling
         raise ChannelMaskTypeError(f"seed={seed!r} must be a Python int")

@@ -5,7 +5,7 @@ the non-batch, non-channel dims), so one kernel serves ``[N, C]``, ``[N, C, *spa
 channels_last memory) and token layouts ``[N, T, C]``. A program owns a ``[BLOCK_R, BLOCK_S]``
 tile: BLOCK_R (row, channel) pairs ``r = n * C + c``, whose mask it computes once, walking the S
 axis in BLOCK_S chunks. Flattening (n, c) keeps tiles full when C is small and keeps the program
-count low (under the interpreter each program costs ~20 ms, measured). The mask is cast to the
+count low (the interpreter's cost grows with the program count). The mask is cast to the
 activation dtype before the multiply, as in the torch reference, so values match it bit for bit.
 """
 from __future__ import annotations

@@ -286,9 +286,9 @@ def test_hash_differs_between_seeds():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(p_gen=1.5), "p_gen=1.5"),
     (dict(p_mem=-0.1), "p_mem=-0.1"),
-    (dict(p_gen=0.7, p_mem=0.5), "p_gen \\+ p_mem"),
     (dict(mode="dropout"), "mode 'dropout'"),
-    (dict(mode="drop", p_gen=0.0), "p_gen > 0"),
+    (dict(mode="drop", p_gen=0.0), "0 < p_gen < 1"),
+    (dict(mode="drop", p_gen=1.0), "0 < p_gen < 1"),
     (dict(seed=1.5), "seed=1.5"),
     (dict(channel_dim=2), "channel_dim=2"),
     (dict(backend="cuda"), "backend 'cuda'"),

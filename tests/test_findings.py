@@ -1,6 +1,11 @@
 """The report's sentences (memkern.report.findings) on numbers taken from real runs: the plain and tied
 runs of `memkern demo` (digits cnn, 10% noise, seed 0; rows copied as the commands wrote them)
-and a fresh tiny run, whose sentences must quote its own tables."""
+and a fresh tiny run, whose sentences must quote its own tables.
+
+Each sentence is checked for the numbers it quotes, in order, computed here from the rows, and
+for the names it gives: a rewording passes, a wrong number or a wrong group fails."""
+import re
+
 import pytest
 
 from memkern.report import findings
@@ -66,50 +71,84 @@ TIED_LAST = {"clean_acc": 1.0, "clean_acc_drop": 0.9930394291877747,
              "test_acc_keep": 0.9833333492279053}
 
 
+NUMBER = re.compile(r"(?<![\w.])-?\d+(?:\.\d+)?(?!\w)")
+
+
+def quoted(text: str) -> list[str]:
+    """The numbers a sentence quotes, in order (digits inside names such as block2 excluded)."""
+    return NUMBER.findall(text)
+
+
+def two(value: float) -> str:
+    return f"{value:.2f}"
+
+
+def row(rows, group, epoch):
+    return next(r for r in rows if r["group"] == group and r["epoch"] == epoch)
+
+
+def in_order(text: str, *names: str) -> bool:
+    return all(n in text for n in names) and \
+        [text.index(n) for n in names] == sorted(text.index(n) for n in names)
+
+
 def test_rewind_names_the_rewinding_that_undoes_memorization_while_test_holds():
-    assert findings.rewind_finding(REWIND) == (
-        "Rewinding block2 to epoch 3 drops noisy accuracy to 0.39 while test accuracy stays 0.96 "
-        "(final model: noisy 1.00, test 0.95). Rewinding the last group, head, to epoch 0 leaves "
-        "noisy accuracy at 1.00. From epoch 9 on, rewinding any single group keeps noisy "
-        "accuracy within 0.05 of the final model's.")
+    text = findings.rewind_finding(REWIND)
+    # among configurations keeping test accuracy within 0.02 of the final model's, block2 at
+    # epoch 3 has the lowest noisy accuracy; head at epoch 0 is the last group's earliest
+    # rewind; from epoch 9 on no rewind lowers noisy accuracy by more than 0.05
+    critical, final, head = row(REWIND, "block2", 3), row(REWIND, "final", 30), row(REWIND, "head", 0)
+    assert quoted(text) == ["3", two(critical["noisy_acc"]), two(critical["test_acc"]),
+                            two(final["noisy_acc"]), two(final["test_acc"]), "0",
+                            two(head["noisy_acc"]), "9", "0.05"]
+    assert in_order(text, "block2", "head") and "stays" in text
 
 
 def test_rewind_without_a_selective_configuration_falls_back_to_the_earliest_epoch():
     rows = [r for r in REWIND if r["epoch"] != 3]
     critical = findings.rewind_critical(rows)
     assert (critical["group"], critical["epoch"]) == ("block2", 0)
-    assert findings.rewind_finding(rows).startswith(
-        "Rewinding block2 to epoch 0 drops noisy accuracy to 0.15 while test accuracy is 0.71")
+    text = findings.rewind_finding(rows)
+    assert text.startswith("Rewinding block2") and "stays" not in text  # test accuracy fell
+    assert quoted(text)[:3] == ["0", two(critical["noisy_acc"]), two(critical["test_acc"])]
 
 
 def test_retrain_names_the_groups_noisy_accuracy_returns_most_and_least_for():
-    assert findings.retrain_finding(RETRAIN) == (
-        "Retrained on clean examples only, block1 brings noisy accuracy back from 0.38 at the "
-        "reset to 0.97 after 10 epochs; block2 ends at 0.01 (from 0.15). Clean-train accuracy after "
-        "retraining is 1.00 for every group.")
+    text = findings.retrain_finding(RETRAIN)
+    most, least = (row(RETRAIN, "block1", 0), row(RETRAIN, "block1", 10)), \
+        (row(RETRAIN, "block2", 0), row(RETRAIN, "block2", 10))
+    assert quoted(text) == [two(most[0]["noisy_acc"]), two(most[1]["noisy_acc"]), "10",
+                            two(least[1]["noisy_acc"]), two(least[0]["noisy_acc"]), "1.00"]
+    assert in_order(text, "block1", "block2") and "head" not in text
     lower = [{**r, "clean_acc": 0.9} if r["group"] == "block2" else r for r in RETRAIN]
-    assert findings.retrain_finding(lower).endswith("retraining is 0.90 or higher.")
+    assert quoted(findings.retrain_finding(lower))[-1] == "0.90"
     assert findings.retrain_finding([r for r in RETRAIN if r["epoch"] == 0]) is None
 
 
 def test_accounting_reads_the_first_trained_epoch():
     text = findings.accounting_finding(GRADS)
-    assert text == ("At epoch 5 the noisy examples' summed gradient has 0.38 times the norm of "
-                    "the clean examples', and a noisy example's own gradient is 5.54 times a "
-                    "clean one's. The cosine between the clean and noisy sums is 0.02 over all "
-                    "layers, negative in 1 of 2 groups (block1).")
+    total = next(r for r in GRADS if r["epoch"] == "5" and r["group"] == "total")
+    f = {k: float(v) for k, v in total.items() if k not in ("epoch", "group")}
+    # epoch 5 (the first trained one), the ratios of sums and of means, the total cosine, and
+    # 1 of the 2 groups with a negative cosine
+    assert quoted(text) == ["5", two(f["noisy_norm"] / f["clean_norm"]),
+                            two(f["noisy_mean"] / f["clean_mean"]), two(f["cosine"]), "1", "2"]
+    assert "block1" in text and "block3" not in text
     assert findings.accounting_ratio_peak(GRADS) == (5, pytest.approx(0.3827, abs=1e-4))
     assert findings.accounting_finding([]) is None
 
 
 def test_localization_compares_noisy_and_clean_and_names_the_favoured_site():
-    assert findings.localization_finding(LOCALIZE) == (
-        "Flipping a noisy (memorized) target takes a median of 4 channels (1.00 of 144 flipped);"
-        " flipping a clean target takes a median of 8 channels (0.88 of 144 flipped). The noisy "
-        "targets' channels sit in 4 of 4 sites; relative to its width, block1.pre holds most of "
-        "them (6.24 times its share of channels). An edit costs on average 0.02 test accuracy "
-        "(unedited 0.95).")
-    no_noisy = {**LOCALIZE, "groups": {"noisy": {**LOCALIZE["groups"]["noisy"], "count": 0}}}
+    text = findings.localization_finding(LOCALIZE)
+    noisy, clean = LOCALIZE["groups"]["noisy"], LOCALIZE["groups"]["clean"]
+    assert quoted(text) == [
+        "4", two(noisy["flip_rate"]), "144", "8", two(clean["flip_rate"]), "144",
+        "4", "4",  # sites used of sites
+        two(noisy["site_enrichment"]["block1.pre"]),  # the most enriched site
+        two(LOCALIZE["base"]["test_acc"] - noisy["edited_test_acc"]),
+        two(LOCALIZE["base"]["test_acc"])]
+    assert in_order(text, "noisy", "clean", "block1.pre")
+    no_noisy = {**LOCALIZE, "groups": {"noisy": {**noisy, "count": 0}}}
     assert findings.localization_finding(no_noisy) is None
 
 
@@ -118,24 +157,25 @@ def test_localization_says_why_there_is_no_channel_count():
     summary = {"sites": ["hidden.pre"], "groups": {
         "noisy": {"count": 3, "unfitted": 3, "flip_rate": None, "median_channels_flipped": None},
         "clean": {"count": 3, "unfitted": 0, "flip_rate": 0.0, "median_channels_flipped": None}}}
-    assert findings.localization_finding(summary) == (
-        "The model fitted none of the 3 noisy (memorized) targets: nothing to flip; none of the "
-        "3 fitted clean targets flipped within the channel cap.")
+    text = findings.localization_finding(summary)
+    assert quoted(text) == ["3", "3"] and "median" not in text and "hidden.pre" not in text
+    assert in_order(text, "noisy", "clean")
 
 
 def test_tied_sentences_quote_own_keep_and_drop():
-    assert findings.tied_drop_finding(TIED_LAST) == (
-        "With each example's own memorization channels, as trained, it fits 1.00 of the flipped "
-        "labels; with the memorization channels dropped, 0.01 (kept at p_mem: 0.01), while "
-        "clean-train accuracy goes 1.00 to 0.99 and test accuracy 0.98 to 0.98.")
-    assert findings.comparison_finding(PLAIN_LAST, TIED_LAST) == (
-        "The plain run fits 1.00 of its flipped labels, test accuracy 0.95. The tied run fits "
-        "1.00 with each example's own memorization channels and 0.01 with the memorization "
-        "channels dropped, test accuracy 0.98: what it memorized sits in the memorization "
-        "channels. Generalization gap (clean-train minus test accuracy): plain 0.05, tied with "
-        "the memorization channels dropped 0.01.")
+    t = TIED_LAST
+    assert quoted(findings.tied_drop_finding(t)) == [
+        two(t["noisy_acc"]), two(t["noisy_acc_drop"]), two(t["noisy_acc_keep"]),
+        two(t["clean_acc"]), two(t["clean_acc_drop"]), two(t["test_acc"]), two(t["test_acc_drop"])]
+    text = findings.comparison_finding(PLAIN_LAST, t)
+    assert quoted(text) == [
+        two(PLAIN_LAST["noisy_acc"]), two(PLAIN_LAST["test_acc"]), two(t["noisy_acc"]),
+        two(t["noisy_acc_drop"]), two(t["test_acc_drop"]),
+        two(PLAIN_LAST["clean_acc"] - PLAIN_LAST["test_acc"]),
+        two(t["clean_acc_drop"] - t["test_acc_drop"])]
+    assert "sits in" in text  # dropping the channels undoes the fit of the flipped labels
     # No claim about where memorization sits when dropping changes little.
-    weak = {**TIED_LAST, "noisy_acc_drop": 0.9}
+    weak = {**t, "noisy_acc_drop": 0.9}
     assert "sits in" not in findings.comparison_finding(PLAIN_LAST, weak)
 
 
@@ -146,10 +186,10 @@ def test_scores_finding_ranks_signals_that_score_everyone():
             {"method": "memorization_score", "covered": "1437", "auroc": "0.9815", "ap": "0.8526"},
             {"method": "forgetting_events", "covered": "1437", "auroc": "0.764", "ap": "0.2902"},
             {"method": "channels_to_flip", "covered": "288", "auroc": "0.864", "ap": "0.8355"}]
-    assert findings.scores_finding(rows) == (
-        "Of 3 signals scoring all 1437 examples, variability finds the flipped labels best: "
-        "AUROC 1.00, average precision 1.00; the combined memorization_score: AUROC 0.98, "
-        "average precision 0.85.")
+    text = findings.scores_finding(rows)
+    # 3 signals cover all 1437 examples; the best of them, then the combined score
+    assert quoted(text) == ["3", "1437", two(0.9998), two(0.9983), two(0.9815), two(0.8526)]
+    assert in_order(text, "variability", "memorization_score") and "channels_to_flip" not in text
     assert findings.scores_finding([{"method": "x", "covered": "5", "auroc": "", "ap": ""}]) is None
     assert findings.scores_finding([]) is None
 

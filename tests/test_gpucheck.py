@@ -1,21 +1,24 @@
-"""``python -m memkern.gpucheck``: without CUDA one line and exit 2, no file; every section of
+"""``python bench/gpucheck.py``: without CUDA one line and exit 2, no file; every section of
 the orchestrator runs (quick sizes; on CPU Triton under the interpreter) and records figures,
 not errors. Quick mode compiles with the aot_eager backend (inductor on CPU needs a C++
 compiler)."""
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from memkern.gpucheck import failures, run_checks
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+sys.path.insert(0, str(BENCH))  # the GPU check is a bench tool, not part of the library
+from gpucheck import failures, run_checks  # noqa: E402
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the machine without CUDA")
 def test_without_cuda_one_line_exit_2(tmp_path):
     out = tmp_path / "g.json"
-    res = subprocess.run([sys.executable, "-m", "memkern.gpucheck", "--out", str(out)],
+    res = subprocess.run([sys.executable, str(BENCH / "gpucheck.py"), "--out", str(out)],
                          capture_output=True, text=True, timeout=120,
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 2

@@ -1,12 +1,16 @@
 """Every per-example gradient norm mode against the one-backward-per-example loop."""
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from memkern.errors import ConfigError, UnsupportedLayerError
 from memkern.experiments.gradients.norms import default_groups, per_example_grad_norms
+from memkern.experiments.gradients.norms.rules import RULES, rule_for
 from memkern.network.models import build_model, layer_groups
 from memkern.network.models.blocks import ConvBlock, Residual
 
@@ -125,7 +129,7 @@ def test_layers_match_loop(case, batch, dtype):
 
 
 MODEL_PARAMS = [(n, d) for n in sorted(MODEL_CASES) for d in ("f64", "f32")
-                if (n, d) != ("resnet50", "f32")]  # resnet50 in float64 only: ~10 s a call
+                if (n, d) != ("resnet50", "f32")]  # resnet50 in float64 only: its calls are the slowest
 
 
 @pytest.mark.parametrize("name,dtype", MODEL_PARAMS)
@@ -226,3 +230,84 @@ def test_parameter_shared_by_two_modules_is_exact_in_auto_and_refused_in_ghost()
     with pytest.raises(UnsupportedLayerError, match="shared by two layers"):
         per_example_grad_norms(TiedWeights().double(), torch.randn(3, 5, dtype=torch.float64),
                                torch.tensor([0, 1, 2]), mode="ghost")
+
+
+class StandardizedConv(nn.Conv2d):
+    """Weight standardization per output filter, as in BiT's ResNetV2: not Conv2d's math."""
+
+    def forward(self, x):
+        w = self.weight
+        w = (w - w.mean((1, 2, 3), keepdim=True)) / (w.var((1, 2, 3), keepdim=True) + 1e-5).sqrt()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class ScaledLinear(nn.Linear):
+    """A linear layer that scales its weight in the forward."""
+
+    def forward(self, x):
+        return F.linear(x, 0.5 * self.weight, self.bias)
+
+
+class SquaredKernelConv(nn.Conv2d):
+    """Overrides only ``_conv_forward``, which Conv2d's inherited forward calls."""
+
+    def _conv_forward(self, x, weight, bias):
+        return super()._conv_forward(x, weight * weight.abs(), bias)
+
+
+class NamedConv(nn.Conv2d):
+    """A subclass that keeps Conv2d's forward: Conv2d's rule is its math."""
+
+    def extra_repr(self):
+        return "named " + super().extra_repr()
+
+
+SUBCLASS_CASES = {  # name: (model, input shape, whether a fast rule applies)
+    "standardized-conv": lambda: (_conv_case(lambda: StandardizedConv(3, 4, 3, padding=1),
+                                             (3, 6, 6))()[0], (3, 6, 6), False),
+    "scaled-linear": lambda: (nn.Sequential(ScaledLinear(7, 5), nn.Tanh(), nn.Linear(5, 3)),
+                              (7,), False),
+    "conv-forward-override": lambda: (_conv_case(lambda: SquaredKernelConv(2, 3, 3), (2, 6, 6))()[0],
+                                      (2, 6, 6), False),
+    "subclass-keeping-forward": lambda: (_conv_case(lambda: NamedConv(2, 3, 3, stride=2), (2, 7, 7))()[0],
+                                         (2, 7, 7), True),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SUBCLASS_CASES))
+def test_layer_subclasses_get_a_rule_only_when_it_is_their_math(case):
+    torch.manual_seed(0)
+    model, shape, fast = SUBCLASS_CASES[case]()
+    layer = model[0]
+    base = nn.Conv2d if isinstance(layer, nn.Conv2d) else nn.Linear
+    assert (rule_for(layer) is RULES[base]) == fast and (fast or rule_for(layer) is None)
+    _check(model, shape, 5, torch.float64, classes=3, modes=MODES if fast else ("auto", "func"))
+    if not fast:  # no rule: ghost names the layer instead of using its parent's formula
+        with pytest.raises(UnsupportedLayerError, match=rf"0 \({type(layer).__name__}\)"):
+            per_example_grad_norms(model, torch.randn(2, *shape, dtype=torch.float64),
+                                   torch.tensor([0, 1]), mode="ghost")
+
+
+def _tiny_bit_resnet() -> nn.Module:
+    """A tiny timm ResNetV2 with BiT's weight-standardized convs, randomly initialized."""
+    try:
+        from memkern.network.models.zoo import import_torchvision
+        import_torchvision()
+        from timm.layers import GroupNormAct, StdConv2d
+        from timm.models.resnetv2 import ResNetV2
+    except (ConfigError, ImportError, RuntimeError) as e:
+        pytest.skip(f"timm does not import here: {e}")
+    model = ResNetV2(layers=[1], channels=(8,), num_classes=3, stem_chs=8, stem_type="fixed",
+                     conv_layer=partial(StdConv2d, eps=1e-8),
+                     norm_layer=partial(GroupNormAct, num_groups=2))
+    assert any(type(m) is StdConv2d for m in model.modules())
+    return model
+
+
+def test_timm_model_with_standardized_convs_matches_loop():
+    torch.manual_seed(0)
+    model = _tiny_bit_resnet()
+    _check(model, (3, 12, 12), 3, torch.float64, classes=3, modes=("auto", "func"))
+    with pytest.raises(UnsupportedLayerError, match="StdConv2d"):
+        per_example_grad_norms(model, torch.randn(2, 3, 12, 12, dtype=torch.float64),
+                               torch.tensor([0, 1]), mode="ghost")

@@ -23,6 +23,7 @@ from memkern.experiments.localize import (LocalizationObjective, channel_space, 
 from memkern.experiments.localize.channels import row_masks, set_masks
 from memkern.experiments.localize.edited import edited_accuracies
 from memkern.experiments.localize.objective import EOT_NOISE, eot_copies
+from memkern.experiments.localize.paper_loop import paper_localize, site_filters
 from memkern.experiments.localize.run import recover_jsonl
 from memkern.experiments.localize.summary import format_table
 from memkern.training.train import train
@@ -91,6 +92,27 @@ def test_batched_greedy_equals_one_at_a_time(trained64, eot):
         assert r.flipped or len(r.channels) == 6
     assert batched[-1].flipped and batched[-1].channels == []  # not fitted: flipped at once
     assert any(r.flipped and r.channels for r in batched)
+
+
+def test_greedy_picks_the_papers_channels(trained64):
+    """The core claim on a trained model: greedy's mask gradient ranks channels as the paper's
+    sum over each filter of w * dL/dw, so both zero the same channels in the same order."""
+    model, data = trained64.model, trained64.data
+    space = channel_space(model)
+    obj = _objective(data)
+    targets = torch.cat([_fitted(trained64, True, 4), _fitted(trained64, False, 2)])
+    before = copy.deepcopy(model.state_dict())
+    paper = paper_localize(model, obj, targets, space=space, max_channels=8)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    batched = greedy_localize(model, obj, targets, space=space, max_channels=8)
+    for r, p in zip(batched, paper, strict=True):
+        assert (r.index, r.channels, r.flipped) == (p.index, p.channels, p.flipped), r.index
+        torch.testing.assert_close(torch.tensor(r.trace), torch.tensor(p.trace),
+                                   rtol=1e-9, atol=1e-9)
+    assert sum(len(r.channels) for r in batched) >= len(targets)  # channels were compared
+    assert any(r.flipped for r in batched) and len({s for r in batched for s, _ in r.channels}) > 1
+    assert site_filters(model, space) == ["block1.conv.weight", "block2.conv.weight",
+                                          "block3.conv.weight", "hidden.linear.weight"]
 
 
 def test_greedy_stop_rule_and_trace(trained64):

@@ -11,6 +11,7 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 
 from memkern.rundir.atomic import read_jsonl, rewrite_jsonl
 from memkern.training.checkpoints import load_checkpoint, load_model_state
+from memkern.errors import ConfigError
 from memkern.training.config import TrainConfig
 from memkern.training.dynamics import Dynamics, dynamics_path, example_stats
 from memkern.rundir.context import load_data, model_for
@@ -119,20 +120,51 @@ def test_combined_score_is_the_mean_percentile_rank():
                                           (2.5 / 4 + 3 / 4) / 2])
 
 
+def _pairwise_auroc(scores, positive) -> float:
+    """The definition: share of (positive, negative) pairs ranked right, ties counting half."""
+    pos, neg = scores[positive][:, None], scores[~positive][None, :]
+    return float(((pos > neg) + 0.5 * (pos == neg)).mean())
+
+
+def _thresholds_ap(scores, positive) -> float:
+    """The definition: over each distinct score t, high to low, (recall gained) x precision."""
+    ap, recall = 0.0, 0.0
+    for t in sorted(set(scores.tolist()), reverse=True):
+        chosen = scores >= t
+        new_recall = positive[chosen].sum() / positive.sum()
+        ap += (new_recall - recall) * positive[chosen].mean()
+        recall = new_recall
+    return ap
+
+
+def test_detection_metrics_by_hand_with_ties_and_infinities():
+    scores = np.array([np.inf, 1.0, 1.0, -np.inf, np.inf])
+    positive = np.array([True, False, True, False, False])
+    # pairs (pos, neg): inf beats 1 and -inf, ties inf; 1 ties 1, beats -inf, loses to inf
+    assert auroc(scores, positive) == pytest.approx((1 + 1 + 0.5 + 0.5 + 1 + 0) / 6)
+    # thresholds inf (1 of 2 right, recall 1/2) and 1 (2 of 4 right, recall 1)
+    assert average_precision(scores, positive) == pytest.approx(0.5 * 1 / 2 + 0.5 * 2 / 4)
+    assert np.isnan(auroc(scores, np.ones(5, bool))) and np.isnan(auroc(scores, np.zeros(5, bool)))
+    assert np.isnan(average_precision(scores, np.zeros(5, bool)))
+    with pytest.raises(ConfigError, match="NaN"):
+        auroc(np.array([0.0, np.nan]), np.array([True, False]))
+
+
 @pytest.mark.parametrize("n", [2, 7, 1023])
-def test_detection_metrics_equal_scikit_learns(n):
+def test_detection_metrics_match_their_definitions(n):
     rng = np.random.default_rng(n)
     for ties in (False, True):
         scores = rng.integers(0, 4, n).astype(float) if ties else rng.normal(size=n)
         if ties:
             scores[rng.random(n) < 0.1] = np.inf
+            scores[rng.random(n) < 0.1] = -np.inf
         positive = np.zeros(n, bool)
         positive[rng.choice(n, max(1, n // 5), replace=False)] = True
         positive[0], positive[-1] = True, False
-        finite = np.where(np.isinf(scores), 1e300, scores)  # scikit-learn refuses inf
-        assert auroc(scores, positive) == pytest.approx(roc_auc_score(positive, finite), abs=1e-12)
+        assert auroc(scores, positive) == pytest.approx(_pairwise_auroc(scores, positive),
+                                                        abs=1e-12)
         assert average_precision(scores, positive) == pytest.approx(
-            average_precision_score(positive, finite), abs=1e-12)
+            _thresholds_ap(scores, positive), abs=1e-12)
     k = int(positive.sum())
     top = sorted(range(n), key=lambda i: (-scores[i], i))[:k]
     assert precision_at_k(scores, positive, k) == pytest.approx(positive[top].mean())

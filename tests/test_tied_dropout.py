@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from memkern.errors import ConfigError
+from memkern.training.config import TrainConfig
 from memkern.kernels.channel_mask_reference import tied_mask_values
 from memkern.network.sites import (
     POST_ACTIVATION, PRE_NORM, ChannelSite, channel_sites, example_indices, name_sites,
@@ -149,9 +150,9 @@ def test_bad_modes_and_probabilities():
         set_tied_dropout_mode(model, "eval")
     with pytest.raises(ConfigError, match="no tied dropout"):
         set_tied_dropout_mode(TinyConvNet(), "drop")
-    with pytest.raises(ConfigError, match="p_gen \\+ p_mem"):
-        attach_tied_dropout(TinyConvNet(), sites=["act1.2"], seed=0, p_gen=0.8, p_mem=0.3)
-    with pytest.raises(ConfigError, match="p_gen > 0"):
+    with pytest.raises(ConfigError, match="p_mem=1.3 is not a probability"):
+        attach_tied_dropout(TinyConvNet(), sites=["act1.2"], seed=0, p_gen=0.2, p_mem=1.3)
+    with pytest.raises(ConfigError, match="0 < p_gen < 1"):
         ExampleTiedDropout(8, seed=0, p_gen=0.0, p_mem=0.5).mode = "drop"
     with pytest.raises(ConfigError, match="built for 8 channels"):
         ExampleTiedDropout(8, seed=0, **P, mode="keep")(torch.randn(2, 4, 3))
@@ -171,3 +172,35 @@ def test_token_layout_triton_equals_torch(mode):
         with example_indices(torch.arange(100, 107)):
             outs.append(model(x))
     torch.testing.assert_close(outs[0], outs[1], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("p_gen, p_mem", [(0.5, 0.6), (0.8, 0.3), (0.25, 1.0), (0.4, 0.0)])
+def test_any_probabilities_with_a_generalization_share_train_and_evaluate(p_gen, p_mem):
+    """p_gen + p_mem > 1 is a valid setting: the config accepts it and every mode runs it."""
+    config = TrainConfig(tied_dropout=True, p_gen=p_gen, p_mem=p_mem)
+    model = TinyConvNet()
+    attach_tied_dropout(model, sites=list(model.default_dropout_sites), seed=config.seed,
+                        p_gen=config.p_gen, p_mem=config.p_mem)
+    x, ids = torch.randn(64, 3, 4, 4), torch.arange(64)
+    with example_indices(ids):
+        model(x)
+    op = site_tied_dropout(model.get_submodule("act2.1"))
+    gen = int(p_gen * 16)
+    with example_indices(ids):
+        mask = op(torch.ones(64, 16))
+    assert bool((mask[:, :gen] == 1).all())
+    kept = float(mask[:, gen:].mean())  # 64 rows x 16-gen channels, kept with probability p_mem
+    assert abs(kept - p_mem) <= 5 * (p_mem * (1 - p_mem) / mask[:, gen:].numel()) ** 0.5 + 1e-12
+    for mode in ("keep", "drop"):
+        with tied_dropout_mode(model, mode):
+            assert torch.isfinite(model(x)).all()
+
+
+@pytest.mark.parametrize("p_gen, p_mem", [(0.0, 0.1), (1.0, 0.1), (0.2, 1.5), (-0.1, 0.1)])
+def test_config_and_op_refuse_the_same_settings_with_the_same_message(p_gen, p_mem):
+    with pytest.raises(ConfigError) as op_error:
+        ExampleTiedDropout(8, seed=0, p_gen=p_gen, p_mem=p_mem, mode="drop")
+    with pytest.raises(ConfigError) as config_error:
+        TrainConfig(tied_dropout=True, p_gen=p_gen, p_mem=p_mem)
+    assert str(config_error.value) == str(op_error.value)
+    TrainConfig(tied_dropout=False, p_gen=p_gen, p_mem=p_mem)  # unused without tied dropout

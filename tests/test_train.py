@@ -17,7 +17,8 @@ from memkern.training.checkpoints import load_checkpoint
 from memkern.training.config import TrainConfig
 from memkern.errors import ConfigError
 from memkern.rundir.paths import RunDir
-from memkern.training.train import learning_rate, train
+from memkern.training.step import learning_rate
+from memkern.training.train import train
 
 # Small batches make an epoch long (~90 steps): step 40 of epoch 2 is in its middle.
 KILL_ARGS = ["--dataset", "digits", "--model", "mlp", "--noise", "0.1", "--epochs", "3",

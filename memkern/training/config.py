@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 from memkern.errors import ConfigError
+from memkern.network.tied_dropout import check_tied_config
 
 DEFAULT_DROPOUT_SITES: tuple[str, ...] = ()  # empty: the model's own default placement
 # Seeds feed torch.Generator.manual_seed, also as seed * 1_000_003 + epoch, which must stay
@@ -84,10 +85,8 @@ class TrainConfig:
         if self.train_labels is not None and self.noise != 0.0:
             raise ConfigError(f"a run with its own training labels ({self.train_labels}) takes "
                               f"no synthetic noise on top: set noise 0, got {self.noise}")
-        if self.tied_dropout:
-            if not (0.0 < self.p_gen < 1.0 and 0.0 < self.p_mem <= 1.0):
-                raise ConfigError(f"need 0 < p_gen < 1 and 0 < p_mem <= 1, got p_gen={self.p_gen}"
-                                  f", p_mem={self.p_mem}")
+        if self.tied_dropout:  # a tied run is evaluated in every mode; "drop" asks the most
+            check_tied_config(p_gen=self.p_gen, p_mem=self.p_mem, mode="drop", seed=self.seed)
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "TrainConfig":

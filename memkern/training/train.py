@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from memkern.rundir.atomic import append_jsonl, atomic_write_json, atomic_write_text, rewrite_jsonl
 from memkern.training.checkpoints import load_checkpoint, load_model_state, restore_momentum, save_checkpoint
@@ -27,25 +26,12 @@ from memkern.errors import ConfigError, RunDirError
 from memkern.training.evaluate import epoch_accuracies
 from memkern.rundir.context import load_data, model_for, require_history, resolve_device
 from memkern.training.finite import check_loss, check_model
+from memkern.training.step import learning_rate, sgd_optimizer, sgd_step
 from memkern.rundir.locks import hold_run, locked
 from memkern.rundir.progress import Progress
 from memkern.rundir.paths import RunDir
-from memkern.network.sites import example_indices
 from memkern.report.summaries import epoch_line
 from memkern.experiments.gradients.live import LiveSubsetTracker
-
-
-def learning_rate(step: int, *, total_steps: int, base_lr: float, warmup: float,
-                  schedule: str = "cosine") -> float:
-    """Linear warm-up over the first ``warmup`` fraction of steps, then cosine decay to zero
-    (``schedule="cosine"``) or ``base_lr`` (``"constant"``)."""
-    warm = max(1, round(warmup * total_steps))
-    if step < warm:
-        return base_lr * (step + 1) / warm
-    if schedule == "constant":
-        return base_lr
-    progress = (step - warm) / max(1, total_steps - warm)
-    return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
 def check_extension(config: TrainConfig, *, epochs: int, steps_per_epoch: int) -> None:
@@ -155,8 +141,8 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     check_shards(rows=len(data.train_labels), batch_size=config.batch_size, world=world)
     torch.manual_seed(config.seed)
     model = model_for(config, data).to(dev)
-    optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+    optimizer = sgd_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay)
     first_epoch = 1
     steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     if extend_to is not None:
@@ -217,25 +203,28 @@ def _epochs(run: RunDir, config: TrainConfig, data: PreparedData, model, replica
         for i, (x, y, idx) in enumerate(iterate_batches(train_x, train_y, config.batch_size,
                                                          generator=gen)):
             step = (epoch - 1) * steps_per_epoch + i
-            for group in optimizer.param_groups:
-                group["lr"] = learning_rate(step, total_steps=total_steps, base_lr=config.lr,
-                                            warmup=config.warmup, schedule=config.lr_schedule)
             if augment:  # on the global batch: the generator advances as in one process
                 x = augment_batch(x, gen, flip=flip)
             global_rows = len(y)
             mine = shard(global_rows, world)
             x, y, idx = x[mine], y[mine], idx[mine]
-            with world.peers():  # DDP's collectives run in the forward and the backward
-                with example_indices(idx.to(dev)):
-                    logits = replica(x)
-                    loss, ce_sum = step_loss(logits, y, global_rows=global_rows, world=world)
-                check_loss(ce_sum / len(y), epoch=epoch, step=i + 1)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward(retain_graph=tracker is not None)
-            if tracker is not None:
+            ce_sums = []
+
+            def loss_of(logits, targets):  # called at once by sgd_step: the loop's variables
+                loss, ce_sum = step_loss(logits, targets, global_rows=global_rows, world=world)
+                check_loss(ce_sum / len(targets), epoch=epoch, step=i + 1)
+                ce_sums.append(ce_sum)
+                return loss
+
+            def track(logits):
                 tracker.add_step(logits, y, idx)
-            optimizer.step()
-            loss_sum += ce_sum
+
+            sgd_step(replica, optimizer, x, y, ids=idx.to(dev), loss_of=loss_of,
+                     lr=learning_rate(step, total_steps=total_steps, base_lr=config.lr,
+                                      warmup=config.warmup, schedule=config.lr_schedule),
+                     guard=world.peers(),  # DDP's collectives: in the forward and the backward
+                     before_update=None if tracker is None else track)
+            loss_sum += ce_sums[0]
             bar.advance()
         check_model(model, epoch=epoch)
         if tracker is not None:

@@ -26,9 +26,9 @@ from memkern.experiments.localize.channels import ChannelSpace, row_masks, set_m
 from memkern.experiments.localize.objective import LocalizationObjective
 from memkern.network.sites import example_indices
 
-# Rows per forward/backward pass. On CPU, passes that outgrow the caches run slower per row:
-# greedy on a trained digits cnn, 32 targets, 512 references, 1,024-row passes 30.9 s vs 8,192
-# 42.9 s (2 cores, quiet). A GPU needs large passes to be busy; the cap bounds activation memory.
+# Rows per forward/backward pass. On CPU, passes that outgrow the caches run slower per row
+# (bench/README.md, "Measured choices in the code"). A GPU needs large passes to be busy; the
+# cap bounds activation memory.
 CPU_ROWS, GPU_ROWS = 1024, 8192
 
 

@@ -19,14 +19,13 @@ import math
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from memkern.data import PreparedData, iterate_batches
 from memkern.training.evaluate import split_accuracies
 from memkern.network.models.groups import LayerGroup
-from memkern.network.sites import example_indices
-from memkern.training.train import epoch_generator, learning_rate
+from memkern.training.step import learning_rate, sgd_optimizer, sgd_step
+from memkern.training.train import epoch_generator
 
 def owning_modules(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
     """The modules that directly hold one of ``group``'s parameters or buffers."""
@@ -71,19 +70,14 @@ def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData, *, ep
     total_steps = steps_per_epoch * epochs
     rows = [{"group": group.name, "epoch": 0, **split_accuracies(model, data)}]
     trainable = freeze_all_but(model, group)
-    optimizer = torch.optim.SGD(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = sgd_optimizer(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for epoch in range(1, epochs + 1):
         gen = epoch_generator(seed, epoch)
         for i, (x, y, idx) in enumerate(iterate_batches(train_x, train_y, batch_size,
                                                          generator=gen, indices=clean)):
             step = (epoch - 1) * steps_per_epoch + i
-            for pg in optimizer.param_groups:
-                pg["lr"] = learning_rate(step, total_steps=total_steps, base_lr=lr, warmup=0.0)
-            with example_indices(idx.to(device)):
-                loss = F.cross_entropy(model(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            sgd_step(model, optimizer, x, y, ids=idx.to(device),
+                     lr=learning_rate(step, total_steps=total_steps, base_lr=lr, warmup=0.0))
             if on_step is not None:
                 on_step()
         rows.append({"group": group.name, "epoch": epoch, **split_accuracies(model, data)})

@@ -69,10 +69,8 @@ def rewind_accuracies(model: nn.Module, data: PreparedData, *,
     (epoch, group), grouped by epoch; ``on_row`` sees each rewound row as it is made."""
     final = {k: v.detach() for k, v in model.state_dict().items()}
     # One functional_call per configuration beats vmap over stacked dicts on CPU, where batched
-    # weights turn each conv into a grouped conv. bench/bench_rewind.py (digits cnn, the 5
-    # single-group configurations, 2 shared CPU cores): functional_call 7.00 s, vmap 7.82 s,
-    # deep copy per configuration 9.29 s; on the 30-epoch run's 15 configurations: 14.0 s vs
-    # vmap in chunks of 5: 24.4 s.
+    # weights turn each conv into a grouped conv, and a deep copy per configuration
+    # (bench/bench_rewind.py; numbers in bench/README.md, "Measured choices in the code").
     rows = [{"group": BASELINE, "epoch": final_epoch, **split_accuracies(model, data)}]
     for epoch, earlier in states:
         for group in groups:

@@ -1,13 +1,16 @@
 """How well a score finds the flipped labels: AUROC, average precision, precision at k.
 
-Scores are oriented so that higher means "more likely memorized / mislabeled". Ties count as in
-scikit-learn: AUROC gives half credit to a tied (positive, negative) pair; average precision
-takes one threshold per distinct score. Precision at k breaks ties by the lower index.
+Scores are oriented so that higher means "more likely memorized / mislabeled". AUROC and average
+precision are scikit-learn's (a tied (positive, negative) pair gets half credit; one threshold
+per distinct score); both depend on the order of the scores alone, so scores are replaced by
+their dense ranks first, which keeps ties (``inf == inf``) and makes infinities finite.
+Precision at k breaks ties by the lower index.
 """
 from __future__ import annotations
 
 import numpy as np
 from scipy.stats import rankdata
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from memkern.errors import ConfigError
 
@@ -23,31 +26,19 @@ def _check(scores: np.ndarray, positive: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def auroc(scores: np.ndarray, positive: np.ndarray) -> float:
-    """Area under the ROC curve (the Mann-Whitney statistic); NaN without both classes."""
+    """Area under the ROC curve; NaN without both classes."""
     scores, positive = _check(scores, positive)
-    n_pos = int(positive.sum())
-    n_neg = len(positive) - n_pos
-    if n_pos == 0 or n_neg == 0:
+    if positive.all() or not positive.any():
         return float("nan")
-    ranks = rankdata(scores)  # average ranks: a tie between classes counts half
-    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(roc_auc_score(positive, rankdata(scores, method="dense")))
 
 
 def average_precision(scores: np.ndarray, positive: np.ndarray) -> float:
     """Sum over distinct thresholds of (recall step) x (precision there); NaN without positives."""
     scores, positive = _check(scores, positive)
-    n_pos = int(positive.sum())
-    if n_pos == 0:
+    if not positive.any():
         return float("nan")
-    order = np.argsort(-scores, kind="stable")
-    hits = positive[order]
-    tp = np.cumsum(hits)
-    # The last position of each run of equal scores is where its threshold lands.
-    ranked = scores[order]
-    ends = np.r_[np.nonzero(ranked[1:] != ranked[:-1])[0], len(order) - 1]  # inf == inf: tied
-    precision = tp[ends] / (ends + 1)
-    recall = tp[ends] / n_pos
-    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+    return float(average_precision_score(positive, rankdata(scores, method="dense")))
 
 
 def precision_at_k(scores: np.ndarray, positive: np.ndarray, k: int) -> float:

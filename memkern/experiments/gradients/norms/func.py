@@ -15,7 +15,8 @@ from torch.func import functional_call, grad, vmap
 from memkern.network.sites import example_indices
 
 # Per-example bytes ~ (gradient + autograd temporaries) per parameter element plus activations
-# per input element; the factors are rough (ResNet-9, 32x32: ~40 MB per example measured).
+# per input element; rough factors, fitted to ResNet-9 at 32x32 (bench/README.md, "Measured
+# choices in the code").
 _BYTES_PER_PARAM = 3
 _BYTES_PER_INPUT = 400
 

@@ -37,7 +37,7 @@ class _Capture:
             return
         if output.requires_grad:
             # Holding every output would keep tensors alive that autograd frees (BatchNorm
-            # outputs): ResNet-9 batch 32's peak growth was 319 MB with them, 253 MB without.
+            # outputs), raising peak memory (bench/README.md, "Per-example gradient norms").
             self.activation = args[0].detach()
             self.output = output if self.keep_output else None
             output.register_hook(self.on_grad)

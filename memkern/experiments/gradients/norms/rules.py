@@ -2,7 +2,8 @@
 the layer's input activation and the gradient of the summed loss with respect to its output.
 
 A rule is registered for a layer type with :func:`register`; ``ghost`` mode
-hooks every module that has one, anything else goes through ``torch.func``. Each rule returns
+hooks every module that has one, anything else goes through ``torch.func``. A subclass
+inherits its base's rule only if it keeps the base's forward (see :func:`rule_for`). Each rule returns
 ``{local parameter name: float [B] squared norm}`` for the parameters it covers.
 
 Linear and convolution layers pick per layer between two exact forms (Bu et al.'s mixed ghost
@@ -44,12 +45,21 @@ def register(*types: type, supports: Callable[[nn.Module], bool] = lambda m: Tru
     return deco
 
 
+# nn.Conv*'s forward delegates to _conv_forward, which subclasses override as well
+FORWARD_METHODS = ("forward", "_conv_forward")
+
+
 def rule_for(module: nn.Module) -> Rule | None:
-    """The rule of ``module``'s type (or its nearest registered base class) if it applies."""
+    """The rule registered for ``module``'s exact type, or for its nearest registered base
+    class when no class in between redefines the forward computation (a weight-standardized
+    conv, a linear that scales its weight: their math is not the base's formula); None sends
+    the layer to the exact ``torch.func`` fallback."""
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
         if rule is not None:
-            return rule if rule.supports(module) else None
+            same_math = all(getattr(type(module), name, None) is getattr(cls, name, None)
+                            for name in FORWARD_METHODS)
+            return rule if same_math and rule.supports(module) else None
     return None
 
 
@@ -63,8 +73,8 @@ def gram_is_cheaper(tokens: int, d: int, p: int) -> bool:
     """Gram (``T^2 (d + p)`` multiply-adds) vs forming ``g^T a`` (``T d p``), by time.
 
     Bu et al.'s rule compares space (``2 T^2 <= d p``); memory is already bounded by chunking,
-    and on ResNet-9 the space rule picks Gram where it is slower: at T=256, d=1152, p=128 Gram
-    took 0.37 s against 0.25 s for ``g^T a`` (batch 32, 2 CPU threads).
+    and on ResNet-9 the space rule picks Gram where it is slower (bench/README.md, "Measured
+    choices in the code").
     """
     return tokens * (d + p) < d * p
 
@@ -122,8 +132,8 @@ def _conv_pads(module: nn.modules.conv._ConvNd, kernel: tuple[int, ...]) -> list
 def conv_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
     """Input patches of a Conv1d/Conv2d, ``[B, groups, Cin/groups * kernel, T]``.
 
-    A strided view of the padded input copied once: F.unfold took 0.61 s where this takes
-    0.10 s (batch 32, 128 channels at 16x16, 3x3 kernel, 2 CPU threads).
+    A strided view of the padded input copied once, several times faster than F.unfold on CPU
+    (bench/README.md, "Measured choices in the code").
     """
     pads = _conv_pads(module, module.kernel_size)
     if any(pads):

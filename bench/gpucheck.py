@@ -1,12 +1,14 @@
-"""``python -m memkern.gpucheck --out FILE.json``: everything worth knowing about memkern on one
-CUDA GPU, measured in one run (minutes) and written to one JSON file.
+"""``python bench/gpucheck.py --out FILE.json``: everything worth knowing about memkern on one
+CUDA GPU, measured in one run (minutes) and written to one JSON file, with the versions report
+of ``memkern env`` (:func:`memkern.versions.versions`).
 
 - ``correctness``: the Triton kernels against the torch reference on the same GPU tensors, per
   dtype x layout ([N, C], [N, C, H, W], channels_last, tokens [N, T, C]) x op, forward and
   backward, with the tolerance of :data:`GRAD_MASK_RTOL`; gradcheck in float64;
 - ``bandwidth``: GB/s of the channel-mask op (tied and gathered) beside ``x * m`` and a copy;
 - ``tied_dropout_step``: ms per SGD step of ResNet-9 at batch 512 with and without tied dropout;
-- ``greedy``: greedy localization of 32 targets batched vs one target at a time (digits cnn);
+- ``greedy``: greedy localization of 32 targets batched vs one target at a time (digits cnn),
+  and the first 4 against the paper's w * dL/dw loop;
 - ``ghost``: per-example gradient norms (ghost) vs a plain training step on the same batch;
 - ``scan``: the exact ablation scan vs the naive loop (ResNet-9), with their largest difference;
 - ``compile``: ``torch.compile`` of a tied-dropout model vs eager: outputs, gradients, ms.
@@ -17,7 +19,6 @@ correctness case or section failed. Without CUDA it prints one line and exits 2.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import sys
 import tempfile
@@ -29,9 +30,12 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from memkern.rundir.atomic import atomic_write_json
+from fixture_models import eval_model
 from memkern.kernels.channel_mask import gathered_channel_mask, tied_channel_mask
 from memkern.network.sites import example_indices
+from memkern.rundir.atomic import atomic_write_json
+from memkern.training.step import sgd_optimizer, sgd_step
+from memkern.versions import versions
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # grad_mask sums a channel's products: |kernel - float64 sum| <= rtol * sum |g * x|. Forward
@@ -151,15 +155,8 @@ def bandwidth(device: torch.device, *, quick: bool) -> dict:
 
 
 def _sgd_step_ms(model, x, y, ids, device, reps) -> float:
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-    def step():
-        with example_indices(ids):
-            loss = F.cross_entropy(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-    return 1e3 * _timed(step, device, reps)
+    opt = sgd_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    return 1e3 * _timed(lambda: sgd_step(model, opt, x, y, ids=ids), device, reps)
 
 
 def tied_dropout_step(device: torch.device, *, quick: bool) -> dict:
@@ -198,6 +195,7 @@ def greedy(trained, device: torch.device, *, quick: bool) -> dict:
     from memkern.experiments.localize import (LocalizationObjective, channel_space, greedy_localize,
                                   reference_indices)
     from memkern.experiments.localize.examples import select_examples
+    from memkern.experiments.localize.paper_loop import paper_localize
 
     model, data = trained.model.eval(), trained.data
     refs = reference_indices(len(data.train_labels), 16 if quick else 512, seed=0)
@@ -214,10 +212,14 @@ def greedy(trained, device: torch.device, *, quick: bool) -> dict:
     sync()
     ended = time.perf_counter()
     speedup = (ended - middle) / (middle - started)
+    same = [r.channels for r in batched] == [r.channels for r in single]
+    paper = paper_localize(model, objective, targets[:4], space=space, max_channels=cap)
+    same_as_paper = [r.channels for r in batched[:4]] == [r.channels for r in paper]
     return {"targets": len(targets), "batched_s": middle - started,
             "one_at_a_time_s": ended - middle, "speedup": speedup,
             "target_speedup": GREEDY_TARGET, "meets_target": speedup >= GREEDY_TARGET,
-            "same_channels": [r.channels for r in batched] == [r.channels for r in single]}
+            "same_channels": same, "same_as_paper_loop_first_4": same_as_paper,
+            "ok": same and same_as_paper}
 
 
 def ghost(trained, device: torch.device, *, quick: bool) -> dict:
@@ -245,16 +247,9 @@ def ghost(trained, device: torch.device, *, quick: bool) -> dict:
 def scan(device: torch.device, *, quick: bool) -> dict:
     """The exact ablation scan vs the naive loop over channels, ResNet-9 at one input."""
     from memkern.experiments.localize import ablation_scan, channel_space, naive_ablation_scan
-    from memkern.network.models import build_model
 
-    torch.manual_seed(0)
     size = 12 if quick else 32
-    model = build_model("resnet9", num_classes=10, in_channels=3, image_size=size).eval()
-    for m in model.modules():  # non-trivial running statistics, as after training
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-    model = model.to(device)
+    model = eval_model("resnet9", image_size=size).to(device)
     space = channel_space(model, ["conv4.pre"] if quick else None)
     x, y = torch.randn(1, 3, size, size, device=device), torch.tensor([3], device=device)
     with torch.no_grad():
@@ -263,7 +258,7 @@ def scan(device: torch.device, *, quick: bool) -> dict:
         err = _max_err(ablation_scan(model, x, y, sites=space).values,
                        naive_ablation_scan(model, x, y, sites=space))
     return {"channels": space.total, "naive_s": naive_s, "scan_s": fast_s,
-            "speedup": naive_s / fast_s, "max_abs_err": err}
+            "speedup": naive_s / fast_s, "max_abs_err": err, "ok": err <= 1e-4}
 
 
 def compiled(device: torch.device, *, quick: bool) -> dict:
@@ -301,12 +296,7 @@ def compiled(device: torch.device, *, quick: bool) -> dict:
 def run_checks(device: torch.device, *, quick: bool = False) -> dict:
     """Every section on ``device``; a failing section records its error instead of a result."""
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "python": platform.python_version(), "quick": quick}
-    try:
-        import triton
-        report["triton"] = triton.__version__
-    except ImportError:
-        report["triton"] = None
+              "quick": quick, **versions()}
 
     def section(name, fn):
         started = time.perf_counter()
@@ -340,9 +330,9 @@ def failures(report: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m memkern.gpucheck",
+        prog="python bench/gpucheck.py",
         description="Check and measure memkern on one CUDA GPU; write every figure to one "
-                    "JSON file. Example: python -m memkern.gpucheck --out gpucheck.json")
+                    "JSON file. Example: python bench/gpucheck.py --out gpucheck.json")
     parser.add_argument("--out", required=True, help="JSON file to write")
     parser.add_argument("--device", default="cuda", help="CUDA device (default: cuda)")
     args = parser.parse_args(argv)
