@@ -133,8 +133,18 @@ def _affine_sq_norms(module: nn.Module, xhat: torch.Tensor, g: torch.Tensor,
     return out
 
 
-def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
+def _per_channel_sq_norms(module: nn.Module, centered: torch.Tensor, scale: torch.Tensor,
+                          g: torch.Tensor) -> SquaredNorms:
+    """A per-channel affine map of ``centered * scale`` (``[B, C, N]``, ``scale`` broadcast to
+    ``[B or 1, C]``): the per-example gradients are ``scale * sum_n g * centered`` and
+    ``sum_n g``, each a dot product over positions (no ``g * xhat`` temporary)."""
+    out = {}
+    covered = covered_parameters(module)
+    if "weight" in covered:
+        out["weight"] = (torch.linalg.vecdot(g, centered) * scale).square().sum(1)
+    if "bias" in covered:
+        out["bias"] = g.sum(2).square().sum(1)
+    return out
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
@@ -142,9 +152,10 @@ def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def batchnorm_eval_rule(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
                         g: torch.Tensor) -> SquaredNorms:
     """Eval mode: a fixed per-channel affine map of the input (running statistics)."""
-    scale = torch.rsqrt(module.running_var.to(x.dtype) + module.eps)
-    xhat = (x - _channel_view(module.running_mean.to(x.dtype), x)) * _channel_view(scale, x)
-    return _affine_sq_norms(module, xhat, g, tuple(range(2, x.dim())))
+    b, c = x.shape[:2]
+    mean = module.running_mean.to(x.dtype).view(1, c, 1)
+    scale = torch.rsqrt(module.running_var.to(x.dtype) + module.eps).view(1, c)
+    return _per_channel_sq_norms(module, x.reshape(b, c, -1) - mean, scale, g.reshape(b, c, -1))
 
 
 @register(nn.LayerNorm)
@@ -155,5 +166,10 @@ def layernorm_rule(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> Sq
 
 @register(nn.GroupNorm)
 def groupnorm_rule(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
-    xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
-    return _affine_sq_norms(module, xhat, g, tuple(range(2, x.dim())))
+    """Each example's own per-group statistics, then the per-channel map of BatchNorm's rule."""
+    b, c, groups = x.shape[0], x.shape[1], module.num_groups
+    grouped = x.reshape(b, groups, -1)
+    centered = grouped - grouped.mean(2, keepdim=True)
+    rstd = torch.rsqrt(torch.linalg.vecdot(centered, centered) / centered.shape[2] + module.eps)
+    scale = rstd.repeat_interleave(c // groups, dim=1)
+    return _per_channel_sq_norms(module, centered.view(b, c, -1), scale, g.reshape(b, c, -1))
