@@ -134,9 +134,7 @@ def test_models_match_loop(name, dtype):
     size, batch = MODEL_CASES[name]
     torch.manual_seed(0)
     model = build_model(name, num_classes=10, in_channels=3, image_size=size)
-    # The ViT has parameters outside any ruled layer (class token, positions): auto and func.
-    modes = ("func", "auto") if name == "vit" else MODES
-    _check(model, (3, size, size), batch, dtype, classes=10, modes=modes)
+    _check(model, (3, size, size), batch, dtype, classes=10)
     assert len(default_groups(model)) == len(layer_groups(model))
 
 
