@@ -133,6 +133,12 @@ def _affine_sq_norms(module: nn.Module, xhat: torch.Tensor, g: torch.Tensor,
     return out
 
 
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[B, C, N] . [B, C, N] -> [B, C]`` as a batched matrix product: no ``u * v`` temporary
+    (linalg.vecdot forms one, which raised GroupNorm's peak memory above a plain backward's)."""
+    return torch.einsum("bcn,bcn->bc", u, v)
+
+
 def _per_channel_sq_norms(module: nn.Module, centered: torch.Tensor, scale: torch.Tensor,
                           g: torch.Tensor) -> SquaredNorms:
     """A per-channel affine map of ``centered * scale`` (``[B, C, N]``, ``scale`` broadcast to
@@ -141,7 +147,7 @@ def _per_channel_sq_norms(module: nn.Module, centered: torch.Tensor, scale: torc
     out = {}
     covered = covered_parameters(module)
     if "weight" in covered:
-        out["weight"] = (torch.linalg.vecdot(g, centered) * scale).square().sum(1)
+        out["weight"] = (_dot(g, centered) * scale).square().sum(1)
     if "bias" in covered:
         out["bias"] = g.sum(2).square().sum(1)
     return out
@@ -170,6 +176,6 @@ def groupnorm_rule(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> Sq
     b, c, groups = x.shape[0], x.shape[1], module.num_groups
     grouped = x.reshape(b, groups, -1)
     centered = grouped - grouped.mean(2, keepdim=True)
-    rstd = torch.rsqrt(torch.linalg.vecdot(centered, centered) / centered.shape[2] + module.eps)
+    rstd = torch.rsqrt(_dot(centered, centered) / centered.shape[2] + module.eps)
     scale = rstd.repeat_interleave(c // groups, dim=1)
     return _per_channel_sq_norms(module, centered.view(b, c, -1), scale, g.reshape(b, c, -1))
