@@ -2,7 +2,8 @@
 ``ratios.json``. A ratio fails when it is worse than its recorded value by more than its noise
 margin (a fraction of the value, set from five runs on the shared 2-core machine; both are in
 ratios.json and bench/README.md). Rerecord after a deliberate change with
-``python bench/ratios.py --size quick --runs 5 --out FILE`` and ``python bench/perf_table.py``.
+``python bench/ratios.py --size quick --runs 5 --record`` then
+``python bench/perf_table.py --write``.
 """
 from __future__ import annotations
 
@@ -11,14 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from ratios import better, measure
+from ratios import better, measure_one
 
 RECORDED = json.loads((Path(__file__).parent / "ratios.json").read_text())["quick"]
-
-
-@pytest.fixture(scope="module")
-def measured() -> dict[str, float]:
-    return measure("quick")
 
 
 def allowed(name: str) -> float:
@@ -28,8 +24,8 @@ def allowed(name: str) -> float:
 
 
 @pytest.mark.parametrize("name", sorted(RECORDED))
-def test_ratio_is_not_worse_than_recorded(measured, name):
-    got, limit = measured[name], allowed(name)
+def test_ratio_is_not_worse_than_recorded(name):
+    got, limit = measure_one(name, "quick"), allowed(name)
     worse = got > limit if better(name) == "lower" else got < limit
     assert not worse, (f"{name} = {got:.4g}, worse than the recorded {RECORDED[name]['value']:.4g} "
                        f"beyond its noise margin {RECORDED[name]['margin']:.0%} (limit {limit:.4g}; "

@@ -22,6 +22,7 @@ import argparse
 import json
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -34,7 +35,7 @@ from memkern.network.models import build_model
 from memkern.network.sites import channel_sites, example_indices
 from memkern.network.tied_dropout import attach_tied_dropout
 
-# name: (better, quick settings, full settings)
+RECORD = Path(__file__).parent / "ratios.json"
 GHOST = {"resnet9-bn": ("resnet9", "batch"), "resnet9-gn": ("resnet9", "group"),
          "vit": ("vit", "batch")}
 GHOST_SIZE = {"quick": (16, 16), "full": (128, 32)}  # batch, image side
@@ -185,18 +186,26 @@ def tied_op_over_step(size: str) -> float:
     return t["ops"] / t["step"]
 
 
-def measure(size: str) -> dict[str, float]:
-    """Every ratio at ``size`` ("quick" or "full"), on one torch thread."""
+RATIOS: dict[str, Callable[[str], float]] = {
+    **{f"ghost/plain {k}": (lambda size, k=k: ghost_over_plain(k, size)) for k in GHOST},
+    **{f"naive/scan {k}": (lambda size, k=k: naive_over_scan(k, size)) for k in SCAN},
+    "one-at-a-time/batched greedy": greedy_one_over_batched,
+    "op/step tied dropout": tied_op_over_step,
+}
+
+
+def measure_one(name: str, size: str) -> float:
+    """One ratio at ``size`` ("quick" or "full"), on one torch thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        out = {f"ghost/plain {k}": ghost_over_plain(k, size) for k in GHOST}
-        out.update({f"naive/scan {k}": naive_over_scan(k, size) for k in SCAN})
-        out["one-at-a-time/batched greedy"] = greedy_one_over_batched(size)
-        out["op/step tied dropout"] = tied_op_over_step(size)
-        return out
+        return RATIOS[name](size)
     finally:
         torch.set_num_threads(threads)
+
+
+def measure(size: str) -> dict[str, float]:
+    return {name: measure_one(name, size) for name in RATIOS}
 
 
 BETTER = {"ghost/plain": "lower", "naive/scan": "higher", "one-at-a-time/batched": "higher",
@@ -207,20 +216,51 @@ def better(name: str) -> str:
     return BETTER[name.split(" ")[0]]
 
 
+MIN_MARGIN = 0.15
+
+
+def margin(name: str, runs: list[float]) -> float:
+    """1.5 x the worst run's distance from the median (as a fraction), at least 15%."""
+    mid = statistics.median(runs)
+    worst = max(runs) / mid - 1 if better(name) == "lower" else mid / min(runs) - 1
+    return max(MIN_MARGIN, round(1.5 * worst, 2))
+
+
+def record(size: str, runs: list[dict[str, float]], path: Path = RECORD) -> None:
+    """Write the runs into ``ratios.json``: quick ratios with their medians and margins (what
+    CI checks), full ratios as measured (what the README shows)."""
+    recorded = json.loads(path.read_text()) if path.exists() else {"quick": {}, "full": {}}
+    for name in runs[0]:
+        values = [r[name] for r in runs]
+        if size == "quick":
+            recorded["quick"][name] = {"value": statistics.median(values), "better": better(name),
+                                       "margin": margin(name, values), "runs": values}
+        else:
+            recorded["full"][name] = statistics.median(values)
+    path.write_text(json.dumps(recorded, indent=1) + "\n")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", choices=("quick", "full"), default="quick")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--out", help="JSON file: every run's ratios")
+    parser.add_argument("--record", action="store_true", help="write them into ratios.json")
+    parser.add_argument("--from-file", help="record the runs of an earlier --out file instead")
     args = parser.parse_args()
+    if args.from_file:
+        saved = json.loads(Path(args.from_file).read_text())
+        record(saved["size"], saved["runs"])
+        return
     runs = []
     for i in range(args.runs):
         runs.append(measure(args.size))
         print(json.dumps({"run": i, **runs[-1]}), flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"size": args.size, "threads": 1, "torch": torch.__version__,
-                       "runs": runs}, f, indent=1)
+        Path(args.out).write_text(json.dumps({"size": args.size, "threads": 1,
+                                              "torch": torch.__version__, "runs": runs}, indent=1))
+    if args.record:
+        record(args.size, runs)
 
 
 if __name__ == "__main__":
