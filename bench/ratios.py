@@ -38,7 +38,7 @@ from memkern.network.tied_dropout import attach_tied_dropout
 RECORD = Path(__file__).parent / "ratios.json"
 GHOST = {"resnet9-bn": ("resnet9", "batch"), "resnet9-gn": ("resnet9", "group"),
          "vit": ("vit", "batch")}
-GHOST_SIZE = {"quick": (16, 16), "full": (128, 32)}  # batch, image side
+GHOST_SIZE = {"quick": (8, 32), "full": (128, 32)}  # batch, image side
 SCAN = {  # model: (sites quick, sites full (None: every site), channels per site quick/full)
     "resnet9": (["res2.body.1.pre", "conv4.pre"], None, (None, None)),
     "vit": (["blocks.0.hidden", "blocks.3.hidden"], "hidden", (16, None)),
