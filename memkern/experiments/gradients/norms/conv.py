@@ -107,7 +107,7 @@ def input_gram_sq_norms(module: Conv, x: torch.Tensor, g: torch.Tensor) -> torch
 
 def conv_patches(module: Conv, x: torch.Tensor) -> torch.Tensor:
     """Input patches of a Conv1d/Conv2d, ``[B, groups, Cin/groups * kernel, T]``: a strided view
-    of the padded input copied once (F.unfold, which builds index tensors, is slower)."""
+    of the padded input copied once (faster than F.unfold)."""
     x, kernel, stride, dilation = _padded_2d(module, x)
     x = x.contiguous()
     b, c, h, w = x.shape
