@@ -138,9 +138,7 @@ def test_models_match_loop(name, dtype):
     size, batch = MODEL_CASES[name]
     torch.manual_seed(0)
     model = build_model(name, num_classes=10, in_channels=3, image_size=size)
-    # The ViT has parameters outside any ruled layer (class token, positions): auto and func.
-    modes = ("func", "auto") if name == "vit" else MODES
-    _check(model, (3, size, size), batch, dtype, classes=10, modes=modes)
+    _check(model, (3, size, size), batch, dtype, classes=10)
     assert len(default_groups(model)) == len(layer_groups(model))
 
 
@@ -311,3 +309,35 @@ def test_timm_model_with_standardized_convs_matches_loop():
     with pytest.raises(UnsupportedLayerError, match="StdConv2d"):
         per_example_grad_norms(model, torch.randn(2, 3, 12, 12, dtype=torch.float64),
                                torch.tensor([0, 1]), mode="ghost")
+
+
+CONV_FORM_CASES = {  # (conv, input shape): strides, dilations, groups, paddings, Conv1d
+    "3x3-pad1": (lambda: nn.Conv2d(3, 5, 3, padding=1, bias=False), (3, 7, 9)),
+    "5x5-stride2-pad2": (lambda: nn.Conv2d(4, 6, 5, stride=2, padding=2), (4, 11, 8)),
+    "stride-2x3-dilation-2x1": (lambda: nn.Conv2d(2, 3, (3, 2), stride=(2, 3), dilation=(2, 1)),
+                                (2, 13, 10)),
+    "groups3-valid": (lambda: nn.Conv2d(6, 9, (2, 3), groups=3, bias=False), (6, 6, 7)),
+    "same-reflect-dilation2-groups2": (
+        lambda: nn.Conv2d(4, 6, 3, dilation=2, groups=2, padding="same", padding_mode="reflect"),
+        (4, 9, 7)),
+    "1x1-stride3": (lambda: nn.Conv2d(3, 4, 1, stride=3), (3, 8, 8)),
+    "conv1d-stride2-dilation2": (lambda: nn.Conv1d(3, 4, 3, stride=2, padding=2, dilation=2),
+                                 (3, 11)),
+}
+
+
+@pytest.mark.parametrize("form", ["direct", "input_gram"])
+@pytest.mark.parametrize("case", sorted(CONV_FORM_CASES))
+def test_both_conv_forms_equal_per_example_weight_gradients(case, form):
+    """Each exact form on its own (the chooser picks one per layer), float64, fresh inputs."""
+    from memkern.experiments.gradients.norms import conv
+    torch.manual_seed(sum(map(ord, case + form)))
+    make, shape = CONV_FORM_CASES[case]
+    layer = make().double()
+    x = torch.randn(4, *shape, dtype=torch.float64)
+    g = torch.randn_like(layer(x))
+    expected = torch.stack([
+        torch.autograd.grad(layer(x[b:b + 1]), layer.weight, g[b:b + 1])[0].square().sum()
+        for b in range(len(x))])
+    got = getattr(conv, f"{form}_sq_norms")(layer, x, g)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=0)

@@ -53,6 +53,8 @@ class ViT(nn.Module):
     """dim 128, depth 4, 4 heads, MLP 256: CPU-sized. ``[N, C, S, S] -> [N, num_classes]``."""
 
     default_dropout_sites = ("blocks.2.hidden", "blocks.3.hidden")
+    # Leading size 1, used only broadcast over the batch: ghost norms cover them exactly.
+    batch_broadcast_parameters = ("cls_token", "pos_embed")
 
     def __init__(self, *, num_classes: int, in_channels: int, image_size: int, norm: str = "batch",
                  dim: int = 128, depth: int = 4, heads: int = 4, mlp_dim: int = 256):

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from memkern.experiments.gradients.norms.rules import Rule, covered_parameters, rule_for, temp_bytes_per_example
 from memkern.network.sites import example_indices
@@ -74,34 +75,58 @@ def _captures(model: nn.Module, budget: int, keep_output: bool) -> list[_Capture
     return out
 
 
+def broadcast_parameters(model: nn.Module) -> list[str]:
+    """Names the model declares in ``batch_broadcast_parameters``: parameters of leading size 1
+    that enter its forward only broadcast over the batch (a ViT's class token and position
+    embedding), held by no other module. Row b of a ``[B, ...]`` copy then receives exactly
+    example b's gradient, so one backward gives every example's gradient of them."""
+    shared = _shared_parameter_ids(model)
+    out = []
+    for name in getattr(model, "batch_broadcast_parameters", ()):
+        p = model.get_parameter(name)
+        if p.requires_grad and p.dim() > 0 and p.shape[0] == 1 and id(p) not in shared:
+            out.append(name)
+    return out
+
+
 def ghost_sq_norms(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, *,
                    memory_budget: int, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``{parameter name: float [B] squared norm}`` for the parameters of every ruled layer
-    called once; the caller computes the rest (see :func:`uncovered_parameters`)."""
+    called once and the declared :func:`broadcast_parameters`; the caller computes the rest."""
     captures = _captures(model, memory_budget, keep_output=not inputs.is_floating_point())
+    copies = {n: model.get_parameter(n).detach().expand(len(inputs), *model.get_parameter(n).shape[1:])
+              .clone().requires_grad_(True) for n in broadcast_parameters(model)}
     # prepended: the gradient at a layer's own output, before an attached site's hook acts on it
     handles = [c.module.register_forward_hook(c.on_forward, prepend=True) for c in captures]
+    grads: tuple = ()
     try:
         with torch.enable_grad(), example_indices(ids):
             x = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
-            loss = F.cross_entropy(model(x), targets, reduction="sum")
+            logits = functional_call(model, copies, (x,)) if copies else model(x)
+            loss = F.cross_entropy(logits, targets, reduction="sum")
             # Differentiating w.r.t. the input (or, for integer inputs, the ruled outputs) makes
             # the backward skip every parameter's gradient; the hooks see every output gradient.
             ends = [x] if x.requires_grad else [c.output for c in captures if c.output is not None]
+            ends += list(copies.values())
             if ends:
-                torch.autograd.grad(loss, ends, allow_unused=True)
+                grads = torch.autograd.grad(loss, ends, allow_unused=True)
     finally:
         for h in handles:
             h.remove()
-    return {f"{c.prefix}.{n}" if c.prefix else n: v
-            for c in captures for n, v in c.norms.items()}
+    out = {f"{c.prefix}.{n}" if c.prefix else n: v for c in captures for n, v in c.norms.items()}
+    for (name, copy), grad in zip(copies.items(), grads[len(ends) - len(copies):]):
+        out[name] = (torch.zeros(len(inputs), dtype=copy.dtype, device=copy.device) if grad is None
+                     else grad.flatten(1).square().sum(1))
+    return out
 
 
 def statically_unsupported(model: nn.Module) -> list[str]:
     """Module paths (with type) of layers holding trainable parameters that no rule covers."""
+    declared = set(broadcast_parameters(model))
     out = []
     for prefix, module in model.named_modules():
-        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad]
+        own = [n for n, p in module.named_parameters(recurse=False) if p.requires_grad
+               and (f"{prefix}.{n}" if prefix else n) not in declared]
         covered = covered_parameters(module) if rule_for(module) is not None else ()
         if any(n not in covered for n in own):
             out.append(f"{prefix or '<root>'} ({type(module).__name__})")

@@ -6,9 +6,9 @@ hooks every module that has one, anything else goes through ``torch.func``. A su
 inherits its base's rule only if it keeps the base's forward (see :func:`rule_for`). Each rule returns
 ``{local parameter name: float [B] squared norm}`` for the parameters it covers.
 
-Linear and convolution layers pick per layer between two exact forms (Bu et al.'s mixed ghost
-norm): with ``a`` the ``[T, d]`` input patches and ``g`` the ``[T, p]`` output gradients of one
-example, the per-example weight gradient is ``g^T a`` (``[p, d]``) and
+Linear layers pick per layer between two exact forms (Bu et al.'s mixed ghost norm;
+convolutions between the forms of :mod:`memkern.experiments.gradients.norms.conv`): with ``a``
+the ``[T, d]`` inputs and ``g`` the ``[T, p]`` output gradients of one example, the per-example weight gradient is ``g^T a`` (``[p, d]``) and
 
     ||g^T a||^2 = sum_{t,s} (a_t . a_s)(g_t . g_s)          (Gram, ``2 T^2`` numbers)
 
@@ -22,6 +22,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from memkern.experiments.gradients.norms.conv import conv_temp_bytes_per_example, conv_weight_sq_norms
 
 SquaredNorms = dict[str, torch.Tensor]
 RuleFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], SquaredNorms]
@@ -81,6 +83,8 @@ def gram_is_cheaper(tokens: int, d: int, p: int) -> bool:
 
 def temp_bytes_per_example(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> int:
     """Rough size of a rule's temporaries for one example (patches, Gram or gradient)."""
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return conv_temp_bytes_per_example(module, a, g)
     k = 1
     for size in getattr(module, "kernel_size", ()):
         k *= size
@@ -114,53 +118,13 @@ def linear_rule(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> SquaredN
     return out
 
 
-def _conv_pads(module: nn.modules.conv._ConvNd, kernel: tuple[int, ...]) -> list[int]:
-    """F.pad amounts (last dimension first) equal to the module's own padding."""
-    pads: list[int] = []
-    for dim in reversed(range(len(kernel))):
-        if module.padding == "valid":
-            left = right = 0
-        elif module.padding == "same":
-            total = module.dilation[dim] * (kernel[dim] - 1)
-            left, right = total // 2, total - total // 2
-        else:
-            left = right = module.padding[dim]
-        pads += [left, right]
-    return pads
-
-
-def conv_patches(module: nn.modules.conv._ConvNd, x: torch.Tensor) -> torch.Tensor:
-    """Input patches of a Conv1d/Conv2d, ``[B, groups, Cin/groups * kernel, T]``.
-
-    A strided view of the padded input copied once, several times faster than F.unfold on CPU
-    (bench/README.md, "Measured choices in the code").
-    """
-    pads = _conv_pads(module, module.kernel_size)
-    if any(pads):
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, pads, mode=mode)
-    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    if x.dim() == 3:  # Conv1d as a Conv2d of height 1
-        x, kernel, stride, dilation = x.unsqueeze(2), (1, *kernel), (1, *stride), (1, *dilation)
-    x = x.contiguous()
-    b, c, h, w = x.shape
-    ho = (h - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    wo = (w - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
-    sb, sc, sh, sw = x.stride()
-    view = x.as_strided((b, c, kernel[0], kernel[1], ho, wo),
-                        (sb, sc, dilation[0] * sh, dilation[1] * sw, stride[0] * sh, stride[1] * sw))
-    return view.reshape(b, module.groups, -1, ho * wo)
-
-
 @register(nn.Conv1d, nn.Conv2d)
 def conv_rule(module: nn.modules.conv._ConvNd, x: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
-    b = x.shape[0]
-    g = g.reshape(b, module.groups, module.out_channels // module.groups, -1)
     out = {}
     if "weight" in covered_parameters(module):
-        out["weight"] = weight_sq_norms(conv_patches(module, x), g).sum(1)
+        out["weight"] = conv_weight_sq_norms(module, x, g)
     if "bias" in covered_parameters(module):
-        out["bias"] = g.sum(3).square().sum((1, 2))
+        out["bias"] = g.flatten(2).sum(2).square().sum(1)
     return out
 
 
@@ -179,8 +143,24 @@ def _affine_sq_norms(module: nn.Module, xhat: torch.Tensor, g: torch.Tensor,
     return out
 
 
-def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    return v.reshape(1, -1, *([1] * (x.dim() - 2)))
+def _dot(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``[B, C, N] . [B, C, N] -> [B, C]`` as a batched matrix product: no ``u * v`` temporary
+    (linalg.vecdot forms one, which raised GroupNorm's peak memory above a plain backward's)."""
+    return torch.einsum("bcn,bcn->bc", u, v)
+
+
+def _per_channel_sq_norms(module: nn.Module, centered: torch.Tensor, scale: torch.Tensor,
+                          g: torch.Tensor) -> SquaredNorms:
+    """A per-channel affine map of ``centered * scale`` (``[B, C, N]``, ``scale`` broadcast to
+    ``[B or 1, C]``): the per-example gradients are ``scale * sum_n g * centered`` and
+    ``sum_n g``, each a dot product over positions (no ``g * xhat`` temporary)."""
+    out = {}
+    covered = covered_parameters(module)
+    if "weight" in covered:
+        out["weight"] = (_dot(g, centered) * scale).square().sum(1)
+    if "bias" in covered:
+        out["bias"] = g.sum(2).square().sum(1)
+    return out
 
 
 @register(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d,
@@ -188,9 +168,10 @@ def _channel_view(v: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def batchnorm_eval_rule(module: nn.modules.batchnorm._BatchNorm, x: torch.Tensor,
                         g: torch.Tensor) -> SquaredNorms:
     """Eval mode: a fixed per-channel affine map of the input (running statistics)."""
-    scale = torch.rsqrt(module.running_var.to(x.dtype) + module.eps)
-    xhat = (x - _channel_view(module.running_mean.to(x.dtype), x)) * _channel_view(scale, x)
-    return _affine_sq_norms(module, xhat, g, tuple(range(2, x.dim())))
+    b, c = x.shape[:2]
+    mean = module.running_mean.to(x.dtype).view(1, c, 1)
+    scale = torch.rsqrt(module.running_var.to(x.dtype) + module.eps).view(1, c)
+    return _per_channel_sq_norms(module, x.reshape(b, c, -1) - mean, scale, g.reshape(b, c, -1))
 
 
 @register(nn.LayerNorm)
@@ -201,5 +182,10 @@ def layernorm_rule(module: nn.LayerNorm, x: torch.Tensor, g: torch.Tensor) -> Sq
 
 @register(nn.GroupNorm)
 def groupnorm_rule(module: nn.GroupNorm, x: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
-    xhat = F.group_norm(x, module.num_groups, None, None, module.eps)
-    return _affine_sq_norms(module, xhat, g, tuple(range(2, x.dim())))
+    """Each example's own per-group statistics, then the per-channel map of BatchNorm's rule."""
+    b, c, groups = x.shape[0], x.shape[1], module.num_groups
+    grouped = x.reshape(b, groups, -1)
+    centered = grouped - grouped.mean(2, keepdim=True)
+    rstd = torch.rsqrt(_dot(centered, centered) / centered.shape[2] + module.eps)
+    scale = rstd.repeat_interleave(c // groups, dim=1)
+    return _per_channel_sq_norms(module, centered.view(b, c, -1), scale, g.reshape(b, c, -1))
