@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option
+from memkern.cli.options import data_dir_option, device_option, trust_model_code_option
 
 
 @click.command()
+@trust_model_code_option
 @click.option("--run", "--run-dir", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory written by `memkern train` (under torchrun write --run-dir: "
               "torchrun takes --run for its own --run-path).")

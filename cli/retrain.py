@@ -3,13 +3,14 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option
+from memkern.cli.options import data_dir_option, device_option, trust_model_code_option
 from memkern.cli.options import split_names
 from memkern.cli.rewind import groups_option
 from memkern.experiments.retrain import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
 
 
 @click.command()
+@trust_model_code_option
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory written by `memkern train`.")
 @groups_option

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option, parse_epochs, split_names
+from memkern.cli.options import (data_dir_option, device_option, parse_epochs, split_names,
+                                 trust_model_code_option)
 
 
 groups_option = click.option("--groups", multiple=True,
@@ -12,6 +13,7 @@ groups_option = click.option("--groups", multiple=True,
 
 
 @click.command()
+@trust_model_code_option
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory written by `memkern train`.")
 @click.option("--epochs", help="Comma-separated checkpoint epochs to rewind to "

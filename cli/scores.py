@@ -3,10 +3,12 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option, parse_epochs
+from memkern.cli.options import (data_dir_option, device_option, parse_epochs,
+                                 trust_model_code_option)
 
 
 @click.command()
+@trust_model_code_option
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory written by `memkern train`.")
 @click.option("--compute", is_flag=True, help="First add the cheap signals the run lacks: "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import (DATASET_HELP, DatasetSpec, data_dir_option, device_option,
-                                 model_option, split_names)
+                                 model_option, split_names, trust_model_code_option)
 from memkern.training.config import LR_SCHEDULES, PRESETS
 
 # CLI option name -> TrainConfig field, one to one.
@@ -27,6 +27,7 @@ def _explicit(ctx: click.Context) -> dict:
 
 
 @click.command()
+@trust_model_code_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Start from a named preset.")
 @click.option("--dataset", type=DatasetSpec(), default="digits", show_default=True,

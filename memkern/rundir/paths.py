@@ -78,11 +78,14 @@ class RunDir:
                               f"(expected {self.checkpoints}/epoch_NNN.safetensors)")
         return self.checkpoint_path(have[-1])
 
-    def load_config(self) -> TrainConfig:
-        """The run's config, checked field by field; a damaged file names the field."""
+    def load_config(self, *, check_model: bool = True) -> TrainConfig:
+        """The run's config, checked field by field; a damaged file names the field. Without
+        ``check_model`` (to show the config, not to build its model) the model spec it names is
+        not checked against the user's trust (:mod:`memkern.network.models.trust`)."""
         if not self.config_path.is_file():
             raise RunDirError(f"{self.root} is not a memkern run directory (no config.json)")
-        return TrainConfig.from_json(_read_text(self.config_path), source=str(self.config_path))
+        return TrainConfig.from_json(_read_text(self.config_path), source=str(self.config_path),
+                                     check_model=check_model)
 
     def load_noise(self) -> dict:
         """noise.json: the rate, seed, training-set size and the flipped indices and labels."""

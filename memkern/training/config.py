@@ -100,9 +100,12 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "config") -> "TrainConfig":
-        """Parse a config written by :meth:`to_json`, checking each field's type; ``source``
-        (e.g. the file) starts every error message."""
+    def from_json(cls, text: str, *, source: str = "config",
+                  check_model: bool = True) -> "TrainConfig":
+        """Parse a config written by :meth:`to_json`, checking each field's type and range;
+        ``source`` (e.g. the file) starts every error message. A file's text is data: with
+        ``check_model`` (for a config that will build its model) the model it names must pass
+        :func:`memkern.network.models.trust.check_file_spec`."""
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
@@ -118,9 +121,14 @@ class TrainConfig:
         values = {name: _field_value(fields[name], value, source)
                   for name, value in data.items()}
         try:
-            return cls(**values)
+            config = cls(**values)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        if check_model:
+            from memkern.network.models.trust import check_file_spec
+
+            check_file_spec(config.model, source=source)
+        return config
 
 
 def _kind(f: dataclasses.Field) -> type:
