@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from memkern.errors import RunDirError
+from memkern.rundir.safe_files import append_text, open_nofollow, refuse_link
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -26,15 +27,20 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     either the old file or the new one, never half of one. The file gets the ordinary mode
     of a new file under the user's umask, whatever ``write`` did to the temporary's."""
     path = Path(path)
+    refuse_link(path)  # replacing a link is harmless, but a link there is not memkern's file
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp opens with O_EXCL: never an existing file or link
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
                                dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; so may what ``write`` called
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fd = open_nofollow(tmp, os.O_RDONLY)  # still the regular file written, not a link
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; so may what ``write`` called
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,11 +102,7 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def append_jsonl(path: str | Path, obj) -> None:
     """Append one JSON line and fsync: a line is either wholly on disk or absent after a kill
     (a torn last line is dropped by :func:`read_jsonl`)."""
-    line = _json_line(obj, path) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    append_text(path, _json_line(obj, path) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
