@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from memkern.errors import RunDirError
+from memkern.rundir import json_files
 from memkern.rundir.safe_files import append_text, open_nofollow, refuse_link
 
 _UMASK = os.umask(0)
@@ -112,16 +113,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    try:
-        lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1)
-                 if line.strip()]
-    except UnicodeDecodeError:
-        raise RunDirError(f"{path} is not a text file of JSON lines; move it away or pass "
-                          f"another path") from None
+    lines = [(n, line) for n, line in enumerate(json_files.read_text(path).splitlines(), 1)
+             if line.strip()]
     rows = []
     for k, (n, line) in enumerate(lines):
         try:
-            row = json.loads(line)
+            row = json_files.loads(line, source=f"{path}, line {n}")
         except json.JSONDecodeError:
             if k == len(lines) - 1:
                 break  # torn by a kill
@@ -138,8 +135,8 @@ def read_json_object(path: str | Path) -> dict:
     """A JSON file holding one object (a memkern record); anything else is an error naming it."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        obj = json_files.loads(json_files.read_text(path), source=str(path))
+    except json.JSONDecodeError:
         obj = None
     if not isinstance(obj, dict):
         raise RunDirError(f"{path} is not a JSON object as memkern writes it; was it edited? "

@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+from memkern.rundir import json_files
 from memkern.rundir.atomic import read_jsonl
 from memkern.training.config import TrainConfig
 from memkern.errors import RunDirError
@@ -90,7 +91,7 @@ class RunDir:
     def load_noise(self) -> dict:
         """noise.json: the rate, seed, training-set size and the flipped indices and labels."""
         try:
-            noise = json.loads(_read_text(self.noise_path))
+            noise = json_files.loads(_read_text(self.noise_path), source=str(self.noise_path))
         except json.JSONDecodeError as e:
             raise RunDirError(f"{self.noise_path} is not JSON ({e}); only `memkern train` writes "
                               f"it: restore the file") from None
@@ -126,7 +127,4 @@ class RunDir:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except UnicodeDecodeError:
-        raise RunDirError(f"{path} is not a UTF-8 text file; restore it from the run") from None
+    return json_files.read_text(path)

@@ -13,6 +13,7 @@ import typing
 from dataclasses import dataclass, field
 
 from memkern.errors import ConfigError
+from memkern.rundir import json_files
 
 DEFAULT_DROPOUT_SITES: tuple[str, ...] = ()  # empty: the model's own default placement
 # Seeds feed torch.Generator.manual_seed, also as seed * 1_000_003 + epoch, which must stay
@@ -107,7 +108,7 @@ class TrainConfig:
         ``check_model`` (for a config that will build its model) the model it names must pass
         :func:`memkern.network.models.trust.check_file_spec`."""
         try:
-            data = json.loads(text)
+            data = json_files.loads(text, source=source, error=ConfigError)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{source} is not valid JSON ({e}); restore it") from None
         if not isinstance(data, dict):
