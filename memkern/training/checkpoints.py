@@ -92,7 +92,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                               f"this memkern reads version {VERSION}")
     config_text, epoch = meta.get("config"), meta.get("epoch")
     if not (isinstance(config_text, str) and isinstance(epoch, str) and epoch.isascii()
-            and epoch.isdigit()):
+            and epoch.isdigit() and len(epoch) <= 9):
         raise CheckpointError(f"{path} is corrupt: its metadata lacks the config or the epoch; "
                               f"use another checkpoint of the run")
     try:

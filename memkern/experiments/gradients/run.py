@@ -43,13 +43,18 @@ from memkern.network.models.groups import LayerGroup, layer_groups
 from memkern.rundir.paths import RunDir
 from memkern.network.sites import example_indices
 from memkern.experiments.gradients.subset import TOTAL, subset_gradients, subset_stats
-from memkern.rundir.csv_tables import csv_text, read_csv
+from memkern.rundir.csv_tables import csv_text, read_checked_csv
 
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
 def per_example_path(run: RunDir, epoch: int) -> Path:
     return run.grads / f"per_example_epoch_{epoch:03d}.csv"
+
+
+# The columns later steps read from summary.csv (besides the group name), with their types.
+SUMMARY_COLUMNS = {"epoch": int, "group": str, "clean_norm": float, "noisy_norm": float,
+                   "cosine": float}
 
 
 def summary_path(run: RunDir) -> Path:
@@ -171,7 +176,8 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
     ctx = open_run(run.root, epoch=epochs[0], device=place, data_dir=data_dir)
     model, data = ctx.model, ctx.data
     groups = layer_groups(model)
-    summary = read_csv(summary_path(run))
+    summary = read_checked_csv(summary_path(run), SUMMARY_COLUMNS,
+                               fix="move it away and rerun memkern grads")
     done = {int(r["epoch"]) for r in summary}
     todo = [e for e in epochs if not (e in done and per_example_path(run, e).is_file())]
     with joined(world, place) as world:

@@ -28,8 +28,9 @@ from memkern.errors import RunDirError
 from memkern.training.evaluate import predictions
 from memkern.rundir.context import load_data, open_run
 from memkern.rundir.paths import RunDir
+from memkern.experiments.localize.rows import check_rows
 from memkern.experiments.scores.signals import COMBINED, DYNAMICS_SIGNALS, combined_score, dynamics_signals
-from memkern.rundir.csv_tables import csv_text, read_csv
+from memkern.rundir.csv_tables import csv_text, read_checked_csv, read_csv
 from memkern.network.tied_dropout import tied_dropout_mode
 
 LOCALIZE_FILE = "localize.jsonl"
@@ -106,21 +107,27 @@ def grad_columns(run: RunDir, num_train: int) -> dict[str, np.ndarray]:
     chosen = sorted({trained[0], trained[-1]}) if trained else []
     out = {}
     for epoch in chosen:
-        rows = read_csv(run.grads / f"per_example_epoch_{epoch:03d}.csv")
+        path = run.grads / f"per_example_epoch_{epoch:03d}.csv"
+        rows = read_csv(path)
         if len(rows) != num_train:
-            raise RunDirError(f"{run.grads}/per_example_epoch_{epoch:03d}.csv has {len(rows)} "
-                              f"rows for {num_train} training examples; rerun `memkern grads`")
+            raise RunDirError(f"{path} has {len(rows)} rows for {num_train} training examples; "
+                              f"rerun `memkern grads`")
         groups = [k for k in rows[0] if k not in ("index", "noisy", "label")]
-        order = np.argsort([int(r["index"]) for r in rows])
+        rows = read_checked_csv(path, {"index": int, **dict.fromkeys(groups, float)},
+                                fix="move it away and rerun `memkern grads`")
+        index = [int(r["index"]) for r in rows]
+        if sorted(index) != list(range(num_train)):
+            raise RunDirError(f"{path}: the indices are not 0..{num_train - 1} once each; was it "
+                              f"edited? move it away and rerun `memkern grads`")
         for g in groups:
-            out[f"grad_{g}_e{epoch:03d}"] = np.array([float(r[g]) for r in rows])[order]
+            out[f"grad_{g}_e{epoch:03d}"] = np.array([float(r[g]) for r in rows])[np.argsort(index)]
     return out
 
 
 def channels_to_flip(path: Path, num_train: int) -> np.ndarray:
     """Channels zeroed to flip each localized example (inf: not flipped); NaN elsewhere."""
     out = np.full(num_train, np.nan)
-    for row in read_jsonl(path):
+    for row in check_rows(read_jsonl(path), path, num_train=num_train):
         out[row["index"]] = row["n_channels"] if row["flipped"] else np.inf
     return out
 
