@@ -7,7 +7,6 @@ from memkern.cli.options import data_dir_option, device_option, trust_model_code
 
 
 @click.command()
-@trust_model_code_option
 @click.option("--run", "--run-dir", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory written by `memkern train` (under torchrun write --run-dir: "
               "torchrun takes --run for its own --run-path).")
@@ -18,6 +17,7 @@ from memkern.cli.options import data_dir_option, device_option, trust_model_code
 @data_dir_option
 @device_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@trust_model_code_option
 def grads(run_dir, epochs, mode, batch_size, data_dir, device, progress):
     """Per-example, per-layer gradient norms and clean/noisy gradient accounting of a run.
 

@@ -59,12 +59,14 @@ trust_model_code_option = click.option(
 
 def checkpoint_options(what: str):
     """``--ckpt PATH`` or ``--run DIR`` (that run's final checkpoint), exactly one of them; the
-    command gets ``ckpt`` and ``run_dir`` and passes them to :func:`checkpoint_from`."""
+    command gets ``ckpt`` and ``run_dir`` and passes them to :func:`checkpoint_from`. With
+    ``--trust-model-code`` last among the options."""
     def decorate(command):
+        command = trust_model_code_option(command)
         command = click.option("--run", "run_dir", type=click.Path(file_okay=False),
                                help="Run directory: use its final checkpoint.")(command)
         return click.option("--ckpt", type=click.Path(dir_okay=False),
-                            help=f"{what}; or give --run.")(trust_model_code_option(command))
+                            help=f"{what}; or give --run.")(command)
     return decorate
 
 

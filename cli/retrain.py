@@ -10,7 +10,6 @@ from memkern.experiments.retrain import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
 
 
 @click.command()
-@trust_model_code_option
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory written by `memkern train`.")
 @groups_option
@@ -25,6 +24,7 @@ from memkern.experiments.retrain import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
 @data_dir_option
 @device_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@trust_model_code_option
 def retrain(run_dir, groups, from_epoch, epochs, lr, overwrite, data_dir, device, progress):
     """Reset one layer group at a time to an early checkpoint, freeze the rest, fine-tune the
     group on clean examples only; write retrain.csv and retrain.png into the run directory.

@@ -13,7 +13,6 @@ groups_option = click.option("--groups", multiple=True,
 
 
 @click.command()
-@trust_model_code_option
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory written by `memkern train`.")
 @click.option("--epochs", help="Comma-separated checkpoint epochs to rewind to "
@@ -22,6 +21,7 @@ groups_option = click.option("--groups", multiple=True,
 @data_dir_option
 @device_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@trust_model_code_option
 def rewind(run_dir, epochs, groups, data_dir, device, progress):
     """Rewind each layer group (weights and BatchNorm statistics) of a run's final model to
     earlier checkpoints; write rewind.csv and rewind.png into the run directory.

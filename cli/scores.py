@@ -8,7 +8,6 @@ from memkern.cli.options import (data_dir_option, device_option, parse_epochs,
 
 
 @click.command()
-@trust_model_code_option
 @click.option("--run", "run_dir", required=True, type=click.Path(file_okay=False),
               help="Run directory written by `memkern train`.")
 @click.option("--compute", is_flag=True, help="First add the cheap signals the run lacks: "
@@ -28,6 +27,7 @@ from memkern.cli.options import (data_dir_option, device_option, parse_epochs,
 @data_dir_option
 @device_option
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@trust_model_code_option
 def scores(run_dir, compute, grad_epochs, localize_top, top, benchmark, folds, cv_epochs,
            data_dir, device, progress):
     """Which training examples did the model memorize? Every per-example signal side by side.

@@ -27,7 +27,6 @@ def _explicit(ctx: click.Context) -> dict:
 
 
 @click.command()
-@trust_model_code_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory.")
 @click.option("--preset", type=click.Choice(sorted(PRESETS)), help="Start from a named preset.")
 @click.option("--dataset", type=DatasetSpec(), default="digits", show_default=True,
@@ -62,6 +61,7 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--track-grads", is_flag=True, help="Record each epoch's summed clean and noisy "
               "gradient norms and cosine per layer group in OUT/grads/live.jsonl.")
 @click.option("--progress/--no-progress", default=True, show_default=True)
+@trust_model_code_option
 @click.pass_context
 def train(ctx: click.Context, out, preset, resume, device, data_dir, download, progress,
           track_grads, **_):
