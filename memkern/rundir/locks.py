@@ -27,6 +27,8 @@ from memkern.rundir.safe_files import open_nofollow, read_text_nofollow, refuse_
 
 # What a run lock cleans: the folders memkern writes a run's files into.
 RUN_FOLDERS = ("", "checkpoints", "grads", "report")
+# The folders of a run that memkern writes into, each refused when it is a symbolic link.
+WRITTEN_FOLDERS = ("checkpoints", "grads", "report", "scores", "scores/crossval")
 
 _held: dict[Path, int] = {}  # lock file -> depth: a process may nest holds of one lock
 
@@ -108,7 +110,7 @@ def hold_run(root: str | Path) -> Iterator[None]:
     """Hold the lock of run directory ``root`` (``root/.memkern.lock``), cleaning the
     interrupted writes of its folders."""
     root = Path(root)
-    refuse_links(root / f for f in RUN_FOLDERS if f)  # writes there would leave the run
+    refuse_links(root / f for f in WRITTEN_FOLDERS)  # writes there would leave the run
     with _folder(root), hold(root / RUN_LOCK, what=f"run directory {root}",
                              clean=tuple(root / f for f in RUN_FOLDERS)):
         yield
