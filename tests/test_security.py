@@ -360,3 +360,23 @@ def test_a_grads_summary_missing_a_column(analysed, tmp_path, command):
     path.write_text("\n".join(lines) + "\n")
     args = {**commands(run), "report": ["report", "--run", run]}[command]
     refused(args, tmp_path, fragments=("lacks the column(s) epoch",))
+
+
+@pytest.mark.parametrize("drop", ["epoch", "group", "cosine"])
+def test_a_live_gradient_record_missing_a_field(analysed, tmp_path, drop):
+    run = tmp_path / "run"
+    shutil.copytree(analysed, run)
+    row = {"epoch": 1, "group": "head", "clean_norm": 1.0, "noisy_norm": 0.5, "cosine": None}
+    del row[drop]
+    (run / "grads" / "live.jsonl").write_text(json.dumps(row) + "\n")
+    refused(commands(run)["grads"], tmp_path, fragments=("live.jsonl, record 1", drop))
+
+
+def test_a_grads_summary_missing_a_row_still_plots(analysed, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(analysed, run)
+    path = run / "grads" / "summary.csv"
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:-1]) + "\n")  # one (epoch, group) cell gone: a gap
+    result = run_cli(*commands(run)["grads"])
+    assert result.exit_code == 0, result.output

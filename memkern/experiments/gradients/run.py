@@ -57,6 +57,24 @@ SUMMARY_COLUMNS = {"epoch": int, "group": str, "clean_norm": float, "noisy_norm"
                    "cosine": float}
 
 
+def _live_summary(run: RunDir) -> list[dict]:
+    """``grads/live.jsonl`` (``memkern train --track-grads``), each record checked to hold
+    SUMMARY_COLUMNS (a number may be null: undefined, as for an empty subset)."""
+    path = run.grads / "live.jsonl"
+    rows = read_jsonl(path)
+    for n, row in enumerate(rows, 1):
+        for name, kind in SUMMARY_COLUMNS.items():
+            value = row.get(name)
+            fits = (isinstance(value, str) if kind is str else
+                    isinstance(value, int) if kind is int else
+                    value is None or isinstance(value, (int, float)))
+            if name not in row or not fits or isinstance(value, bool):
+                raise RunDirError(f"{path}, record {n}: {name} is missing or not "
+                                  f"{'text' if kind is str else 'a number'}; was it edited? "
+                                  f"move it away (memkern train --track-grads writes it)")
+    return rows
+
+
 def summary_path(run: RunDir) -> Path:
     return run.grads / "summary.csv"
 
@@ -197,7 +215,7 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
         return run
     from memkern.report.figures.gradients import plot_accounting
     plot_accounting(run, summary)
-    live = read_jsonl(run.grads / "live.jsonl")
+    live = _live_summary(run)
     if live:
         plot_accounting(run, live, prefix="live_", source="training steps")
     return run
