@@ -11,23 +11,28 @@ from pathlib import Path
 from memkern.errors import RunDirError
 
 # Fields every line memkern writes has, with their JSON types (checked exactly: no bool as int).
-_FIELDS = {"index": int, "noisy": bool, "flipped": bool, "n_channels": int, "channels": list}
+FIELDS = {"index": int, "noisy": bool, "flipped": bool, "n_channels": int, "channels": list}
 
 
 def _is(value, kind) -> bool:
     return isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
 
 
-def _problem(row: dict, num_train: int | None, widths: dict[str, int] | None) -> str | None:
-    for name, kind in _FIELDS.items():
+def _problem(row: dict, fields: tuple[str, ...], num_train: int | None,
+             widths: dict[str, int] | None) -> str | None:
+    for name in fields:
         if name not in row:
             return f"no field {name!r}"
-        if not _is(row[name], kind):
-            return f"field {name!r} is not {kind.__name__}"
+        if not _is(row[name], FIELDS[name]):
+            return f"field {name!r} is not {FIELDS[name].__name__}"
     index = row["index"]
     if index < 0 or (num_train is not None and index >= num_train):
         return (f"index {index} is not an example of the training set"
                 + (f" (0..{num_train - 1})" if num_train is not None else ""))
+    if "n_channels" in fields and row["n_channels"] < 0:
+        return f"n_channels {row['n_channels']} is negative"
+    if "channels" not in fields:
+        return None
     channels = row["channels"]
     if not all(isinstance(c, list) and len(c) == 2 and _is(c[0], str) and _is(c[1], int)
                and c[1] >= 0 for c in channels):
@@ -41,13 +46,13 @@ def _problem(row: dict, num_train: int | None, widths: dict[str, int] | None) ->
     return None
 
 
-def check_rows(rows: list[dict], path: str | Path, *, num_train: int | None = None,
-               widths: dict[str, int] | None = None) -> list[dict]:
-    """``rows`` (read from ``path``) unchanged, or RunDirError naming the first bad record;
-    with ``num_train``, indices must also be below it; with ``widths`` (site -> channels),
-    each zeroed channel must exist."""
+def check_rows(rows: list[dict], path: str | Path, *, fields: tuple[str, ...] = tuple(FIELDS),
+               num_train: int | None = None, widths: dict[str, int] | None = None) -> list[dict]:
+    """``rows`` (read from ``path``) unchanged, or RunDirError naming the first bad record.
+    ``fields``: those the caller reads (``index`` among them); with ``num_train``, indices
+    must be below it; with ``widths`` (site -> channels), each zeroed channel must exist."""
     for n, row in enumerate(rows, 1):
-        problem = _problem(row, num_train, widths)
+        problem = _problem(row, fields, num_train, widths)
         if problem is not None:
             raise RunDirError(f"{Path(path)}, record {n}: {problem}; was it edited? restore it, "
                               f"or move it away and rerun memkern localize")

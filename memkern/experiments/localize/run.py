@@ -87,14 +87,15 @@ def merge_parts(out: Path, targets: Sequence[int]) -> list[dict]:
     index. New lines follow the order of ``targets`` (indices not in it last, ascending). The
     output is replaced atomically before any part is removed, so a kill in between only leaves
     parts whose lines the next merge skips as duplicates."""
-    rows = check_rows(recover_jsonl(out), out)
+    rows = check_rows(recover_jsonl(out), out, fields=("index",))
     parts = part_files(out)
     if not parts:
         return rows
     seen = {r["index"] for r in rows}
     new: dict[int, dict] = {}
     for p in parts:
-        for r in check_rows(read_jsonl(p), p):  # a torn last line (killed mid-write) is skipped
+        # a torn last line (killed mid-write) is skipped
+        for r in check_rows(read_jsonl(p), p, fields=("index",)):
             if r["index"] not in seen:
                 new.setdefault(r["index"], r)
     position = {t: i for i, t in enumerate(targets)}

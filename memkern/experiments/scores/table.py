@@ -127,7 +127,8 @@ def grad_columns(run: RunDir, num_train: int) -> dict[str, np.ndarray]:
 def channels_to_flip(path: Path, num_train: int) -> np.ndarray:
     """Channels zeroed to flip each localized example (inf: not flipped); NaN elsewhere."""
     out = np.full(num_train, np.nan)
-    for row in check_rows(read_jsonl(path), path, num_train=num_train):
+    for row in check_rows(read_jsonl(path), path, fields=("index", "flipped", "n_channels"),
+                          num_train=num_train):
         out[row["index"]] = row["n_channels"] if row["flipped"] else np.inf
     return out
 
