@@ -119,8 +119,9 @@ def grad_columns(run: RunDir, num_train: int) -> dict[str, np.ndarray]:
         if sorted(index) != list(range(num_train)):
             raise RunDirError(f"{path}: the indices are not 0..{num_train - 1} once each; was it "
                               f"edited? move it away and rerun `memkern grads`")
+        order = np.argsort(index)
         for g in groups:
-            out[f"grad_{g}_e{epoch:03d}"] = np.array([float(r[g]) for r in rows])[np.argsort(index)]
+            out[f"grad_{g}_e{epoch:03d}"] = np.array([float(r[g]) for r in rows])[order]
     return out
 
 
