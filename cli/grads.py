@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option, progress_option, run_option
+from memkern.cli.options import (data_dir_option, device_option, progress_option, run_option,
+                                 trust_model_code_option)
 
 
 @click.command()
@@ -16,6 +17,7 @@ from memkern.cli.options import data_dir_option, device_option, progress_option,
 @data_dir_option
 @device_option
 @progress_option
+@trust_model_code_option
 def grads(run_dir, epochs, mode, batch_size, data_dir, device, progress):
     """Per-example, per-layer gradient norms and clean/noisy gradient accounting of a run.
 

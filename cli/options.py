@@ -52,10 +52,27 @@ def run_option(help: str = "Run directory written by `memkern train`.", *,
                         type=click.Path(file_okay=False), help=help)
 
 
+def _trust_model_code(ctx, param, value: bool) -> None:
+    """Click callback: honour the factory a run's files name, for this command only."""
+    from memkern.network.models.trust import allow_model_code
+
+    if value:
+        allow_model_code(True)
+        ctx.call_on_close(lambda: allow_model_code(False))
+
+
+trust_model_code_option = click.option(
+    "--trust-model-code", is_flag=True, expose_value=False, callback=_trust_model_code,
+    help="Build the model a run's config names even when it is a package.module:factory "
+         "(imports and runs that code); only for runs you trust. See README, 'Safety'.")
+
+
 def checkpoint_options(what: str):
     """``--ckpt PATH`` or ``--run DIR`` (that run's final checkpoint), exactly one of them; the
-    command gets ``ckpt`` and ``run_dir`` and passes them to :func:`checkpoint_from`."""
+    command gets ``ckpt`` and ``run_dir`` and passes them to :func:`checkpoint_from`. With
+    ``--trust-model-code`` last among the options."""
     def decorate(command):
+        command = trust_model_code_option(command)
         command = run_option("Run directory: use its final checkpoint.", required=False)(command)
         return click.option("--ckpt", type=click.Path(dir_okay=False),
                             help=f"{what}; or give --run.")(command)

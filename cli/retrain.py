@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import click
 
-from memkern.cli.options import data_dir_option, device_option, progress_option, run_option
+from memkern.cli.options import (data_dir_option, device_option, progress_option, run_option,
+                                 trust_model_code_option)
 from memkern.cli.options import split_names
 from memkern.cli.rewind import groups_option
 from memkern.experiments.retrain.run import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
@@ -23,6 +24,7 @@ from memkern.experiments.retrain.run import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
 @data_dir_option
 @device_option
 @progress_option
+@trust_model_code_option
 def retrain(run_dir, groups, from_epoch, epochs, lr, overwrite, data_dir, device, progress):
     """Reset one layer group at a time to an early checkpoint, freeze the rest, fine-tune the
     group on clean examples only; write retrain.csv and retrain.png into the run directory.

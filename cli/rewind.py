@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import (data_dir_option, device_option, parse_epochs, progress_option,
-                                 run_option, split_names)
+                                 run_option, split_names, trust_model_code_option)
 
 
 groups_option = click.option("--groups", multiple=True,
@@ -20,6 +20,7 @@ groups_option = click.option("--groups", multiple=True,
 @data_dir_option
 @device_option
 @progress_option
+@trust_model_code_option
 def rewind(run_dir, epochs, groups, data_dir, device, progress):
     """Rewind each layer group (weights and BatchNorm statistics) of a run's final model to
     earlier checkpoints; write rewind.csv and rewind.png into the run directory.

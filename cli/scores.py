@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import (data_dir_option, device_option, parse_epochs, progress_option,
-                                 run_option)
+                                 run_option, trust_model_code_option)
 
 
 @click.command()
@@ -26,6 +26,7 @@ from memkern.cli.options import (data_dir_option, device_option, parse_epochs, p
 @data_dir_option
 @device_option
 @progress_option
+@trust_model_code_option
 def scores(run_dir, compute, grad_epochs, localize_top, top, benchmark, folds, cv_epochs,
            data_dir, device, progress):
     """Which training examples did the model memorize? Every per-example signal side by side.

@@ -4,15 +4,15 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import model_option
-from memkern.network.models import build_model, layer_groups
+from memkern.network.models import build_model, check_fits_memory, layer_groups
 from memkern.network.sites import channel_sites
 
 
 @click.command()
 @model_option
-@click.option("--in-channels", type=int, default=1, show_default=True)
-@click.option("--image-size", type=int, default=8, show_default=True)
-@click.option("--num-classes", type=int, default=10, show_default=True)
+@click.option("--in-channels", type=click.IntRange(1, 4096), default=1, show_default=True)
+@click.option("--image-size", type=click.IntRange(1, 4096), default=8, show_default=True)
+@click.option("--num-classes", type=click.IntRange(2, 1_000_000), default=10, show_default=True)
 def sites(model, in_channels, image_size, num_classes):
     """List a model's channel sites (stable order) and layer groups.
 
@@ -22,6 +22,8 @@ def sites(model, in_channels, image_size, num_classes):
       memkern sites --model timm:vit_tiny_patch16_224?img_size=32&patch_size=4 \\
         --in-channels 3 --image-size 32
     """
+    check_fits_memory(model, num_classes=num_classes, in_channels=in_channels,
+                      image_size=image_size)
     built = build_model(model, num_classes=num_classes, in_channels=in_channels,
                         image_size=image_size)
     found = channel_sites(built)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import (DATASET_HELP, DatasetSpec, data_dir_option, device_option,
-                                 model_option, progress_option, split_names)
+                                 model_option, progress_option, split_names,
+                                 trust_model_code_option)
 from memkern.training.config import LR_SCHEDULES, PRESETS
 
 # CLI option name -> TrainConfig field, one to one.
@@ -61,6 +62,7 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--track-grads", is_flag=True, help="Record each epoch's summed clean and noisy "
               "gradient norms and cosine per layer group in OUT/grads/live.jsonl.")
 @progress_option
+@trust_model_code_option
 @click.pass_context
 def train(ctx: click.Context, out, preset, resume, device, data_dir, download, progress,
           track_grads, **_):

@@ -1,6 +1,8 @@
 """Property-based bad input: bad CLI options and damaged files of every format memkern reads
 (config.json, metrics.jsonl, localize.jsonl, safetensors headers, idx, CIFAR-10 batches, SVHN
-.mat, tar.gz) always end in exit code 2 and one `memkern: error:` line, never a traceback, and
+.mat, tar.gz, npz), and a received run's hostile parts (links where memkern writes, JSON nested
+past the bound, headers claiming more than the file, model specs naming code) always end in
+exit code 2 and one `memkern: error:` line, never a traceback, and
 change no file that existed before.
 
 Every strategy draws inputs that are invalid by construction (a cut, a field of the wrong type,
@@ -17,8 +19,10 @@ import math
 import os
 import shutil
 import struct
+import sys
 import tarfile
 import tempfile
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -619,3 +623,145 @@ def test_fuzz_cifar_archive(base, cifar_archive, data):
              "--no-progress"], where)
     assert not (folder / "cifar-10-batches-py").exists()  # nothing extracted from a bad archive
 
+
+
+# ---------------------------------------------------------------- a run someone sent you
+
+WRITTEN = {  # a path memkern writes in a run -> the commands that write it
+    ".memkern.lock": ["evaluate", "report", "grads"], ".localize.jsonl.lock": ["localize"],
+    "localize.jsonl": ["localize"], "evaluate_003_own.json": ["evaluate"],
+    "report/index.html": ["report"], "report": ["report"], "grads": ["grads"],
+    "checkpoints": ["train"]}
+
+
+def _command(name: str, run: Path) -> list:
+    cpu = ["--no-progress", "--device", "cpu"]
+    return {"evaluate": ["evaluate", "--run", run, "--device", "cpu"],
+            "report": ["report", "--run", run],
+            "grads": ["grads", "--run", run, "--epochs", "3", *cpu],
+            "localize": ["localize", "--run", run, "--limit", "1", "--max-channels", "2", *cpu],
+            "train": ["train", "--out", run, "--resume", "--epochs", "4", *cpu]}[name]
+
+
+@fuzz(16)
+@given(data=st.data(), link=st.sampled_from(sorted(WRITTEN)), dangling=st.booleans())
+def test_fuzz_symlinked_files(base, data, link, dangling):
+    """A link (dangling or not) where memkern writes: refused, its target untouched."""
+    where = fresh(base[0])
+    run, outside = where / "run", where / "outside"
+    shutil.copytree(base[1], run)
+    outside.mkdir()
+    folder = "." not in link and "/" not in link
+    target = outside / ("folder" if folder else "victim")
+    if not dangling and folder:
+        target.mkdir()
+    elif not dangling:
+        target.write_text("precious\n")
+    if (run / link).is_dir():
+        shutil.rmtree(run / link)
+    else:
+        (run / link).unlink(missing_ok=True)
+    (run / link).parent.mkdir(parents=True, exist_ok=True)
+    (run / link).symlink_to(target)
+    refused(_command(data.draw(st.sampled_from(WRITTEN[link])), run), outside)
+    assert sorted(outside.iterdir()) == ([] if dangling else [target])
+
+
+def _nested(depth: int, kind: str) -> str:
+    opener, closer = ("[", "]") if kind == "list" else ('{"a": ', "}")
+    return opener * depth + "0" + closer * depth
+
+
+@fuzz(24)
+@given(depth=st.integers(33, 200_000), kind=st.sampled_from(["list", "object"]),
+       where_in=st.sampled_from(["whole", "field"]),
+       file=st.sampled_from(["config.json", "noise.json", "metrics.jsonl", "checkpoint"]))
+def test_fuzz_deep_json(base, depth, kind, where_in, file):
+    """JSON nested past the bound, as the whole file or inside a field: one line."""
+    where = fresh(base[0])
+    run = where / "run"
+    shutil.copytree(base[1], run)
+    deep = _nested(depth, kind)
+    if file == "checkpoint":
+        path = RunDir(run).checkpoint_path(3)
+        header, data = _split_safetensors(path.read_bytes())
+        config = json.loads(header["__metadata__"]["config"])
+        header["__metadata__"]["config"] = deep if where_in == "whole" else \
+            json.dumps(config)[:-1] + f', "model": {deep}}}'
+        path.write_bytes(_join_safetensors(header, data))
+        args = ["evaluate", "--run", run, "--device", "cpu"]
+    else:
+        text = (run / file).read_text()
+        if where_in == "field":  # inside the file's (first) object
+            record = text.splitlines()[0] if file.endswith(".jsonl") else text
+            deep = json.dumps(json.loads(record))[:-1] + f', "z": {deep}}}'
+        (run / file).write_text(deep + "\n")
+        args = (["grads", "--run", run, "--no-progress", "--device", "cpu"]
+                if file == "config.json" else ["report", "--run", run])
+    refused(args, where)
+
+
+@fuzz(20)
+@given(size=st.integers(0, 2**64 - 1), extra=st.binary(max_size=16))
+def test_fuzz_oversized_safetensors_header(base, checkpoint_bytes, size, extra):
+    """A header length past the file's end (or any length with bytes that are no header)."""
+    where = fresh(base[0])
+    ckpt = where / "epoch_003.safetensors"
+    if size <= len(checkpoint_bytes) - 8:
+        size = len(checkpoint_bytes) + size % 2**40  # past the end
+    ckpt.write_bytes(size.to_bytes(8, "little") + checkpoint_bytes[8:] + extra)
+    refused(["evaluate", "--ckpt", ckpt, "--device", "cpu"], where)
+
+
+@fuzz(16)
+@given(shape=st.lists(st.integers(1, 2**31), min_size=3, max_size=4).filter(
+    lambda s: math.prod(s) > 64), key=st.sampled_from(["x_train", "x_test"]))
+def test_fuzz_oversized_npz_arrays(base, shape, key):
+    """An npz array whose header claims more bytes than its member holds."""
+    where = fresh(base[0])
+    path = where / "data.npz"
+    arrays = {"x_train": np.zeros((4, 8, 8), np.uint8), "x_test": np.zeros((2, 8, 8), np.uint8),
+              "y_train": np.arange(4) % 2, "y_test": np.arange(2)}
+    with zipfile.ZipFile(path, "w") as z:
+        for name, array in arrays.items():
+            buf = io.BytesIO()
+            if name == key:
+                np.lib.format.write_array_header_1_0(
+                    buf, {"descr": "|u1", "fortran_order": False, "shape": tuple(shape)})
+                buf.write(b"\0" * 64)
+            else:
+                np.save(buf, array)
+            z.writestr(f"{name}.npy", buf.getvalue())
+    refused(["train", "--dataset", f"npz:{path}", "--out", where / "run", "--no-progress"], where)
+    assert not (where / "run").exists()
+
+
+identifiers = st.from_regex(r"[a-z_][a-z0-9_]{0,8}", fullmatch=True)
+received_specs = st.builds(
+    lambda mod, fn, kw: f"{'.'.join(mod)}:{fn}" + (f"?{kw[0]}={kw[1]!r}" if kw else ""),
+    st.lists(identifiers, min_size=1, max_size=3).filter(
+        lambda m: m[0] not in ("torchvision", "timm", "memkern")),
+    identifiers, st.none() | st.tuples(identifiers, json_values.filter(
+        lambda v: not isinstance(v, (dict, list)))))
+
+
+@fuzz(30)
+@given(spec=received_specs, command=st.sampled_from(["evaluate", "grads", "localize", "train"]))
+def test_fuzz_received_run_specs(base, spec, command):
+    """Any package.module:factory in a run's config: refused naming it, nothing imported."""
+    where = fresh(base[0])
+    run = where / "run"
+    shutil.copytree(base[1], run)
+    config = json.loads((run / "config.json").read_text())
+    (run / "config.json").write_text(json.dumps({**config, "model": spec}))
+    for epoch in RunDir(run).epochs():
+        path = RunDir(run).checkpoint_path(epoch)
+        header, data = _split_safetensors(path.read_bytes())
+        header["__metadata__"]["config"] = json.dumps({**config, "model": spec})
+        path.write_bytes(_join_safetensors(header, data))
+    modules = set(sys.modules)
+    result = run_cli(*_command(command, run))
+    assert_one_line_error(result)
+    assert "--trust-model-code" in result.stderr or "model spec" in result.stderr, result.stderr
+    top = spec.split(":")[0].split(".")[0]
+    assert not [m for m in set(sys.modules) - modules if m.split(".")[0] == top]

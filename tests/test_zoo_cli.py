@@ -23,7 +23,9 @@ def test_user_factory_through_every_command(tmp_path):
                  ["retrain", "--run", run, "--groups", "fc2", "--epochs", "1"],
                  ["localize", "--ckpt", run / "checkpoints" / "epoch_002.safetensors",
                   "--examples", "noisy", "--limit", "2", "--max-channels", "3"]):
-        result = run_cli(*args, "--no-progress")
+        result = run_cli(*args, "--no-progress")  # the run's spec is code: refused unless trusted
+        assert result.exit_code == 2 and "--trust-model-code" in result.output, result.output
+        result = run_cli(*args, "--no-progress", "--trust-model-code")
         assert result.exit_code == 0, (args[0], result.output)
     header = (run / "grads" / "per_example_epoch_002.csv").read_text().splitlines()[0]
     assert header.split(",")[3:] == ["conv", "bn", "fc1", "fc2", "total"]

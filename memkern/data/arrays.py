@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memkern.data.file_limits import check_npz
 from memkern.data.splits import RawSplits
 from memkern.errors import DataError
 
@@ -26,6 +27,7 @@ def _read(path: Path) -> dict[str, np.ndarray]:
     if not path.is_file():
         raise DataError(f"array dataset {path} does not exist; pass --dataset npz:FILE with the "
                         f"arrays {', '.join(KEYS)} (numpy.savez)")
+    check_npz(path)
     try:
         with np.load(path, allow_pickle=False) as arrays:
             missing = [k for k in KEYS if k not in arrays.files]

@@ -9,12 +9,14 @@ single-band (grey or black-and-white), else 3 (RGB; alpha dropped, palettes expa
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from memkern.data.file_limits import MAX_IMAGE_PIXELS, check_image_pixels
 from memkern.data.splits import RawSplits
 from memkern.errors import DataError
 
@@ -53,9 +55,15 @@ def _open(path: Path):
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:  # reads the header only
+                check_image_pixels(path, image.size)
+                image.load()
+                return image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise DataError(f"{path} declares more pixels than memkern reads per image (at most "
+                        f"{MAX_IMAGE_PIXELS:,}); resize it") from None
     except (UnidentifiedImageError, OSError, ValueError) as e:
         raise DataError(f"{path} is not a readable image ({type(e).__name__}); replace or "
                         f"remove it") from None
@@ -96,6 +104,9 @@ def load_image_folder(root: str | Path) -> RawSplits:
         raise DataError(f"folder dataset {root} does not exist or is not a directory; pass "
                         f"--dataset folder:PATH with PATH/train/<class>/ and PATH/test/<class>/")
     classes = [d.name for d in _class_dirs(root / "train")]
+    if len(classes) < 2:
+        raise DataError(f"folder dataset {root}: train/ has one class folder ({classes[0]}); a "
+                        f"classifier needs at least 2, one folder per class")
     train, train_labels = _split(root / "train", classes)
     test, test_labels = _split(root / "test", classes)
     size = Counter(image.size for _, image in train + test).most_common(1)[0][0]

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from memkern.data.download import find_or_fetch
+from memkern.data.file_limits import read_gzip
 from memkern.data.splits import RawSplits
 from memkern.errors import ConfigError, DataError
 
@@ -32,7 +33,7 @@ def read_idx(path: Path, *, magic: int) -> np.ndarray:
     if not path.exists():
         path = path.with_name(path.name + ".gz")
     try:
-        raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        raw = read_gzip(path) if path.suffix == ".gz" else path.read_bytes()
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise DataError(f"{path} is not a valid gzip file ({e}); delete it and download it again") from None
     except IsADirectoryError:

@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from memkern.errors import DataError
+
 
 class ImageShape:
     """Shape facts of a dataclass holding ``train_images`` ``[N, C, S, S]``."""
@@ -35,3 +37,8 @@ class RawSplits(ImageShape):
     test_images: torch.Tensor
     test_labels: torch.Tensor
     num_classes: int
+
+    def __post_init__(self):
+        if self.num_classes < 2:
+            raise DataError(f"dataset {self.name} has {self.num_classes} class(es); a classifier "
+                            f"needs at least 2")

@@ -12,10 +12,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memkern.data.file_limits import check_npy_file
 from memkern.errors import DataError
+
+_INT64 = np.iinfo(np.int64)
 
 
 def _from_npy(path: Path) -> np.ndarray:
+    check_npy_file(path)
     try:
         labels = np.load(path, allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
@@ -32,10 +36,14 @@ def _from_npy(path: Path) -> np.ndarray:
 
 def _integer(text: str, path: Path, row: int) -> int:
     try:
-        return int(text.strip())
+        value = int(text.strip())
     except ValueError:
         raise DataError(f"{path}, row {row}: {text.strip()[:20]!r} is not an integer; write "
                         f"rows index,label") from None
+    if not _INT64.min <= value <= _INT64.max:
+        raise DataError(f"{path}, row {row}: {text.strip()[:20]}... is too large for an index "
+                        f"or a label; write rows index,label")
+    return value
 
 
 def _from_csv(path: Path, num_train: int) -> np.ndarray:
@@ -48,7 +56,7 @@ def _from_csv(path: Path, num_train: int) -> np.ndarray:
     if not rows or len({len(r) for r in rows}) != 1 or len(rows[0]) not in (1, 2):
         raise DataError(f"{path} must hold rows index,label (or one label per row), all alike")
     if len(rows[0]) == 1:
-        return np.array([_integer(r[0], path, n) for n, r in enumerate(rows, 1)])
+        return np.array([_integer(r[0], path, n) for n, r in enumerate(rows, 1)], dtype=np.int64)
     labels = np.full(num_train, -1, dtype=np.int64)
     for n, (index, label) in enumerate(rows, 1):
         i = _integer(index, path, n)

@@ -10,7 +10,8 @@ from memkern.training.config import TrainConfig
 from memkern.errors import RunDirError, printable
 from memkern.report.findings import TOTAL
 from memkern.rundir.paths import RunDir
-from memkern.rundir.csv_tables import read_csv, read_table
+from memkern.experiments.gradients.run import SUMMARY_COLUMNS
+from memkern.rundir.csv_tables import read_checked_csv, read_csv, read_table
 
 CURVES = ("clean_acc", "noisy_acc", "test_acc")
 
@@ -57,17 +58,8 @@ FIGURES = {"summed_norms": "grads/summed_norms.png", "cosine": "grads/cosine.png
 
 
 def _grads_summary(run: RunDir) -> list[dict] | None:
-    rows = read_csv(run.grads / "summary.csv")
-    needed = {"epoch", "group", "clean_norm", "noisy_norm", "cosine"}
-    if rows and not needed <= set(rows[0]):
-        raise RunDirError(f"{run.grads / 'summary.csv'} lacks the columns "
-                          f"{', '.join(sorted(needed - set(rows[0])))}; rerun memkern grads")
-    try:
-        for r in rows:
-            int(r["epoch"]), float(r["clean_norm"]), float(r["noisy_norm"]), float(r["cosine"])
-    except (TypeError, ValueError):
-        raise RunDirError(f"{run.grads / 'summary.csv'} holds a row that is not numbers; was it "
-                          f"edited? move it away and rerun memkern grads") from None
+    rows = read_checked_csv(run.grads / "summary.csv", SUMMARY_COLUMNS,
+                            fix="move it away and rerun memkern grads")
     return rows or None
 
 
@@ -114,7 +106,7 @@ def _imported_accuracies(run: RunDir) -> list[dict]:
 def load_run_tables(run_dir: str | Path) -> RunTables:
     """Read everything the report shows from ``run_dir``; a missing analysis stays None."""
     run = RunDir(run_dir)
-    config = run.load_config()
+    config = run.load_config(check_model=False)  # shown, never built
     metrics = _imported_accuracies(run) if config.imported else run.load_metrics()
     if not metrics and not config.imported:
         raise RunDirError(f"{run.root} has no completed epoch in metrics.jsonl yet")

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from memkern.errors import RunDirError
+from memkern.rundir import json_files
+from memkern.rundir.safe_files import append_text, open_nofollow, refuse_link
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -26,15 +28,20 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     either the old file or the new one, never half of one. The file gets the ordinary mode
     of a new file under the user's umask, whatever ``write`` did to the temporary's."""
     path = Path(path)
+    refuse_link(path)  # replacing a link is harmless, but a link there is not memkern's file
     path.parent.mkdir(parents=True, exist_ok=True)
+    # mkstemp opens with O_EXCL: never an existing file or link
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
                                dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; so may what ``write`` called
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
+        fd = open_nofollow(tmp, os.O_RDONLY)  # still the regular file written, not a link
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; so may what ``write`` called
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -96,11 +103,7 @@ def atomic_write_json(path: str | Path, obj) -> None:
 def append_jsonl(path: str | Path, obj) -> None:
     """Append one JSON line and fsync: a line is either wholly on disk or absent after a kill
     (a torn last line is dropped by :func:`read_jsonl`)."""
-    line = _json_line(obj, path) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    append_text(path, _json_line(obj, path) + "\n")
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
@@ -110,16 +113,12 @@ def read_jsonl(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.exists():
         return []
-    try:
-        lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1)
-                 if line.strip()]
-    except UnicodeDecodeError:
-        raise RunDirError(f"{path} is not a text file of JSON lines; move it away or pass "
-                          f"another path") from None
+    lines = [(n, line) for n, line in enumerate(json_files.read_text(path).splitlines(), 1)
+             if line.strip()]
     rows = []
     for k, (n, line) in enumerate(lines):
         try:
-            row = json.loads(line)
+            row = json_files.loads(line, source=f"{path}, line {n}")
         except json.JSONDecodeError:
             if k == len(lines) - 1:
                 break  # torn by a kill
@@ -136,8 +135,8 @@ def read_json_object(path: str | Path) -> dict:
     """A JSON file holding one object (a memkern record); anything else is an error naming it."""
     path = Path(path)
     try:
-        obj = json.loads(path.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        obj = json_files.loads(json_files.read_text(path), source=str(path))
+    except json.JSONDecodeError:
         obj = None
     if not isinstance(obj, dict):
         raise RunDirError(f"{path} is not a JSON object as memkern writes it; was it edited? "

@@ -64,7 +64,10 @@ def load_data(config: TrainConfig, *, data_dir: str | Path | None = None,
     if run is None:
         raise ConfigError(f"this config's training labels are the file {config.train_labels} "
                           f"of its run directory: pass run=<the run directory>")
-    path = Path(run) / config.train_labels
+    path = Path(run) / config.train_labels  # a plain file name (TrainConfig checks it)
+    if path.is_symlink():
+        raise RunDirError(f"{path} is a symbolic link; a run's training labels must be a file "
+                          f"of the run itself: replace the link by the file")
     if not path.is_file():
         raise RunDirError(f"{path} is missing: this imported run's training labels live beside "
                           f"its checkpoints/ folder; keep the checkpoint in its run directory")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 from memkern.rundir.atomic import atomic_write_text
 from memkern.errors import RunDirError
@@ -35,6 +35,27 @@ def read_csv(path: str | Path) -> list[dict]:
         return []
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def read_checked_csv(path: str | Path, columns: dict[str, Callable[[str], object]], *,
+                     fix: str) -> list[dict]:
+    """:func:`read_csv`, each row checked to have ``columns`` that their converters (``int``,
+    ``float``) read; a hand-edited file is one RunDirError naming the file, the line and
+    ``fix`` (what to do)."""
+    path = Path(path)
+    rows = read_csv(path)
+    missing = sorted(set(columns) - set(rows[0])) if rows else []
+    if missing:
+        raise RunDirError(f"{path} lacks the column(s) {', '.join(missing)}; was it edited? "
+                          f"{fix}")
+    for n, r in enumerate(rows, 2):
+        try:
+            for name, convert in columns.items():
+                convert(r[name])
+        except (TypeError, ValueError, OverflowError):  # a short row (None) or not a number
+            raise RunDirError(f"{path}, line {n}: {name} is not a number; was it edited? "
+                              f"{fix}") from None
+    return rows
 
 
 def write_table(path: str | Path, rows: list[dict]) -> None:

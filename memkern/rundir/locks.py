@@ -21,26 +21,29 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from memkern.rundir.atomic import remove_interrupted_writes
-from memkern.errors import BusyError
+from memkern.errors import BusyError, RunDirError
 from memkern.rundir.paths import RUN_LOCK
+from memkern.rundir.safe_files import open_nofollow, read_text_nofollow, refuse_link, refuse_links
 
 # What a run lock cleans: the folders memkern writes a run's files into.
 RUN_FOLDERS = ("", "checkpoints", "grads", "report")
+# The folders of a run that memkern writes into, each refused when it is a symbolic link.
+WRITTEN_FOLDERS = ("checkpoints", "grads", "report", "scores", "scores/crossval")
 
 _held: dict[Path, int] = {}  # lock file -> depth: a process may nest holds of one lock
 
 
 def _holder(path: Path) -> str:
     try:
-        pid = path.read_text().strip()
-    except (OSError, ValueError):  # gone, or not text
+        pid = read_text_nofollow(path).strip()
+    except (OSError, ValueError, RunDirError):  # gone, not text, or a link
         pid = ""
     return f"pid {pid}" if pid.isdigit() else "a process that is starting"
 
 
 def _acquire(path: Path, what: str) -> int:
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        fd = open_nofollow(path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -107,6 +110,7 @@ def hold_run(root: str | Path) -> Iterator[None]:
     """Hold the lock of run directory ``root`` (``root/.memkern.lock``), cleaning the
     interrupted writes of its folders."""
     root = Path(root)
+    refuse_links(root / f for f in WRITTEN_FOLDERS)  # writes there would leave the run
     with _folder(root), hold(root / RUN_LOCK, what=f"run directory {root}",
                              clean=tuple(root / f for f in RUN_FOLDERS)):
         yield
@@ -118,6 +122,7 @@ def hold_output(out: str | Path, *, rank: int = 0, size: int = 1) -> Iterator[No
     together: rank 0 (or a lone process) takes ``.<name>.lock``, rank r > 0 the lock of its
     part file, so a second launch on the same output is refused on every rank."""
     out = Path(out)
+    refuse_link(out)  # an explicit --out may be anywhere, but not a link to elsewhere
     name = out.name if rank == 0 else f"{out.name}.rank{rank}-of-{size}"
     with _folder(out.parent), hold(out.with_name(f".{name}.lock"), what=f"output {out}",
                                    clean=(out.parent,)):

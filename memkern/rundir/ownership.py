@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Sequence
 
 from memkern.errors import OutputNotOursError
+from memkern.rundir import json_files
 
 
 def _refuse(path: Path, what: str, why: str) -> None:
@@ -23,6 +24,8 @@ def _text(path: Path, what: str) -> str | None:
         return None
     if not path.is_file():
         _refuse(path, what, "not a regular file")
+    if path.stat().st_size > json_files.MAX_BYTES:
+        _refuse(path, what, f"larger than the {json_files.MAX_BYTES:,} bytes memkern reads")
     try:
         return path.read_text()
     except UnicodeDecodeError:
@@ -40,7 +43,7 @@ def require_jsonl_output(path: str | Path, *, keys: Sequence[str], what: str) ->
     complete = lines[:-1]  # what follows the last newline is torn or empty
     for n, line in enumerate(complete, 1):
         try:
-            row = json.loads(line)
+            row = json_files.loads(line, source=f"{path}, line {n}", error=OutputNotOursError)
         except json.JSONDecodeError:
             _refuse(path, what, f"line {n} is not JSON")
         if not isinstance(row, dict) or not all(k in row for k in keys):

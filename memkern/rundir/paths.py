@@ -5,6 +5,7 @@ import json
 import re
 from pathlib import Path
 
+from memkern.rundir import json_files
 from memkern.rundir.atomic import read_jsonl
 from memkern.training.config import TrainConfig
 from memkern.errors import RunDirError
@@ -78,16 +79,19 @@ class RunDir:
                               f"(expected {self.checkpoints}/epoch_NNN.safetensors)")
         return self.checkpoint_path(have[-1])
 
-    def load_config(self) -> TrainConfig:
-        """The run's config, checked field by field; a damaged file names the field."""
+    def load_config(self, *, check_model: bool = True) -> TrainConfig:
+        """The run's config, checked field by field; a damaged file names the field. Without
+        ``check_model`` (to show the config, not to build its model) the model spec it names is
+        not checked against the user's trust (:mod:`memkern.network.models.trust`)."""
         if not self.config_path.is_file():
             raise RunDirError(f"{self.root} is not a memkern run directory (no config.json)")
-        return TrainConfig.from_json(_read_text(self.config_path), source=str(self.config_path))
+        return TrainConfig.from_json(_read_text(self.config_path), source=str(self.config_path),
+                                     check_model=check_model)
 
     def load_noise(self) -> dict:
         """noise.json: the rate, seed, training-set size and the flipped indices and labels."""
         try:
-            noise = json.loads(_read_text(self.noise_path))
+            noise = json_files.loads(_read_text(self.noise_path), source=str(self.noise_path))
         except json.JSONDecodeError as e:
             raise RunDirError(f"{self.noise_path} is not JSON ({e}); only `memkern train` writes "
                               f"it: restore the file") from None
@@ -123,7 +127,4 @@ class RunDir:
 
 
 def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except UnicodeDecodeError:
-        raise RunDirError(f"{path} is not a UTF-8 text file; restore it from the run") from None
+    return json_files.read_text(path)

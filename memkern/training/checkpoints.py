@@ -7,6 +7,7 @@ SGD momentum (so a resumed run is bit-identical to an uninterrupted one). Metada
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save
 from torch import nn
 
+from memkern.rundir import json_files
 from memkern.rundir.atomic import atomic_write
 from memkern.training.config import TrainConfig
 from memkern.errors import CheckpointError, ConfigError
@@ -59,11 +61,13 @@ def _read_metadata(path: Path) -> dict[str, str]:
         if len(head) < 8:
             raise CheckpointError(f"{path}: not a checkpoint (file is {len(head)} bytes)")
         size = int.from_bytes(head, "little")
-        if size > 100_000_000:
-            raise CheckpointError(f"{path}: not a safetensors checkpoint (bad header length)")
+        if size > min(100_000_000, os.fstat(f.fileno()).st_size - 8):
+            raise CheckpointError(f"{path}: not a safetensors checkpoint (its header claims "
+                                  f"{size:,} bytes, more than the file holds)")
         try:
-            header = json.loads(f.read(size))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            header = json_files.loads(f.read(size), source=f"{path}: the header",
+                                      error=CheckpointError)
+        except (UnicodeDecodeError, json.JSONDecodeError):
             raise CheckpointError(f"{path}: not a safetensors checkpoint (unreadable header)")
     meta = header.get("__metadata__", {}) if isinstance(header, dict) else {}
     return meta if isinstance(meta, dict) else {}
@@ -88,7 +92,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
                               f"this memkern reads version {VERSION}")
     config_text, epoch = meta.get("config"), meta.get("epoch")
     if not (isinstance(config_text, str) and isinstance(epoch, str) and epoch.isascii()
-            and epoch.isdigit()):
+            and epoch.isdigit() and len(epoch) <= 9):
         raise CheckpointError(f"{path} is corrupt: its metadata lacks the config or the epoch; "
                               f"use another checkpoint of the run")
     try:

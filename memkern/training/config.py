@@ -14,12 +14,24 @@ from dataclasses import dataclass, field
 
 from memkern.errors import ConfigError
 from memkern.network.tied_dropout import check_tied_config
+from memkern.rundir import json_files
 
 DEFAULT_DROPOUT_SITES: tuple[str, ...] = ()  # empty: the model's own default placement
 # Seeds feed torch.Generator.manual_seed, also as seed * 1_000_003 + epoch, which must stay
 # below 2**64: 2**32 leaves room for any number of epochs.
 MAX_SEED = 2**32 - 1
 LR_SCHEDULES = ("cosine", "constant")
+# Upper bounds of the counts a config holds, far above any real run: a config read from a file
+# (a received run) with epochs 1e30 would otherwise run until killed.
+INT_LIMITS = {"epochs": 100_000, "batch_size": 1 << 20, "world_size": 1 << 16}
+MAX_LR = 1e6  # learning rate and weight decay; a diverging lr is the divergence guard's case
+
+
+def is_plain_file_name(name: str) -> bool:
+    """A name that stays in the folder it is joined to: no separator, not ``.``/``..``, not
+    hidden, not absolute."""
+    return (bool(name) and "/" not in name and "\\" not in name and "\0" not in name
+            and not name.startswith("."))
 
 
 def check_seed(seed: int, *, name: str = "seed") -> None:
@@ -68,13 +80,16 @@ class TrainConfig:
         check_seed(self.seed)
         if not 0.0 <= self.noise < 1.0:
             raise ConfigError(f"noise rate must be in [0, 1), got {self.noise}")
-        for name in ("epochs", "batch_size", "world_size"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            raise ConfigError(f"lr must be positive, got {self.lr}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be at least 0, got {self.weight_decay}")
+        for name, most in INT_LIMITS.items():
+            if not 1 <= getattr(self, name) <= most:
+                raise ConfigError(f"{name} must be in 1..{most:,}, got {getattr(self, name)}")
+        if not 0 < self.lr <= MAX_LR:
+            raise ConfigError(f"lr must be positive and at most {MAX_LR:g}, got {self.lr}")
+        if not 0 <= self.weight_decay <= MAX_LR:
+            raise ConfigError(f"weight_decay must be in [0, {MAX_LR:g}], got {self.weight_decay}")
+        if not (0.0 <= self.p_gen <= 1.0 and 0.0 <= self.p_mem <= 1.0):
+            raise ConfigError(f"p_gen and p_mem are probabilities in [0, 1], got p_gen="
+                              f"{self.p_gen}, p_mem={self.p_mem}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.warmup < 1.0:
@@ -82,6 +97,9 @@ class TrainConfig:
         if self.lr_schedule not in LR_SCHEDULES:
             raise ConfigError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got "
                               f"{self.lr_schedule!r}")
+        if self.train_labels is not None and not is_plain_file_name(self.train_labels):
+            raise ConfigError(f"train_labels must name a file in the run directory itself (a "
+                              f"plain file name), got {self.train_labels!r}")
         if self.train_labels is not None and self.noise != 0.0:
             raise ConfigError(f"a run with its own training labels ({self.train_labels}) takes "
                               f"no synthetic noise on top: set noise 0, got {self.noise}")
@@ -99,11 +117,14 @@ class TrainConfig:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
 
     @classmethod
-    def from_json(cls, text: str, *, source: str = "config") -> "TrainConfig":
-        """Parse a config written by :meth:`to_json`, checking each field's type; ``source``
-        (e.g. the file) starts every error message."""
+    def from_json(cls, text: str, *, source: str = "config",
+                  check_model: bool = True) -> "TrainConfig":
+        """Parse a config written by :meth:`to_json`, checking each field's type and range;
+        ``source`` (e.g. the file) starts every error message. A file's text is data: with
+        ``check_model`` (for a config that will build its model) the model it names must pass
+        :func:`memkern.network.models.trust.check_file_spec`."""
         try:
-            data = json.loads(text)
+            data = json_files.loads(text, source=source, error=ConfigError)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{source} is not valid JSON ({e}); restore it") from None
         if not isinstance(data, dict):
@@ -117,9 +138,14 @@ class TrainConfig:
         values = {name: _field_value(fields[name], value, source)
                   for name, value in data.items()}
         try:
-            return cls(**values)
+            config = cls(**values)
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
+        if check_model:
+            from memkern.network.models.trust import check_file_spec
+
+            check_file_spec(config.model, source=source)
+        return config
 
 
 def _kind(f: dataclasses.Field) -> type:

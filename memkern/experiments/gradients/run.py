@@ -34,7 +34,7 @@ from memkern.experiments.gradients.subset import TOTAL
 from memkern.network.models.groups import LayerGroup, layer_groups
 from memkern.rundir.atomic import atomic_write_text, read_jsonl
 from memkern.rundir.context import open_run, resolve_device
-from memkern.rundir.csv_tables import csv_text, read_csv
+from memkern.rundir.csv_tables import csv_text, read_checked_csv
 from memkern.rundir.locks import hold_run, locked
 from memkern.rundir.paths import RunDir
 from memkern.rundir.progress import Progress
@@ -43,6 +43,29 @@ from memkern.training.distributed import World, joined
 
 def per_example_path(run: RunDir, epoch: int) -> Path:
     return run.grads / f"per_example_epoch_{epoch:03d}.csv"
+
+
+# The columns later steps read from summary.csv (besides the group name), with their types.
+SUMMARY_COLUMNS = {"epoch": int, "group": str, "clean_norm": float, "noisy_norm": float,
+                   "cosine": float}
+
+
+def _live_summary(run: RunDir) -> list[dict]:
+    """``grads/live.jsonl`` (``memkern train --track-grads``), each record checked to hold
+    SUMMARY_COLUMNS (a number may be null: undefined, as for an empty subset)."""
+    path = run.grads / "live.jsonl"
+    rows = read_jsonl(path)
+    for n, row in enumerate(rows, 1):
+        for name, kind in SUMMARY_COLUMNS.items():
+            value = row.get(name)
+            fits = (isinstance(value, str) if kind is str else
+                    isinstance(value, int) if kind is int else
+                    value is None or isinstance(value, (int, float)))
+            if name not in row or not fits or isinstance(value, bool):
+                raise RunDirError(f"{path}, record {n}: {name} is missing or not "
+                                  f"{'text' if kind is str else 'a number'}; was it edited? "
+                                  f"move it away (memkern train --track-grads writes it)")
+    return rows
 
 
 def summary_path(run: RunDir) -> Path:
@@ -92,7 +115,8 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
     ctx = open_run(run.root, epoch=epochs[0], device=place, data_dir=data_dir)
     model, data = ctx.model, ctx.data
     groups = layer_groups(model)
-    summary = read_csv(summary_path(run))
+    summary = read_checked_csv(summary_path(run), SUMMARY_COLUMNS,
+                               fix="move it away and rerun memkern grads")
     done = {int(r["epoch"]) for r in summary}
     todo = [e for e in epochs if not (e in done and per_example_path(run, e).is_file())]
     with joined(world, place) as world:
@@ -112,7 +136,7 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
         return run
     from memkern.report.figures.gradients import plot_accounting
     plot_accounting(run, summary)
-    live = read_jsonl(run.grads / "live.jsonl")
+    live = _live_summary(run)
     if live:
         plot_accounting(run, live, prefix="live_", source="training steps")
     return run

@@ -32,6 +32,7 @@ from memkern.experiments.localize.objective import LocalizationObjective, refere
 from memkern.experiments.localize.settings import check_resumable, localize_settings
 from memkern.experiments.localize.summary import fitted, write_summary
 from memkern.rundir.locks import for_checkpoint, hold_output, locked
+from memkern.experiments.localize.rows import check_rows
 from memkern.rundir.ownership import require_jsonl_output
 from memkern.rundir.progress import Progress
 from memkern.rundir.paths import RunDir
@@ -86,14 +87,15 @@ def merge_parts(out: Path, targets: Sequence[int]) -> list[dict]:
     index. New lines follow the order of ``targets`` (indices not in it last, ascending). The
     output is replaced atomically before any part is removed, so a kill in between only leaves
     parts whose lines the next merge skips as duplicates."""
-    rows = recover_jsonl(out)
+    rows = check_rows(recover_jsonl(out), out, fields=("index",))
     parts = part_files(out)
     if not parts:
         return rows
     seen = {r["index"] for r in rows}
     new: dict[int, dict] = {}
     for p in parts:
-        for r in read_jsonl(p):  # a torn last line (killed mid-write) is skipped
+        # a torn last line (killed mid-write) is skipped
+        for r in check_rows(read_jsonl(p), p, fields=("index",)):
             if r["index"] not in seen:
                 new.setdefault(r["index"], r)
     position = {t: i for i, t in enumerate(targets)}
@@ -160,7 +162,8 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
         if world.main:
             merge_parts(out, targets)  # lines a killed run left in part files count as done
         world.barrier()
-        rows = read_jsonl(out)
+        rows = check_rows(read_jsonl(out), out, num_train=len(data.train_labels),
+                          widths=dict(zip(space.names, space.counts)))
         check_resumable(rows, settings, out)
         done = {row["index"] for row in rows}
         todo = [t for t in targets if t not in done]
@@ -228,7 +231,7 @@ def load_results(path: str | Path) -> list[dict]:
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; run `memkern localize --ckpt ...` first")
-    rows = read_jsonl(path)
+    rows = check_rows(read_jsonl(path), path)
     if not rows:
         raise ConfigError(f"{path} holds no complete localization lines")
     return rows

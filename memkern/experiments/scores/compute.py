@@ -14,6 +14,7 @@ from typing import Sequence
 
 import numpy as np
 
+from memkern.rundir import json_files
 from memkern.rundir.atomic import atomic_write_json, atomic_write_text
 from memkern.errors import ConfigError, MemkernError, RunDirError
 from memkern.rundir.paths import RunDir
@@ -32,7 +33,16 @@ def timings_path(run: RunDir) -> Path:
 
 def read_timings(run: RunDir) -> dict:
     path = timings_path(run)
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    try:
+        timings = json_files.loads(json_files.read_text(path), source=str(path))
+    except json.JSONDecodeError:
+        timings = None
+    if not isinstance(timings, dict):
+        raise RunDirError(f"{path} is not the JSON object memkern writes; restore it, or move "
+                          f"it away")
+    return timings
 
 
 def _record(run: RunDir, key: str, seconds: float, **details) -> None:

@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from memkern.rundir.atomic import atomic_write, read_jsonl
+from memkern.rundir.safe_files import refuse_links
 from memkern.training.config import TrainConfig
 from memkern.data import PreparedData
 from memkern.data.noise import LabelNoise
@@ -109,6 +110,7 @@ def cross_validate(*, run: str | Path, folds: int = 5, epochs: int | None = None
     for k in range(folds):
         done = root / f"fold_{k}.safetensors"
         fold_run = RunDir(root / f"fold_{k}")
+        refuse_links((root, fold_run.root))  # trained into: must be the run's own folders
         if not done.is_file():
             keep = torch.from_numpy(np.nonzero(held != k)[0])
             out_rows = torch.from_numpy(np.nonzero(held == k)[0])

@@ -28,9 +28,10 @@ from memkern.training.dynamics import Dynamics, dynamics_path
 from memkern.errors import RunDirError
 from memkern.rundir.context import load_data, open_run
 from memkern.rundir.paths import RunDir
+from memkern.experiments.localize.rows import check_rows
 from memkern.experiments.scores.signals import (COMBINED, DYNAMICS_SIGNALS, channels_to_flip,
                                                 combined_score, dynamics_signals, tied_gap)
-from memkern.rundir.csv_tables import csv_text, read_csv
+from memkern.rundir.csv_tables import csv_text, read_checked_csv, read_csv
 
 LOCALIZE_FILE = "localize.jsonl"
 SCORES_FILE = "scores.csv"
@@ -106,12 +107,19 @@ def grad_columns(run: RunDir, num_train: int) -> dict[str, np.ndarray]:
     chosen = sorted({trained[0], trained[-1]}) if trained else []
     out = {}
     for epoch in chosen:
-        rows = read_csv(run.grads / f"per_example_epoch_{epoch:03d}.csv")
+        path = run.grads / f"per_example_epoch_{epoch:03d}.csv"
+        rows = read_csv(path)
         if len(rows) != num_train:
-            raise RunDirError(f"{run.grads}/per_example_epoch_{epoch:03d}.csv has {len(rows)} "
-                              f"rows for {num_train} training examples; rerun `memkern grads`")
+            raise RunDirError(f"{path} has {len(rows)} rows for {num_train} training examples; "
+                              f"rerun `memkern grads`")
         groups = [k for k in rows[0] if k not in ("index", "noisy", "label")]
-        order = np.argsort([int(r["index"]) for r in rows])
+        rows = read_checked_csv(path, {"index": int, **dict.fromkeys(groups, float)},
+                                fix="move it away and rerun `memkern grads`")
+        index = [int(r["index"]) for r in rows]
+        if sorted(index) != list(range(num_train)):
+            raise RunDirError(f"{path}: the indices are not 0..{num_train - 1} once each; was it "
+                              f"edited? move it away and rerun `memkern grads`")
+        order = np.argsort(index)
         for g in groups:
             out[f"grad_{g}_e{epoch:03d}"] = np.array([float(r[g]) for r in rows])[order]
     return out
@@ -142,6 +150,8 @@ def collect_scores(run: str | Path, *, data: PreparedData | None = None, device:
     localized = run.root / LOCALIZE_FILE
     lines = read_jsonl(localized) if localized.is_file() else []
     if lines:
+        lines = check_rows(lines, localized, fields=("index", "flipped", "n_channels"),
+                           num_train=n)
         table.signals["channels_to_flip"] = channels_to_flip(lines, n)
     else:
         table.missing["channels_to_flip"] = (f"no {localized}: `memkern localize --ckpt ...` or "

@@ -21,7 +21,28 @@ from memkern.network.sites import name_sites
 
 MODELS = {"cnn": SmallCNN, "mlp": MLP, "resnet9": ResNet9, "resnet50": ResNet50, "vit": ViT}
 
-__all__ = ["MODELS", "LayerGroup", "build_model", "layer_groups"]
+__all__ = ["MODELS", "LayerGroup", "build_model", "check_fits_memory", "layer_groups"]
+
+
+def check_fits_memory(name: str, *, num_classes: int, in_channels: int, image_size: int) -> None:
+    """ConfigError when memkern's model ``name`` for these sizes, or the example input its sites
+    are found with, would not fit in half this machine's memory: its parameters are counted on
+    the meta device, where nothing is allocated."""
+    import os
+
+    import torch
+
+    budget = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    need = 2 * in_channels * image_size * image_size * 4  # the [2, C, S, S] example
+    if name in MODELS and need <= budget:
+        with torch.device("meta"):
+            model = MODELS[name](num_classes=num_classes, in_channels=in_channels,
+                                 image_size=image_size, norm="batch")
+        need += sum(p.numel() * p.element_size() for p in model.parameters())
+    if need > budget:
+        raise ConfigError(f"{name} for {in_channels}-channel {image_size}x{image_size} images "
+                          f"needs {need / 2**30:,.1f} GiB, more than half of this machine's "
+                          f"memory ({budget * 2 / 2**30:,.1f} GiB); choose smaller sizes")
 
 
 def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int,

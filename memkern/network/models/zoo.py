@@ -1,7 +1,7 @@
 """Models by reference: ``torchvision:NAME``, ``timm:NAME`` or ``package.module:factory``.
 
 Constructor keywords follow a ``?``, joined by ``&``, values read as Python literals (numbers,
-True/False, quoted strings; anything else is a string)::
+True/False, None, quoted strings, flat tuples/lists of those; an unquoted word is a string)::
 
     torchvision:resnet18
     timm:vit_tiny_patch16_224?img_size=32&patch_size=4
@@ -13,13 +13,18 @@ first 3-channel conv is rebuilt for ``in_channels``. timm models get ``num_class
 ``in_chans``. ``group_depth=N`` is memkern's own key (not passed on): layer groups at module
 depth N (see :mod:`memkern.network.attach`). Weights are always freshly initialized; sites are found by
 :func:`memkern.network.attach.attach_sites` on a ``[2, in_channels, image_size, image_size]`` input.
-A spec that cannot be imported or built is a ConfigError.
+A factory's keywords must be parameters it declares, of their annotated types. A spec that
+cannot be imported or built is a ConfigError. A spec read from a file must first pass
+:func:`memkern.network.models.trust.check_file_spec`.
 """
 from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import sys
+import types
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -29,6 +34,8 @@ from memkern.network.attach import attach_sites
 from memkern.errors import ConfigError
 
 ZOO_INSTALL = "pip install 'memkern[zoo]' (torchvision and timm, with --no-deps beside a CPU torch)"
+ZOO_SOURCES = ("torchvision", "timm")
+_SCALARS = (bool, int, float, str, type(None))
 _torchvision_ops: torch.library.Library | None = None  # kept alive: the declared op schemas
 
 
@@ -55,11 +62,22 @@ def parse_spec(spec: str) -> ModelSpec:
         key, eq, text = part.partition("=")
         if not eq or not key.isidentifier():
             raise ConfigError(f"model spec {spec!r}: {part!r} is not key=value")
-        kwargs[key] = _literal(text)
+        value = _literal(text)
+        if not _is_plain(value):
+            raise ConfigError(f"model spec {spec!r}: {key}={text} is a {type(value).__name__}; "
+                              f"keyword values are numbers, True/False, None, strings or flat "
+                              f"tuples/lists of those")
+        kwargs[key] = value
     depth = kwargs.pop("group_depth", 1)
     if not isinstance(depth, int) or depth < 1:
         raise ConfigError(f"model spec {spec!r}: group_depth must be an integer >= 1")
     return ModelSpec(source, name, kwargs, depth)
+
+
+def _is_plain(value) -> bool:
+    if isinstance(value, (tuple, list)):
+        return all(isinstance(v, _SCALARS) for v in value)
+    return isinstance(value, _SCALARS)
 
 
 def _literal(text: str):
@@ -133,8 +151,45 @@ def _factory(spec: ModelSpec, num_classes: int, in_channels: int, image_size: in
     factory = getattr(module, spec.name, None)
     if not callable(factory):
         raise ConfigError(f"{spec.source} has no callable {spec.name!r} to build the model")
+    _check_keywords(factory, spec)
     return factory(num_classes=num_classes, in_channels=in_channels, image_size=image_size,
                    **spec.kwargs)
+
+
+def _accepts(hint, value) -> bool:
+    """Whether ``value`` fits annotation ``hint``; hints other than plain types pass (unknown)."""
+    if isinstance(hint, str) or hint is inspect.Parameter.empty:
+        return True
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_accepts(h, value) for h in typing.get_args(hint))
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if hint in _SCALARS:
+        return isinstance(value, hint)
+    if hint in (tuple, list) or typing.get_origin(hint) in (tuple, list):
+        return isinstance(value, (tuple, list))
+    return True
+
+
+def _check_keywords(factory, spec: ModelSpec) -> None:
+    """Each spec keyword is a parameter ``factory`` declares, of its annotated type."""
+    try:
+        signature = inspect.signature(factory)
+        hints = typing.get_type_hints(factory)
+    except (TypeError, ValueError, NameError):  # no introspectable signature: nothing to check
+        return
+    params = signature.parameters
+    open_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    for key, value in spec.kwargs.items():
+        if key not in params and not open_kw:
+            raise ConfigError(f"model {spec.source}:{spec.name}: unexpected keyword argument "
+                              f"{key!r}; it takes {', '.join(params)}")
+        hint = hints.get(key, params[key].annotation if key in params else inspect.Parameter.empty)
+        if not _accepts(hint, value):
+            raise ConfigError(f"model {spec.source}:{spec.name}: {key}={value!r} is not of its "
+                              f"declared type {getattr(hint, '__name__', hint)}")
 
 
 def build_zoo_model(spec_text: str, *, num_classes: int, in_channels: int,

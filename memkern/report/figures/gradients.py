@@ -21,9 +21,11 @@ def _save(fig, path) -> None:
 
 
 def _table(summary: list[dict], column: str, epochs: list[int], groups: list[str]) -> np.ndarray:
-    """``[epochs, groups]`` float array of ``column``."""
-    cell = {(int(r["epoch"]), r["group"]): float(r[column]) for r in summary}
-    return np.array([[cell[(e, g)] for g in groups] for e in epochs])
+    """``[epochs, groups]`` float array of ``column``; NaN (a gap) where a row is missing or its
+    value undefined (null)."""
+    cell = {(int(r["epoch"]), r["group"]): r[column] for r in summary}
+    return np.array([[math.nan if cell.get((e, g)) is None else float(cell[(e, g)])
+                      for g in groups] for e in epochs])
 
 
 def plot_accounting(run: RunDir, summary: list[dict], *, prefix: str = "",
