@@ -7,6 +7,7 @@ own, so in modes "train"/"own" ``test_acc`` is measured in mode "keep".
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Callable
 
@@ -16,12 +17,14 @@ from torch.func import functional_call
 
 from memkern.rundir.atomic import atomic_write_json
 from memkern.data import PreparedData
+from memkern.data.text import TextData
 from memkern.errors import ConfigError
 from memkern.rundir.context import load_trained
 from memkern.rundir.locks import for_checkpoint, hold_run, locked
 from memkern.rundir.paths import RunDir
 from memkern.network.sites import example_indices
 from memkern.network.tied_dropout import has_tied_dropout, tied_dropout_mode, unindexed_rows
+from memkern.training.text_evaluate import EVALUATE_CANDIDATES, text_measures
 
 EVAL_BATCH = 1024
 EVAL_MODES = ("own", "keep", "drop")
@@ -75,19 +78,24 @@ def split_accuracies(model: nn.Module, data: PreparedData, *,
             "test_acc": _mean(test_pred == data.test_labels)}
 
 
-def mode_accuracies(model: nn.Module, data: PreparedData, *, mode: str,
-                    on_train_logits: Callable[[torch.Tensor], None] | None = None,
-                    ) -> dict[str, float]:
-    """:func:`split_accuracies` with every tied dropout module in ``mode`` (one of
-    ``EVAL_MODES``); a model without tied dropout takes only "own" (= plain evaluation)."""
+def evaluation_mode(model: nn.Module, mode: str) -> contextlib.AbstractContextManager:
+    """Every tied dropout module of ``model`` in ``mode`` (one of ``EVAL_MODES``) inside the
+    block; a model without tied dropout takes only "own" (= plain evaluation)."""
     if mode not in EVAL_MODES:
         raise ConfigError(f"evaluation mode {mode!r} is unknown: use one of {EVAL_MODES}")
     if not has_tied_dropout(model):
         if mode != "own":
             raise ConfigError(f"mode {mode!r} needs a model trained with tied dropout (memkern "
                               f"train --tied-dropout); this one has none: use --mode own")
-        return split_accuracies(model, data, on_train_logits=on_train_logits)
-    with tied_dropout_mode(model, mode):
+        return contextlib.nullcontext()
+    return tied_dropout_mode(model, mode)
+
+
+def mode_accuracies(model: nn.Module, data: PreparedData, *, mode: str,
+                    on_train_logits: Callable[[torch.Tensor], None] | None = None,
+                    ) -> dict[str, float]:
+    """:func:`split_accuracies` in :func:`evaluation_mode` ``mode``."""
+    with evaluation_mode(model, mode):
         return split_accuracies(model, data, on_train_logits=on_train_logits)
 
 
@@ -107,19 +115,28 @@ def epoch_accuracies(model: nn.Module, data: PreparedData, *,
 @locked(lambda a: for_checkpoint(
     a["ckpt"], lambda: hold_run(RunDir.of_checkpoint(a["ckpt"]).root)))
 def evaluate_checkpoint(*, ckpt: str | Path, mode: str, device: str = "auto",
-                        data_dir: str | Path | None = None) -> tuple[dict, Path]:
+                        data_dir: str | Path | None = None,
+                        max_candidates: int = EVALUATE_CANDIDATES) -> tuple[dict, Path]:
     """Accuracies of checkpoint ``ckpt`` in ``mode``, written atomically to
     ``<run>/evaluate_<epoch>_<mode>.json``; returns (the record, its path).
 
     The record: ``checkpoint``, ``epoch``, ``mode``, ``tied_dropout`` and the three accuracies of
-    :func:`mode_accuracies`. The masks come from the checkpoint's config alone.
+    :func:`mode_accuracies`. The masks come from the checkpoint's config alone. A text run's
+    record holds :func:`memkern.training.text_evaluate.text_measures` instead (exposure ranks
+    exact up to ``max_candidates`` strings scored).
     """
     if mode not in EVAL_MODES:
         raise ConfigError(f"evaluation mode {mode!r} is unknown: use one of {EVAL_MODES}")
-    trained = load_trained(ckpt, device=device, data_dir=data_dir)
+    if max_candidates < 1:
+        raise ConfigError(f"max_candidates must be at least 1, got {max_candidates}")
+    trained = load_trained(ckpt, device=device, data_dir=data_dir, text_ok=True)
+    if isinstance(trained.data, TextData):
+        with evaluation_mode(trained.model, mode):
+            measures = text_measures(trained.model, trained.data, max_candidates=max_candidates)
+    else:
+        measures = mode_accuracies(trained.model, trained.data, mode=mode)
     record = {"checkpoint": str(trained.checkpoint.path), "epoch": trained.checkpoint.epoch,
-              "mode": mode, "tied_dropout": trained.checkpoint.config.tied_dropout,
-              **mode_accuracies(trained.model, trained.data, mode=mode)}
+              "mode": mode, "tied_dropout": trained.checkpoint.config.tied_dropout, **measures}
     path = RunDir.of_checkpoint(trained.checkpoint.path).evaluation_path(record["epoch"], mode)
     atomic_write_json(path, record)
     return record, path

@@ -3,8 +3,8 @@
 A canary is ``The code of <word> is <8 digits>.`` with a seeded 5-letter word and secret (Carlini
 et al. 2019, "The Secret Sharer"); the secret is what extraction and exposure ask the model for,
 given the prefix. A duplicated paragraph is a real paragraph of a held-out work, cut to one
-window; its first :data:`PARAGRAPH_PREFIX` bytes are the prompt and the next
-:data:`PARAGRAPH_SUFFIX` the suffix a model that memorized it reproduces.
+window; its first :data:`PARAGRAPH_PREFIX` bytes (2/5 of a shorter one) are the prompt and the
+next :data:`PARAGRAPH_SUFFIX` the suffix a model that memorized it reproduces.
 """
 from __future__ import annotations
 
@@ -100,8 +100,8 @@ def make_paragraphs(count: int, reps: int, *, seed: int, first_id: int, seq_len:
     for i, k in enumerate(picks):
         name, off, text = found[k]
         text = text[:seq_len].decode("utf-8", "ignore").encode()  # no cut character at the end
-        inserts.append(Insert(first_id + i, PARAGRAPH, text[:PARAGRAPH_PREFIX],
-                              text[PARAGRAPH_PREFIX:PARAGRAPH_PREFIX + PARAGRAPH_SUFFIX], text,
-                              reps, source=name))
+        cut = min(PARAGRAPH_PREFIX, len(text) * 2 // 5)  # 32 of 80, or the same share
+        inserts.append(Insert(first_id + i, PARAGRAPH, text[:cut],
+                              text[cut:cut + PARAGRAPH_SUFFIX], text, reps, source=name))
         spans.append((name, off, off + len(text)))
     return inserts, spans

@@ -50,16 +50,23 @@ def parse_spec(spec: str) -> ModelSpec:
     if not source or not name:
         raise ConfigError(f"model spec {spec!r} needs the form SOURCE:NAME[?key=value&...], "
                           f"e.g. torchvision:resnet18 or timm:vit_tiny_patch16_224?img_size=32")
+    kwargs = parse_keywords(query, spec)
+    depth = kwargs.pop("group_depth", 1)
+    if not isinstance(depth, int) or depth < 1:
+        raise ConfigError(f"model spec {spec!r}: group_depth must be an integer >= 1")
+    return ModelSpec(source, name, kwargs, depth)
+
+
+def parse_keywords(query: str, spec: str) -> dict:
+    """``"a=1&b=x"`` -> ``{"a": 1, "b": "x"}`` (values read as Python literals, else strings);
+    ``spec`` names the whole model in errors."""
     kwargs = {}
     for part in filter(None, query.split("&")):
         key, eq, text = part.partition("=")
         if not eq or not key.isidentifier():
             raise ConfigError(f"model spec {spec!r}: {part!r} is not key=value")
         kwargs[key] = _literal(text)
-    depth = kwargs.pop("group_depth", 1)
-    if not isinstance(depth, int) or depth < 1:
-        raise ConfigError(f"model spec {spec!r}: group_depth must be an integer >= 1")
-    return ModelSpec(source, name, kwargs, depth)
+    return kwargs
 
 
 def _literal(text: str):
