@@ -24,8 +24,12 @@ from memkern.experiments.text.extraction import extracted, suffix_accuracy
 from memkern.network.tied_dropout import has_tied_dropout, tied_dropout_mode, unindexed_rows
 
 EVAL_ROWS = 64
-EPOCH_CANDIDATES = 1_000  # strings scored per canary for exact ranks, each epoch
-EVALUATE_CANDIDATES = 100_000  # in `memkern evaluate` (--max-candidates; 10^6 is the paper's)
+# Each epoch's exposure is a cheap look (exact ranks up to 100 strings scored, else estimated
+# from 64 samples): per canary about 160 rows of <= 29 bytes, against the 4,000 windows of 128
+# an epoch of the preset trains. `memkern evaluate` searches 10^5 strings (--max-candidates;
+# 10^6 is the paper's) and estimates from 512 samples.
+EPOCH_CANDIDATES, EPOCH_SAMPLES = 100, 64
+EVALUATE_CANDIDATES, EVALUATE_SAMPLES = 100_000, 512
 
 
 @torch.no_grad()
@@ -58,8 +62,8 @@ def _group_means(values: list[float], reps: list[int], name: str) -> dict[str, f
             for r in sorted(set(reps))}
 
 
-def canary_results(model: nn.Module, data: TextData, *,
-                   max_candidates: int = EPOCH_CANDIDATES) -> list[dict]:
+def canary_results(model: nn.Module, data: TextData, *, max_candidates: int = EPOCH_CANDIDATES,
+                   samples: int = EPOCH_SAMPLES) -> list[dict]:
     """Per canary: ``id``, ``reps``, ``extracted`` (bool), ``exposure``, ``rank``, ``exact``.
     Each canary's rows carry its tied-dropout key."""
     canaries = data.canaries()
@@ -72,7 +76,7 @@ def canary_results(model: nn.Module, data: TextData, *,
     out = []
     for c, hit, key in zip(canaries, hits.tolist(), keys.tolist()):
         e = secret_exposure(model, _tokens(c.prefix), _tokens(c.secret), key=key,
-                            max_candidates=max_candidates, seed=c.id)
+                            max_candidates=max_candidates, samples=samples, seed=c.id)
         out.append({"id": c.id, "reps": c.reps, "extracted": hit, "exposure": e.exposure,
                     "rank": e.rank, "exact": e.exact})
     return out
@@ -90,7 +94,7 @@ def paragraph_accuracy(model: nn.Module, data: TextData) -> float:
 def text_measures(model: nn.Module, data: TextData, *,
                   max_candidates: int = EVALUATE_CANDIDATES) -> dict:
     """:func:`_measures` and each canary's :func:`canary_results` under ``canaries``."""
-    rows = canary_results(model, data, max_candidates=max_candidates)
+    rows = canary_results(model, data, max_candidates=max_candidates, samples=EVALUATE_SAMPLES)
     return {**_measures(model, data, max_candidates, rows=rows), "canaries": rows}
 
 

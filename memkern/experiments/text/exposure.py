@@ -79,9 +79,11 @@ def sequence_log_probs(model: nn.Module, prefix: torch.Tensor, strings: torch.Te
 @torch.no_grad()
 def secret_exposure(model: nn.Module, prefix: torch.Tensor, secret: torch.Tensor, *,
                     key: int | None = None, max_candidates: int = 1_000_000,
-                    alphabet: tuple[int, ...] = DIGITS, seed: int = 0) -> Exposure:
+                    alphabet: tuple[int, ...] = DIGITS, samples: int = SAMPLES,
+                    seed: int = 0) -> Exposure:
     """The exposure of ``secret`` (int64 ``[S]``, bytes of ``alphabet``) after ``prefix`` (int64
-    ``[P]``); ``key``: the tied-dropout key of the rows."""
+    ``[P]``); ``key``: the tied-dropout key of the rows; ``samples``: strings drawn (from
+    ``seed``) for an estimated rank."""
     dev = next(model.parameters()).device
     prefix, alpha = prefix.to(dev), torch.tensor(alphabet, device=dev)
     target = tuple(alphabet.index(int(b)) for b in secret)
@@ -96,7 +98,8 @@ def secret_exposure(model: nn.Module, prefix: torch.Tensor, secret: torch.Tensor
             ahead += 1
             continue
         batch = []
-        while heap and len(heap[0][1]) < length and len(batch) < EXPAND_ROWS:
+        room = min(EXPAND_ROWS, -(-(max_candidates - scored) // len(alphabet)))
+        while heap and len(heap[0][1]) < length and len(batch) < room:
             batch.append(heapq.heappop(heap))
         scored += len(batch) * len(alphabet)
         lp = _next_log_probs(model, prefix, [p for _, p in batch], key, alpha)
@@ -104,15 +107,16 @@ def secret_exposure(model: nn.Module, prefix: torch.Tensor, secret: torch.Tensor
             for sym, value in enumerate(row):
                 heapq.heappush(heap, (neg - float(value), partial + (sym,)))
     return Exposure(rank=_estimated_rank(model, prefix, secret.to(dev), key, alpha, space,
-                                         floor=ahead + 1, seed=seed),
+                                         floor=ahead + 1, samples=samples, seed=seed),
                     exact=False, space=space)
 
 
-def _estimated_rank(model, prefix, secret, key, alpha, space, *, floor: int, seed: int) -> float:
+def _estimated_rank(model, prefix, secret, key, alpha, space, *, floor: int, samples: int,
+                    seed: int) -> float:
     """``space`` x P(log p(random string) > log p(secret)) under a normal fit, in
     [``floor``, ``space``]."""
     gen = torch.Generator().manual_seed(seed)
-    picks = torch.randint(len(alpha), (SAMPLES, len(secret)), generator=gen)
+    picks = torch.randint(len(alpha), (samples, len(secret)), generator=gen)
     sampled = sequence_log_probs(model, prefix, alpha.cpu()[picks], key=key)
     own = sequence_log_probs(model, prefix, secret[None], key=key)[0]
     z = (own - sampled.mean()) / max(sampled.std(), 1e-12)
