@@ -75,3 +75,30 @@ def test_suffix_accuracy_counts_argmax_hits():
     acc = suffix_accuracy(m, texts, 5)
     assert acc[0] == 1.0 and torch.allclose(acc.double(), want)
     assert acc[1:].max() < 1.0
+
+
+class Oracle(torch.nn.Module):
+    """A language model that has memorized one secret after any prefix of ``prefix_len`` bytes:
+    logit 20 for its next digit, 0 for every other byte."""
+
+    def __init__(self, prefix_len: int, secret: torch.Tensor):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))
+        self.prefix_len, self.secret = prefix_len, secret
+
+    def forward(self, tokens):
+        logits = torch.zeros(*tokens.shape, 256, dtype=torch.float64) + self.anchor
+        for pos in range(tokens.shape[1]):
+            k = pos - self.prefix_len + 1
+            if 0 <= k < len(self.secret):
+                logits[:, pos, self.secret[k]] = 20.0
+        return logits
+
+
+def test_a_memorized_secret_is_ranked_first_on_a_small_budget():
+    secret = torch.tensor([ord(c) for c in "31415926"])
+    prefix = torch.tensor([ord(c) for c in "The code of pi is "])
+    m = Oracle(len(prefix), secret)
+    e = secret_exposure(m, prefix, secret, max_candidates=100)  # 100 of 10^8 strings scored
+    assert e.exact and e.rank == 1 and e.exposure == pytest.approx(8 * math.log2(10))
+    assert extracted(m, prefix[None], secret[None]).tolist() == [True]

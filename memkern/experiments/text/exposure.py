@@ -5,8 +5,9 @@ of its length ordered by the model's probability given the prefix (rank 1: the m
 The rank is exact when found by best-first search within ``max_candidates`` strings (partial
 or complete) scored: a heap of partial strings keyed by their log-probability, an upper bound
 for every completion (log-probabilities are <= 0), so complete strings leave the heap in order
-of probability. Partial strings are expanded in batches; a complete string is only counted once
-it is on top, so batching keeps the order exact. When the search stops first, the rank is
+of probability. Partial strings are expanded in batches (those within :data:`BATCH_MARGIN` of
+the best); a complete string is only counted once it is on top, so batching keeps the order
+exact. When the search stops first, the rank is
 estimated from a normal fit to the log-probabilities of uniformly sampled strings (the
 extrapolation of the paper's Section 4.3), never below the complete strings already ahead.
 """
@@ -24,6 +25,10 @@ from memkern.network.sites import example_indices
 
 DIGITS = tuple(range(ord("0"), ord("9") + 1))
 EXPAND_ROWS = 512
+# A batch takes partial strings at most this many nats below the best one: a memorized secret's
+# path (log-probabilities near 0) is then expanded alone, one forward per digit, instead of
+# beside hundreds of strings a thousand times less likely that the budget would run out on.
+BATCH_MARGIN = math.log(1000.0)
 SAMPLES = 512
 
 
@@ -99,7 +104,9 @@ def secret_exposure(model: nn.Module, prefix: torch.Tensor, secret: torch.Tensor
             continue
         batch = []
         room = min(EXPAND_ROWS, -(-(max_candidates - scored) // len(alphabet)))
-        while heap and len(heap[0][1]) < length and len(batch) < room:
+        best = heap[0][0]
+        while (heap and len(heap[0][1]) < length and len(batch) < room
+               and heap[0][0] <= best + BATCH_MARGIN):
             batch.append(heapq.heappop(heap))
         scored += len(batch) * len(alphabet)
         lp = _next_log_probs(model, prefix, [p for _, p in batch], key, alpha)
