@@ -6,6 +6,8 @@ from pathlib import Path
 import click
 
 from memkern.data import DATASETS, USER_DATASETS, user_dataset_path
+from memkern.data.text import PREFIX as TEXT_PREFIX
+from memkern.data.text.corpus import BUILTIN_CORPORA
 from memkern.errors import ConfigError
 from memkern.rundir.context import DEVICES
 from memkern.rundir.paths import RunDir
@@ -18,6 +20,14 @@ class DatasetSpec(click.ParamType):
     name = "dataset"
 
     def convert(self, value, param, ctx):
+        if value.startswith(TEXT_PREFIX):
+            source = value[len(TEXT_PREFIX):]
+            if source in BUILTIN_CORPORA:
+                return value
+            if not source:
+                self.fail("text: names no corpus; pass text:shakespeare, text:stdlib or "
+                          "text:PATH", param, ctx)
+            return f"{TEXT_PREFIX}{Path(source).expanduser().resolve()}"
         user = user_dataset_path(value)
         if user is not None:
             kind, path = user
@@ -28,11 +38,12 @@ class DatasetSpec(click.ParamType):
         return value
 
     def get_metavar(self, param, ctx=None):
-        return "[" + "|".join(DATASETS) + "|folder:PATH|npz:FILE]"
+        return "[" + "|".join(DATASETS) + "|folder:PATH|npz:FILE|text:CORPUS]"
 
 
 DATASET_HELP = ("A built-in dataset, folder:PATH (PATH/train/<class>/*.png|jpg and "
-                "PATH/test/<class>/...) or npz:FILE (arrays x_train, y_train, x_test, y_test).")
+                "PATH/test/<class>/...), npz:FILE (arrays x_train, y_train, x_test, y_test), "
+                "or text: text:shakespeare, text:stdlib, text:PATH (UTF-8 .txt file or folder).")
 
 device_option = click.option("--device", type=click.Choice(DEVICES),
                              default="auto", show_default=True,
@@ -104,16 +115,26 @@ def split_names(values: tuple[str, ...]) -> list[str]:
 
 def model_name(ctx, param, value: str) -> str:
     """Click callback: one of memkern's models, or a spec (built, and checked, when used)."""
-    from memkern.network.models import MODELS
+    from memkern.network.models import MODELS, is_gpt
 
-    if value in MODELS or ":" in value:
+    if value in MODELS or ":" in value or is_gpt(value):
         return value
     raise click.BadParameter(f"{value!r} is neither one of {', '.join(sorted(MODELS))} nor a "
                              f"spec such as torchvision:resnet18")
 
 
-MODEL_HELP = ("cnn, mlp, resnet9, resnet50, vit; or torchvision:NAME, timm:NAME[?key=value&...] "
+MODEL_HELP = ("cnn, mlp, resnet9, resnet50, vit; gpt[?layers=4&width=256&heads=4&mlp=1024] "
+              "for text; or torchvision:NAME, timm:NAME[?key=value&...] "
               "(e.g. timm:vit_tiny_patch16_224?img_size=32&patch_size=4), package.module:factory "
               "(called with num_classes, in_channels, image_size). See README, 'Your own model'.")
 model_option = click.option("--model", default="cnn", show_default=True, callback=model_name,
                             help=MODEL_HELP)
+
+
+def parse_reps(text: str) -> tuple[int, ...]:
+    """``"1,4,16"`` -> ``(1, 4, 16)``; ConfigError unless every part is a positive integer."""
+    parts = [p.strip() for p in text.split(",")]
+    if not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise ConfigError(f"--canary-reps takes positive integers such as 1,4,16,64,256, got "
+                          f"{text!r}")
+    return tuple(int(p) for p in parts)

@@ -4,7 +4,9 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import model_option
-from memkern.network.models import build_model, check_fits_memory, layer_groups
+from memkern.data.text import VOCAB
+from memkern.network.models import (build_model, build_text_model, check_fits_memory, is_gpt,
+                                    layer_groups)
 from memkern.network.sites import channel_sites
 
 
@@ -13,7 +15,9 @@ from memkern.network.sites import channel_sites
 @click.option("--in-channels", type=click.IntRange(1, 4096), default=1, show_default=True)
 @click.option("--image-size", type=click.IntRange(1, 4096), default=8, show_default=True)
 @click.option("--num-classes", type=click.IntRange(2, 1_000_000), default=10, show_default=True)
-def sites(model, in_channels, image_size, num_classes):
+@click.option("--seq-len", type=click.IntRange(1, 1_000_000), default=128, show_default=True,
+              help="A text model's context (gpt).")
+def sites(model, in_channels, image_size, num_classes, seq_len):
     """List a model's channel sites (stable order) and layer groups.
 
     \b
@@ -21,11 +25,15 @@ def sites(model, in_channels, image_size, num_classes):
       memkern sites --model resnet9 --in-channels 3 --image-size 32
       memkern sites --model timm:vit_tiny_patch16_224?img_size=32&patch_size=4 \\
         --in-channels 3 --image-size 32
+      memkern sites --model gpt?layers=2&width=64
     """
-    check_fits_memory(model, num_classes=num_classes, in_channels=in_channels,
-                      image_size=image_size)
-    built = build_model(model, num_classes=num_classes, in_channels=in_channels,
-                        image_size=image_size)
+    if is_gpt(model):
+        built = build_text_model(model, vocab=VOCAB, context=seq_len)
+    else:
+        check_fits_memory(model, num_classes=num_classes, in_channels=in_channels,
+                          image_size=image_size)
+        built = build_model(model, num_classes=num_classes, in_channels=in_channels,
+                            image_size=image_size)
     found = channel_sites(built)
     defaults = set(getattr(built, "default_dropout_sites", ()))
     click.echo(f"channel sites of {model} ({len(found)}; * = default tied-dropout site):")

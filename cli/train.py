@@ -4,7 +4,7 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import (DATASET_HELP, DatasetSpec, data_dir_option, device_option,
-                                 model_option, progress_option, split_names,
+                                 model_option, parse_reps, progress_option, split_names,
                                  trust_model_code_option)
 from memkern.training.config import LR_SCHEDULES, PRESETS
 
@@ -14,7 +14,9 @@ CONFIG_OPTIONS = {"dataset": "dataset", "model": "model", "norm": "norm", "noise
                   "weight_decay": "weight_decay", "warmup": "warmup",
                   "lr_schedule": "lr_schedule", "augment": "augment",
                   "tied_dropout": "tied_dropout", "p_gen": "p_gen", "p_mem": "p_mem",
-                  "sites": "dropout_sites"}
+                  "sites": "dropout_sites", "seq_len": "seq_len", "canaries": "canaries",
+                  "canary_reps": "canary_reps", "dup_paragraphs": "dup_paragraphs",
+                  "dup_reps": "dup_reps", "text_bytes": "text_bytes"}
 
 
 def _explicit(ctx: click.Context) -> dict:
@@ -23,7 +25,8 @@ def _explicit(ctx: click.Context) -> dict:
     for option, field in CONFIG_OPTIONS.items():
         if ctx.get_parameter_source(option) == click.core.ParameterSource.COMMANDLINE:
             value = ctx.params[option]
-            out[field] = tuple(split_names(value)) if option == "sites" else value
+            out[field] = (tuple(split_names(value)) if option == "sites" else
+                          parse_reps(value) if option == "canary_reps" else value)
     return out
 
 
@@ -54,6 +57,16 @@ def _explicit(ctx: click.Context) -> dict:
               help="Probability an example keeps a memorization channel.")
 @click.option("--sites", multiple=True, help="Tied-dropout site names (comma-separated or "
               "repeated); default: the model's. See `memkern sites`.")
+@click.option("--seq-len", type=int, help="Text runs: window length in bytes. [default: 128]")
+@click.option("--canaries", type=int, help="Text runs: canaries 'The code of <word> is "
+              "<8 digits>.' planted in the training text. [default: 0]")
+@click.option("--canary-reps", help="Text runs: copies of each canary, cycled over the canaries. "
+              "[default: 1,4,16,64,256]")
+@click.option("--dup-paragraphs", type=int, help="Text runs: held-out paragraphs planted in the "
+              "training text. [default: 0]")
+@click.option("--dup-reps", type=int, help="Text runs: copies of each paragraph. [default: 16]")
+@click.option("--text-bytes", type=int, help="Text runs: use the first N bytes of the training "
+              "works (0: all). [default: 0]")
 @data_dir_option
 @click.option("--download", is_flag=True, help="Fetch missing dataset files (checksum-verified).")
 @click.option("--resume", is_flag=True, help="Continue a killed run from its last checkpoint; "
@@ -77,6 +90,9 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
       memkern train --out runs/flat --resume --epochs 40
       memkern train --dataset folder:my_images --model cnn --noise 0.1 --out runs/mine
       memkern train --out runs/digits-tracked --track-grads
+      memkern train --preset gpt-shakespeare --out runs/lm
+      memkern train --dataset text:stdlib --model gpt?layers=2&width=64 --canaries 10 \
+        --canary-reps 1,16 --text-bytes 200000 --epochs 2 --out runs/lm-small
       torchrun --nproc-per-node 2 -m memkern.cli train --out runs/digits-ddp
     """
     from memkern.report.summaries import training_summary

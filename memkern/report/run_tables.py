@@ -107,6 +107,7 @@ def load_run_tables(run_dir: str | Path) -> RunTables:
     """Read everything the report shows from ``run_dir``; a missing analysis stays None."""
     run = RunDir(run_dir)
     config = run.load_config(check_model=False)  # shown, never built
+    config.require_image_run("memkern report")
     metrics = _imported_accuracies(run) if config.imported else run.load_metrics()
     if not metrics and not config.imported:
         raise RunDirError(f"{run.root} has no completed epoch in metrics.jsonl yet")

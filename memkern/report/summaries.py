@@ -44,7 +44,12 @@ def accuracy_text(row: dict) -> str:
 
 
 def epoch_line(metrics: dict, *, epochs: int) -> str:
-    """One epoch of training: ``epoch 3/30  loss 0.5120  clean 0.950  noisy 0.215  test 0.931``."""
+    """One epoch of training: ``epoch 3/30  loss 0.5120  clean 0.950  noisy 0.215  test 0.931``
+    (a text run's: :func:`memkern.report.text_summaries.text_epoch_line`)."""
+    from memkern.report.text_summaries import is_text_metrics, text_epoch_line
+
+    if is_text_metrics(metrics):
+        return text_epoch_line(metrics, epochs=epochs)
     return (f"epoch {metrics['epoch']}/{epochs}  loss {number(metrics.get('train_loss'), '.4f')}"
             f"  {accuracy_text(metrics)}")
 
@@ -53,8 +58,12 @@ def training_summary(metrics: list[dict]) -> str:
     """Accuracies after the last epoch of ``metrics`` (metrics.jsonl lines); for a tied-dropout
     run also with memorization channels kept (x p_mem) and dropped. Noisy-train accuracy is
     measured against the flipped labels: 1.0 means every flipped label was memorized."""
+    from memkern.report.text_summaries import is_text_metrics, text_training_summary
+
     if not metrics:
         return "no epoch trained yet"
+    if is_text_metrics(metrics[-1]):
+        return text_training_summary(metrics)
     last = metrics[-1]
     rows = [["each example's own masks" if "noisy_acc_keep" in last else "model",
              *_accuracies(last)]]

@@ -23,7 +23,8 @@ from memkern.training.config import TrainConfig
 from memkern.data import PreparedData, load_dataset, prepare
 from memkern.data.train_labels import read_train_labels
 from memkern.errors import ConfigError, RunDirError
-from memkern.network.models import build_model
+from memkern.data.text import TextData, load_text_data
+from memkern.network.models import build_model, build_text_model
 from memkern.rundir.paths import RunDir
 from memkern.network.tied_dropout import attach_tied_dropout, has_tied_dropout, set_tied_dropout_mode
 
@@ -54,10 +55,15 @@ def resolve_device(device: str | torch.device) -> torch.device:
 
 
 def load_data(config: TrainConfig, *, data_dir: str | Path | None = None,
-              download: bool = False, run: str | Path | None = None) -> PreparedData:
+              download: bool = False, run: str | Path | None = None) -> PreparedData | TextData:
     """The config's dataset with its exact label noise; ``data_dir`` overrides the config's.
     A config with its own training labels (an imported run) reads them from its ``run``
-    directory."""
+    directory. A text run's windows with the config's canaries and paragraphs planted."""
+    if config.text:
+        return load_text_data(config.dataset, seq_len=config.seq_len, seed=config.seed,
+                              canaries=config.canaries, canary_reps=config.canary_reps,
+                              dup_paragraphs=config.dup_paragraphs, dup_reps=config.dup_reps,
+                              text_bytes=config.text_bytes)
     raw = load_dataset(config.dataset, data_dir=data_dir or config.data_dir, download=download)
     if config.train_labels is None:
         return prepare(raw, noise_rate=config.noise, seed=config.seed)
@@ -93,12 +99,16 @@ def require_history(config: TrainConfig, what: str) -> None:
                           f"elsewhere: run evaluate, grads, localize or scores on it")
 
 
-def model_for(config: TrainConfig, data: PreparedData) -> nn.Module:
+def model_for(config: TrainConfig, data: PreparedData | TextData) -> nn.Module:
     """The config's model for ``data``; with ``config.tied_dropout``, example-tied dropout (mode
     "train", seeded by ``config.seed``) at ``config.dropout_sites`` or the model's default sites,
     so a checkpoint's config alone rebuilds the exact masks."""
-    model = build_model(config.model, num_classes=data.num_classes, in_channels=data.in_channels,
-                        image_size=data.image_size, norm=config.norm)
+    if isinstance(data, TextData):
+        model = build_text_model(config.model, vocab=data.num_classes, context=config.seq_len)
+    else:
+        model = build_model(config.model, num_classes=data.num_classes,
+                            in_channels=data.in_channels, image_size=data.image_size,
+                            norm=config.norm)
     if config.tied_dropout:
         attach_tied_dropout(model, sites=list(dropout_sites(config, model)), p_gen=config.p_gen,
                             p_mem=config.p_mem, seed=config.seed)
@@ -140,7 +150,10 @@ class RunContext:
 
 
 def _context(run: RunDir, config: TrainConfig, ckpt: Checkpoint, *,
-             device: str | torch.device, data_dir: str | Path | None) -> RunContext:
+             device: str | torch.device, data_dir: str | Path | None,
+             text_ok: bool) -> RunContext:
+    if not text_ok:
+        config.require_image_run("this analysis")
     dev = resolve_device(device)
     data = load_data(config, data_dir=data_dir, run=run.root)
     model = model_for(config, data)
@@ -152,19 +165,21 @@ def _context(run: RunDir, config: TrainConfig, ckpt: Checkpoint, *,
 
 
 def load_trained(ckpt: str | Path, *, device: str | torch.device = "auto",
-                 data_dir: str | Path | None = None) -> RunContext:
+                 data_dir: str | Path | None = None, text_ok: bool = False) -> RunContext:
     """The context of one checkpoint file: its own config rebuilds everything (the run is the
-    folder holding ``checkpoints/``, or the checkpoint's folder when kept elsewhere)."""
+    folder holding ``checkpoints/``, or the checkpoint's folder when kept elsewhere).
+    ``text_ok``: the caller handles text runs (others get a ConfigError for one)."""
     ckpt = load_checkpoint(ckpt)
     return _context(RunDir.of_checkpoint(ckpt.path), ckpt.config, ckpt, device=device,
-                    data_dir=data_dir)
+                    data_dir=data_dir, text_ok=text_ok)
 
 
 def open_run(run: str | Path, *, epoch: int | None = None, device: str | torch.device = "auto",
-             data_dir: str | Path | None = None) -> RunContext:
+             data_dir: str | Path | None = None, text_ok: bool = False) -> RunContext:
     """The context of a run directory with ``epoch``'s weights (default: the final checkpoint):
     the model is the run's (config.json), and a checkpoint that does not fit it is an error."""
     run = RunDir(run)
     config = run.load_config()
     path = run.final_checkpoint() if epoch is None else run.require_checkpoint(epoch)
-    return _context(run, config, load_checkpoint(path), device=device, data_dir=data_dir)
+    return _context(run, config, load_checkpoint(path), device=device, data_dir=data_dir,
+                    text_ok=text_ok)

@@ -37,6 +37,11 @@ class RunDir:
         return self.root / "noise.json"
 
     @property
+    def canaries_path(self) -> Path:
+        """A text run's planted canaries and paragraphs (its noise.json)."""
+        return self.root / "canaries.json"
+
+    @property
     def metrics_path(self) -> Path:
         return self.root / "metrics.jsonl"
 

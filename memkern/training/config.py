@@ -72,6 +72,19 @@ class TrainConfig:
     # The labels the weights were trained with, a file in the run directory (`memkern import
     # --train-labels`); None: the dataset's labels with ``noise`` flipped by ``seed``.
     train_labels: str | None = None
+    # Text runs (dataset text:...; docs/text.md): window length, planted canaries (the i-th
+    # repeated canary_reps[i % len] times), duplicated held-out paragraphs, training-text budget
+    # in bytes (0: all of the training works).
+    seq_len: int = 128
+    canaries: int = 0
+    canary_reps: tuple[int, ...] = (1, 4, 16, 64, 256)
+    dup_paragraphs: int = 0
+    dup_reps: int = 16
+    text_bytes: int = 0
+
+    @property
+    def text(self) -> bool:
+        return self.dataset.startswith("text:")
 
     def __post_init__(self):
         for f in dataclasses.fields(self):
@@ -103,8 +116,41 @@ class TrainConfig:
         if self.train_labels is not None and self.noise != 0.0:
             raise ConfigError(f"a run with its own training labels ({self.train_labels}) takes "
                               f"no synthetic noise on top: set noise 0, got {self.noise}")
+        self._check_text()
         if self.tied_dropout:  # a tied run is evaluated in every mode; "drop" asks the most
             check_tied_config(p_gen=self.p_gen, p_mem=self.p_mem, mode="drop", seed=self.seed)
+
+    def require_image_run(self, what: str) -> None:
+        """ConfigError for a text run, which ``what`` does not analyse yet (docs/text.md)."""
+        if self.text:
+            raise ConfigError(f"{what} takes image runs; this is a text run ({self.dataset}): "
+                              f"train and evaluate it (docs/text.md)")
+
+    def _check_text(self) -> None:
+        for name in ("seq_len", "dup_reps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("canaries", "dup_paragraphs", "text_bytes"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be at least 0, got {getattr(self, name)}")
+        if not self.canary_reps or any(r < 1 for r in self.canary_reps):
+            raise ConfigError(f"canary reps must be positive integers such as 1,4,16,64,256, "
+                              f"got {','.join(map(str, self.canary_reps)) or 'none'}")
+        gpt = self.model.partition("?")[0] == "gpt"
+        if self.text and not gpt:
+            raise ConfigError(f"model {self.model!r} reads images; a text dataset needs --model "
+                              f"gpt (sizes as gpt?layers=2&width=64&heads=2&mlp=256)")
+        if gpt and not self.text:
+            raise ConfigError(f"model {self.model!r} reads text: train it on --dataset "
+                              f"text:shakespeare, text:stdlib or text:PATH")
+        if self.text:
+            if self.noise != 0.0:
+                raise ConfigError(f"a text run plants canaries instead of flipping labels: set "
+                                  f"noise 0, got {self.noise}")
+        elif self.canaries or self.dup_paragraphs:
+            raise ConfigError(f"canaries and duplicated paragraphs are planted in text: use "
+                              f"--dataset text:shakespeare|text:stdlib|text:PATH, not "
+                              f"{self.dataset!r}")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> "TrainConfig":
@@ -162,9 +208,11 @@ def _field_value(f: dataclasses.Field, value, source: str):
     if value is None and optional:
         return None
     if kind is tuple:
-        if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        item = typing.get_args(typing.get_type_hints(TrainConfig)[f.name])[0]
+        if isinstance(value, list) and all(isinstance(v, item) and not isinstance(v, bool)
+                                           for v in value):
             return tuple(value)
-        expected = "a list of strings"
+        expected = f"a list of {'strings' if item is str else 'integers'}"
     elif kind is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
@@ -200,14 +248,24 @@ PRESETS: dict[str, TrainConfig] = {
                                    epochs=50),
     "resnet9-svhn": TrainConfig(dataset="svhn", model="resnet9", batch_size=512, lr=0.001,
                                 epochs=50),
+    # docs/text.md: the byte GPT on 250 KB of Shakespeare with 96 canaries in four reps groups
+    # (2,040 copies, each followed by text in its window): 2,431 windows, 0.31M tokens an epoch,
+    # 3.7M in all, sized for 15 minutes at 5,000 tokens/s. Not yet trained to the end here.
+    "gpt-shakespeare": TrainConfig(dataset="text:shakespeare", model="gpt", noise=0.0,
+                                   batch_size=32, lr=0.3, weight_decay=0.0, warmup=0.05,
+                                   epochs=12, canaries=96, canary_reps=(1, 4, 16, 64),
+                                   text_bytes=250_000),
 }
 
 
 def preset_for(model: str, dataset: str) -> TrainConfig:
-    """The preset named ``{model}-{dataset}`` if one exists, else the defaults for them."""
+    """The preset named ``{model}-{dataset}`` if one exists, else the defaults for them (for a
+    text dataset: the gpt-shakespeare settings)."""
     preset = PRESETS.get(f"{model}-{dataset}")
     if preset is not None:
         return preset
+    if dataset.startswith("text:"):
+        return dataclasses.replace(PRESETS["gpt-shakespeare"], model=model, dataset=dataset)
     return TrainConfig(model=model, dataset=dataset)
 
 
@@ -215,8 +273,10 @@ def config_from_options(options: dict, *, preset: str | None = None) -> TrainCon
     """A new run's config: ``preset`` (default: the ``{model}-{dataset}`` preset, else the
     defaults) with the fields in ``options`` (``{field: value}``, only those the user set)."""
     _check_fields(options)
+    dataset = options.get("dataset", "digits")
+    default_model = "gpt" if dataset.startswith("text:") else "cnn"
     base = (TrainConfig.from_name(preset) if preset
-            else preset_for(options.get("model", "cnn"), options.get("dataset", "digits")))
+            else preset_for(options.get("model", default_model), dataset))
     return dataclasses.replace(base, **options)
 
 

@@ -10,6 +10,7 @@ the record into the run, is :mod:`memkern.training.evaluate_run`.
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -73,19 +74,24 @@ def split_accuracies(model: nn.Module, data: PreparedData, *,
             "test_acc": _mean(test_pred == data.test_labels)}
 
 
-def mode_accuracies(model: nn.Module, data: PreparedData, *, mode: str,
-                    on_train_logits: Callable[[torch.Tensor], None] | None = None,
-                    ) -> dict[str, float]:
-    """:func:`split_accuracies` with every tied dropout module in ``mode`` (one of
-    ``EVAL_MODES``); a model without tied dropout takes only "own" (= plain evaluation)."""
+def evaluation_mode(model: nn.Module, mode: str) -> contextlib.AbstractContextManager:
+    """Every tied dropout module of ``model`` in ``mode`` (one of ``EVAL_MODES``) inside the
+    block; a model without tied dropout takes only "own" (= plain evaluation)."""
     if mode not in EVAL_MODES:
         raise ConfigError(f"evaluation mode {mode!r} is unknown: use one of {EVAL_MODES}")
     if not has_tied_dropout(model):
         if mode != "own":
             raise ConfigError(f"mode {mode!r} needs a model trained with tied dropout (memkern "
                               f"train --tied-dropout); this one has none: use --mode own")
-        return split_accuracies(model, data, on_train_logits=on_train_logits)
-    with tied_dropout_mode(model, mode):
+        return contextlib.nullcontext()
+    return tied_dropout_mode(model, mode)
+
+
+def mode_accuracies(model: nn.Module, data: PreparedData, *, mode: str,
+                    on_train_logits: Callable[[torch.Tensor], None] | None = None,
+                    ) -> dict[str, float]:
+    """:func:`split_accuracies` in :func:`evaluation_mode` ``mode``."""
+    with evaluation_mode(model, mode):
         return split_accuracies(model, data, on_train_logits=on_train_logits)
 
 

@@ -18,12 +18,14 @@ from memkern.rundir.atomic import append_jsonl, atomic_write_json, atomic_write_
 from memkern.training.checkpoints import load_checkpoint, load_model_state, restore_momentum, save_checkpoint
 from memkern.training.config import TrainConfig, config_from_options, differing_fields
 from memkern.data import PreparedData
+from memkern.data.text import TextData
 from memkern.training.data_parallel import check_shards, replicated, shard, step_loss
 from memkern.data.prepared import NATURAL_IMAGES, augment_batch, iterate_batches
 from memkern.training.distributed import World, joined
 from memkern.training.dynamics import DynamicsRecorder, dynamics_path
 from memkern.errors import ConfigError, RunDirError
 from memkern.training.evaluate import epoch_accuracies
+from memkern.training.text_evaluate import text_epoch_metrics
 from memkern.rundir.context import load_data, model_for, require_history, resolve_device
 from memkern.training.finite import check_loss, check_model
 from memkern.training.step import learning_rate, sgd_optimizer, sgd_step
@@ -69,8 +71,11 @@ def noise_record(config: TrainConfig, data: PreparedData) -> dict:
             "noisy_labels": noise.labels[noise.noisy_indices].tolist()}
 
 
-def _start(run: RunDir, config: TrainConfig, data: PreparedData, model) -> None:
-    atomic_write_json(run.noise_path, noise_record(config, data))
+def _start(run: RunDir, config: TrainConfig, data: PreparedData | TextData, model) -> None:
+    if isinstance(data, TextData):
+        atomic_write_json(run.canaries_path, data.record())
+    else:
+        atomic_write_json(run.noise_path, noise_record(config, data))
     atomic_write_text(run.config_path, config.to_json() + "\n")
     save_checkpoint(run.checkpoint_path(0), model, config=config, epoch=0)
 
@@ -138,6 +143,9 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     dev = world.place(resolve_device(device))
     if data is None:
         data = load_data(config, data_dir=data_dir, download=download)
+    if track_grads and isinstance(data, TextData):
+        raise ConfigError("--track-grads accounts clean vs noisy examples of image runs; on a "
+                          "text run record the accounting afterwards with `memkern grads`")
     check_shards(rows=len(data.train_labels), batch_size=config.batch_size, world=world)
     torch.manual_seed(config.seed)
     model = model_for(config, data).to(dev)
@@ -187,12 +195,17 @@ def _epochs(run: RunDir, config: TrainConfig, data: PreparedData, model, replica
     steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     train_x, train_y = data.train_images.to(dev), data.train_labels.to(dev)
+    text = isinstance(data, TextData)
+    # Tied-dropout keys of the rows: dataset indices, or a text run's mask keys (one per canary)
+    keys = data.mask_keys.to(dev) if text else None
+    targets_per_row = train_y[0].numel()  # 1, or a text window's seq_len next bytes
     flip = data.name == "cifar10"
     augment = config.augment and data.name in NATURAL_IMAGES
     tracker = (LiveSubsetTracker(model, run.grads / "live.jsonl", data.noisy_mask.to(dev),
                                  first_epoch=first_epoch) if track_grads else None)
     dynamics = (DynamicsRecorder(dynamics_path(run), data.train_labels,
-                                 after_epoch=first_epoch - 1) if world.main else None)
+                                 after_epoch=first_epoch - 1) if world.main and not text
+                else None)
     bar = Progress(total=total_steps, initial=(first_epoch - 1) * steps_per_epoch, unit="step",
                    desc=f"train {run.root.name}", bar=progress, silent=not world.main)
     for epoch in range(first_epoch, config.epochs + 1):
@@ -211,15 +224,19 @@ def _epochs(run: RunDir, config: TrainConfig, data: PreparedData, model, replica
             ce_sums = []
 
             def loss_of(logits, targets):  # called at once by sgd_step: the loop's variables
-                loss, ce_sum = step_loss(logits, targets, global_rows=global_rows, world=world)
-                check_loss(ce_sum / len(targets), epoch=epoch, step=i + 1)
+                if text:  # next-byte loss at every position of every window
+                    logits, targets = logits.flatten(0, -2), targets.flatten()
+                loss, ce_sum = step_loss(logits, targets,
+                                         global_rows=global_rows * targets_per_row, world=world)
+                check_loss(ce_sum / targets.numel(), epoch=epoch, step=i + 1)
                 ce_sums.append(ce_sum)
                 return loss
 
             def track(logits):
                 tracker.add_step(logits, y, idx)
 
-            sgd_step(replica, optimizer, x, y, ids=idx.to(dev), loss_of=loss_of,
+            sgd_step(replica, optimizer, x, y, ids=keys[idx] if text else idx.to(dev),
+                     loss_of=loss_of,
                      lr=learning_rate(step, total_steps=total_steps, base_lr=config.lr,
                                       warmup=config.warmup, schedule=config.lr_schedule),
                      guard=world.peers(),  # DDP's collectives: in the forward and the backward
@@ -229,23 +246,25 @@ def _epochs(run: RunDir, config: TrainConfig, data: PreparedData, model, replica
         check_model(model, epoch=epoch)
         if tracker is not None:
             tracker.finish_epoch(epoch)
-        train_loss = world.sum(loss_sum) / len(data.train_labels)
+        train_loss = world.sum(loss_sum) / data.train_labels.numel()
         if world.main:
             _finish_epoch(run, config, data, model, optimizer, dynamics, epoch=epoch,
                           train_loss=train_loss, world=world, started=started, bar=bar)
     bar.close()
 
 
-def _finish_epoch(run: RunDir, config: TrainConfig, data: PreparedData, model, optimizer,
-                  dynamics: DynamicsRecorder, *, epoch: int, train_loss: float, world: World,
-                  started: float, bar) -> None:
-    """Rank 0's end of an epoch: metrics line, dynamics, then the checkpoint."""
+def _finish_epoch(run: RunDir, config: TrainConfig, data: PreparedData | TextData, model,
+                  optimizer, dynamics: DynamicsRecorder | None, *, epoch: int, train_loss: float,
+                  world: World, started: float, bar) -> None:
+    """Rank 0's end of an epoch: metrics line, dynamics (image runs), then the checkpoint."""
+    measures = (text_epoch_metrics(model, data) if isinstance(data, TextData)
+                else epoch_accuracies(model, data, on_train_logits=dynamics.collect))
     metrics = {"epoch": epoch, "train_loss": train_loss, "lr": optimizer.param_groups[0]["lr"],
-               **epoch_accuracies(model, data, on_train_logits=dynamics.collect),
-               "world_size": world.size}
+               **measures, "world_size": world.size}
     metrics["seconds"] = time.perf_counter() - started
     append_jsonl(run.metrics_path, metrics)
-    dynamics.finish_epoch(epoch)  # before the checkpoint: it always covers checkpointed epochs
+    if dynamics is not None:  # before the checkpoint: it always covers checkpointed epochs
+        dynamics.finish_epoch(epoch)
     save_checkpoint(run.checkpoint_path(epoch), model, config=config, epoch=epoch,
                     optimizer=optimizer)
     bar.step(epoch_line(metrics, epochs=config.epochs))

@@ -11,6 +11,7 @@ from torch import nn
 
 from memkern.errors import ConfigError
 from memkern.network.models.blocks import NORMS
+from memkern.network.models.gpt import build_gpt, is_gpt
 from memkern.network.models.groups import LayerGroup, layer_groups
 from memkern.network.models.resnet9 import ResNet9
 from memkern.network.models.resnet50 import ResNet50
@@ -20,8 +21,10 @@ from memkern.network.models.zoo import build_zoo_model, is_spec
 from memkern.network.sites import name_sites
 
 MODELS = {"cnn": SmallCNN, "mlp": MLP, "resnet9": ResNet9, "resnet50": ResNet50, "vit": ViT}
+TEXT_MODELS = ("gpt",)
 
-__all__ = ["MODELS", "LayerGroup", "build_model", "check_fits_memory", "layer_groups"]
+__all__ = ["MODELS", "TEXT_MODELS", "LayerGroup", "build_model", "build_text_model",
+           "check_fits_memory", "is_gpt", "layer_groups"]
 
 
 def check_fits_memory(name: str, *, num_classes: int, in_channels: int, image_size: int) -> None:
@@ -48,6 +51,9 @@ def check_fits_memory(name: str, *, num_classes: int, in_channels: int, image_si
 def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int,
                 norm: str = "batch") -> nn.Module:
     """A freshly initialized model; its sites are named after their module paths."""
+    if is_gpt(name):
+        raise ConfigError(f"model {name!r} reads text: train it on --dataset text:shakespeare, "
+                          f"text:stdlib or text:PATH")
     if is_spec(name):
         if norm != "batch":
             raise ConfigError(f"--norm {norm} applies to memkern's own models, not {name!r}")
@@ -62,3 +68,11 @@ def build_model(name: str, *, num_classes: int, in_channels: int, image_size: in
                          image_size=image_size, norm=norm)
     name_sites(model)
     return model
+
+
+def build_text_model(name: str, *, vocab: int, context: int) -> nn.Module:
+    """A freshly initialized language model over ``vocab`` tokens with ``context`` positions."""
+    if not is_gpt(name):
+        raise ConfigError(f"model {name!r} reads images; a text dataset needs --model gpt "
+                          f"(sizes as gpt?layers=2&width=64&heads=2&mlp=256)")
+    return build_gpt(name, vocab=vocab, context=context)

@@ -57,6 +57,16 @@ def parse_spec(spec: str) -> ModelSpec:
     if not source or not name:
         raise ConfigError(f"model spec {spec!r} needs the form SOURCE:NAME[?key=value&...], "
                           f"e.g. torchvision:resnet18 or timm:vit_tiny_patch16_224?img_size=32")
+    kwargs = parse_keywords(query, spec)
+    depth = kwargs.pop("group_depth", 1)
+    if not isinstance(depth, int) or depth < 1:
+        raise ConfigError(f"model spec {spec!r}: group_depth must be an integer >= 1")
+    return ModelSpec(source, name, kwargs, depth)
+
+
+def parse_keywords(query: str, spec: str) -> dict:
+    """``"a=1&b=x"`` -> ``{"a": 1, "b": "x"}`` (values read as Python literals, else strings);
+    ``spec`` names the whole model in errors."""
     kwargs = {}
     for part in filter(None, query.split("&")):
         key, eq, text = part.partition("=")
@@ -68,10 +78,7 @@ def parse_spec(spec: str) -> ModelSpec:
                               f"keyword values are numbers, True/False, None, strings or flat "
                               f"tuples/lists of those")
         kwargs[key] = value
-    depth = kwargs.pop("group_depth", 1)
-    if not isinstance(depth, int) or depth < 1:
-        raise ConfigError(f"model spec {spec!r}: group_depth must be an integer >= 1")
-    return ModelSpec(source, name, kwargs, depth)
+    return kwargs
 
 
 def _is_plain(value) -> bool:
