@@ -1,8 +1,9 @@
 """Crash-safe file writes: write beside the target, fsync, rename over it.
 
-A temporary file is named ``.<target>.<pid>.<random>.tmp``: the pid says which process was
-writing it, so :func:`remove_interrupted_writes` can delete the leftovers of a killed process
-(and only those) when the next command starts.
+A temporary file is named ``.memkern-tmp.<pid>.<8 random>.<target>``: the prefix is memkern's
+mark (a user's file named like that is not expected) and the pid says which process was writing
+it, so :func:`remove_interrupted_writes` deletes the leftovers of killed memkern writes and
+nothing else (a user's ``.notes.123.bak.tmp`` stays).
 """
 from __future__ import annotations
 
@@ -18,7 +19,9 @@ from memkern.errors import RunDirError
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+TEMP_PREFIX = ".memkern-tmp."
+# mkstemp's random part: 8 characters of [a-z0-9_].
+_TEMP_NAME = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"(\d+)\.[a-z0-9_]{8}\..+$")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -27,7 +30,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     of a new file under the user's umask, whatever ``write`` did to the temporary's."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}.", suffix=f".{path.name}",
                                dir=path.parent)
     os.close(fd)
     try:
@@ -89,8 +92,13 @@ def _json_line(obj, path: str | Path, **kw) -> str:
         raise RunDirError(f"refusing to write a non-finite number into {path}: {obj}") from None
 
 
+def json_text(obj, path: str | Path) -> str:
+    """``obj`` as the text :func:`atomic_write_json` writes to ``path``."""
+    return _json_line(obj, path, indent=2) + "\n"
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, _json_line(obj, path, indent=2) + "\n")
+    atomic_write_text(path, json_text(obj, path))
 
 
 def append_jsonl(path: str | Path, obj) -> None:

@@ -24,6 +24,7 @@ from memkern.data import PreparedData, load_dataset, prepare
 from memkern.data.train_labels import read_train_labels
 from memkern.errors import ConfigError, RunDirError
 from memkern.network.models import build_model
+from memkern.rundir.consistency import check_config_agrees, check_noise_agrees
 from memkern.rundir.paths import RunDir
 from memkern.network.tied_dropout import attach_tied_dropout, has_tied_dropout, set_tied_dropout_mode
 
@@ -123,6 +124,7 @@ class RunContext:
         """Load the weights of this run's ``epoch`` into ``model`` (validated against the
         architecture) and return that checkpoint."""
         ckpt = load_checkpoint(self.run.require_checkpoint(epoch))
+        check_config_agrees(self.config, ckpt, config_path=self.run.config_path)
         load_model_state(self.model, ckpt)
         self.model.eval()
         self.checkpoint = ckpt
@@ -132,14 +134,21 @@ class RunContext:
         """The weights and buffers of ``epoch`` on ``device`` (for ``functional_call``), without
         loading them; a checkpoint holding other tensors than the model is a CheckpointError."""
         ckpt = load_checkpoint(self.run.require_checkpoint(epoch))
+        check_config_agrees(self.config, ckpt, config_path=self.run.config_path)
         check_fits(self.model, ckpt)
         return {k: v.to(self.device) for k, v in ckpt.model_state.items()}
 
 
 def _context(run: RunDir, config: TrainConfig, ckpt: Checkpoint, *,
-             device: str | torch.device, data_dir: str | Path | None) -> RunContext:
+             device: str | torch.device, data_dir: str | Path | None,
+             cross_check: bool = True) -> RunContext:
     dev = resolve_device(device)
+    if cross_check and run.config_path.is_file():
+        check_config_agrees(run.load_config(), ckpt, config_path=run.config_path)
     data = load_data(config, data_dir=data_dir, run=run.root)
+    if cross_check and run.noise_path.is_file():
+        check_noise_agrees(run.load_noise(), data.noise.noisy_indices, len(data.train_labels),
+                           noise_path=run.noise_path)
     model = model_for(config, data)
     load_model_state(model, ckpt)
     model.to(dev).eval()
@@ -149,12 +158,14 @@ def _context(run: RunDir, config: TrainConfig, ckpt: Checkpoint, *,
 
 
 def load_trained(ckpt: str | Path, *, device: str | torch.device = "auto",
-                 data_dir: str | Path | None = None) -> RunContext:
+                 data_dir: str | Path | None = None, cross_check: bool = True) -> RunContext:
     """The context of one checkpoint file: its own config rebuilds everything (the run is the
-    folder holding ``checkpoints/``, or the checkpoint's folder when kept elsewhere)."""
+    folder holding ``checkpoints/``, or the checkpoint's folder when kept elsewhere). The run's
+    config.json and noise.json, where present, must agree with it (``cross_check=False``: a
+    model trained on data its config does not rebuild, a cross-validation fold)."""
     ckpt = load_checkpoint(ckpt)
     return _context(RunDir.of_checkpoint(ckpt.path), ckpt.config, ckpt, device=device,
-                    data_dir=data_dir)
+                    data_dir=data_dir, cross_check=cross_check)
 
 
 def open_run(run: str | Path, *, epoch: int | None = None, device: str | torch.device = "auto",
