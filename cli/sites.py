@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import model_option
+from memkern.errors import ConfigError
 from memkern.network.models import build_model, layer_groups
 from memkern.network.sites import channel_sites
 
@@ -22,6 +23,10 @@ def sites(model, in_channels, image_size, num_classes):
       memkern sites --model timm:vit_tiny_patch16_224?img_size=32&patch_size=4 \\
         --in-channels 3 --image-size 32
     """
+    for option, value, low in (("--in-channels", in_channels, 1), ("--image-size", image_size, 1),
+                               ("--num-classes", num_classes, 2)):
+        if value < low:  # as a dataset of train must have: a model of these sizes is no model
+            raise ConfigError(f"{option} must be at least {low}, got {value}")
     built = build_model(model, num_classes=num_classes, in_channels=in_channels,
                         image_size=image_size)
     found = channel_sites(built)

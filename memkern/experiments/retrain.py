@@ -23,12 +23,14 @@ from torch import nn
 from memkern.rundir.csv_tables import read_table, write_table
 from memkern.rundir.atomic import atomic_write_json, read_json_object
 from memkern.training.config import TrainConfig
+from memkern.training.finite import check_loss, check_model
 from memkern.data import PreparedData, iterate_batches
 from memkern.errors import ConfigError
 from memkern.training.evaluate import split_accuracies
 from memkern.rundir.context import open_run, require_history
 from memkern.report.figures.layers import plot_retrain
 from memkern.rundir.locks import hold_run, locked
+from memkern.rundir.ownership import require_figure_outputs, require_json_output
 from memkern.network.models.groups import LayerGroup
 from memkern.rundir.progress import Progress
 from memkern.experiments.rewind import select_groups, with_group_from
@@ -41,6 +43,8 @@ from memkern.training.train import epoch_generator, learning_rate
 # noisy-train accuracy after retraining on clean data can only come from the frozen layers.
 DEFAULT_FROM_EPOCH = 0
 DEFAULT_EPOCHS = 10
+_RETRAIN_ADVICE = ("the groups completed before it are kept in retrain.csv; rerun with a "
+                   "smaller --lr (and --overwrite)")
 
 
 def owning_modules(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
@@ -92,11 +96,14 @@ def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData, *, ep
                 pg["lr"] = learning_rate(step, total_steps=total_steps, base_lr=lr, warmup=0.0)
             with example_indices(idx.to(device)):
                 loss = F.cross_entropy(model(x), y)
+            check_loss(float(loss), epoch=epoch, step=i + 1, what=f"retraining {group.name}",
+                       advice=_RETRAIN_ADVICE)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             if bar is not None:
                 bar.advance()
+        check_model(model, epoch=epoch, what=f"retraining {group.name}", advice=_RETRAIN_ADVICE)
         rows.append({"group": group.name, "epoch": epoch, **split_accuracies(model, data)})
         if bar is not None:
             bar.step(f"{group.name} epoch {epoch}/{epochs}  {accuracy_text(rows[-1])}")
@@ -145,6 +152,9 @@ def retrain(*, run: str | Path, groups: list[str] | None = None,
         raise ConfigError(f"--lr must be a positive finite number, got {lr}")
     run = RunDir(run)
     require_history(run.load_config(), "retrain")
+    require_json_output(run.root / "retrain.json", keys=("from_epoch", "epochs"),
+                        what="memkern's retrain settings")
+    require_figure_outputs(run.root / "retrain.png")
     run.final_checkpoint()
     run.require_checkpoint(from_epoch)
     ctx = open_run(run.root, device=device, data_dir=data_dir)

@@ -24,6 +24,7 @@ from memkern.rundir.context import open_run, require_history
 from memkern.report.figures.layers import plot_rewind
 from memkern.experiments.localize.settings import checkpoint_digest
 from memkern.rundir.locks import hold_run, locked
+from memkern.rundir.ownership import require_figure_outputs, require_json_output
 from memkern.network.models.groups import LayerGroup, layer_groups
 from memkern.rundir.progress import Progress
 from memkern.rundir.paths import RunDir
@@ -96,6 +97,9 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     configurations of these checkpoints, its rows are returned without evaluating again."""
     run = RunDir(run)
     require_history(run.load_config(), "rewind")
+    require_json_output(run.root / "rewind.json", keys=("epochs", "groups"),
+                        what="memkern's rewind settings")
+    require_figure_outputs(run.root / "rewind.png")
     available = run.epochs()
     if not available:
         run.final_checkpoint()  # the error naming what is missing

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from memkern.errors import RunDirError
+from memkern.rundir.ownership import require_replaceable
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
@@ -29,6 +30,7 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     either the old file or the new one, never half of one. The file gets the ordinary mode
     of a new file under the user's umask, whatever ``write`` did to the temporary's."""
     path = Path(path)
+    require_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}.", suffix=f".{path.name}",
                                dir=path.parent)
@@ -39,12 +41,20 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise _naming(e, path) from None
 
 
-def _alive(pid: int) -> bool:
+def _naming(error: BaseException, path: Path) -> BaseException:
+    """An OSError that names no file (a write on a full disk) names ``path``, so its one line
+    says where; any other error as it is."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        return OSError(error.errno, error.strerror, str(path))
+    return error
+
+
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -63,7 +73,7 @@ def remove_interrupted_writes(folder: str | Path) -> list[Path]:
     removed = []
     for p in folder.iterdir():
         m = _TEMP_NAME.match(p.name)
-        if m and p.is_file() and not _alive(int(m.group(1))):
+        if m and p.is_file() and not process_alive(int(m.group(1))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
@@ -105,10 +115,13 @@ def append_jsonl(path: str | Path, obj) -> None:
     """Append one JSON line and fsync: a line is either wholly on disk or absent after a kill
     (a torn last line is dropped by :func:`read_jsonl`)."""
     line = _json_line(obj, path) + "\n"
-    with open(path, "a") as f:
-        f.write(line)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        with open(path, "a") as f:
+            f.write(line)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as e:
+        raise _naming(e, Path(path)) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

@@ -25,6 +25,7 @@ from memkern.data.train_labels import read_train_labels
 from memkern.errors import ConfigError, RunDirError
 from memkern.network.models import build_model
 from memkern.rundir.consistency import check_config_agrees, check_noise_agrees
+from memkern.rundir.manifest import verify
 from memkern.rundir.paths import RunDir
 from memkern.network.tied_dropout import attach_tied_dropout, has_tied_dropout, set_tied_dropout_mode
 
@@ -69,6 +70,7 @@ def load_data(config: TrainConfig, *, data_dir: str | Path | None = None,
     if not path.is_file():
         raise RunDirError(f"{path} is missing: this imported run's training labels live beside "
                           f"its checkpoints/ folder; keep the checkpoint in its run directory")
+    verify(path, root=run)
     labels = read_train_labels(path, num_train=len(raw.train_labels),
                                num_classes=raw.num_classes)
     return prepare(raw, noise_rate=0.0, seed=config.seed, train_labels=labels)

@@ -8,7 +8,7 @@ from memkern.rundir.atomic import read_jsonl
 from memkern.rundir.manifest import verify
 from memkern.training.checkpoints import CHECKPOINT_PATTERN
 from memkern.training.config import TrainConfig
-from memkern.errors import RunDirError
+from memkern.errors import ConfigError, RunDirError, printable
 
 RUN_LOCK = ".memkern.lock"  # held by the command writing the run (memkern.rundir.locks)
 
@@ -134,6 +134,16 @@ class RunDir:
     def has_content(self) -> bool:
         """Anything in the run directory besides a lock."""
         return self.root.exists() and any(p.name != RUN_LOCK for p in self.root.iterdir())
+
+
+def require_utf8_path(path: str | Path, *, option: str) -> None:
+    """ConfigError for a path that is not valid UTF-8: every later command reads a run's files
+    through safetensors and JSON, which take UTF-8 paths only."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(f"{option} {printable(str(path))} is not a valid UTF-8 path; choose a "
+                          f"UTF-8 name") from None
 
 
 def _is_int(v) -> bool:

@@ -84,6 +84,10 @@ class TrainConfig:
         if self.train_labels is not None and self.noise != 0.0:
             raise ConfigError(f"a run with its own training labels ({self.train_labels}) takes "
                               f"no synthetic noise on top: set noise 0, got {self.noise}")
+        if self.dropout_sites and not self.tied_dropout:
+            raise ConfigError(f"dropout sites {', '.join(self.dropout_sites)} are given without "
+                              f"tied dropout, where they would do nothing: add --tied-dropout, "
+                              f"or drop --sites")
         if self.tied_dropout:
             if not (0.0 < self.p_gen < 1.0 and 0.0 < self.p_mem <= 1.0):
                 raise ConfigError(f"need 0 < p_gen < 1 and 0 < p_mem <= 1, got p_gen={self.p_gen}"
@@ -192,7 +196,12 @@ def config_from_options(options: dict, *, preset: str | None = None) -> TrainCon
     _check_fields(options)
     base = (TrainConfig.from_name(preset) if preset
             else preset_for(options.get("model", "cnn"), options.get("dataset", "digits")))
-    return dataclasses.replace(base, **options)
+    config = dataclasses.replace(base, **options)
+    idle = [f"--{k.replace('_', '-')}" for k in ("p_gen", "p_mem") if k in options]
+    if idle and not config.tied_dropout:
+        raise ConfigError(f"{', '.join(idle)} set without tied dropout, where it does nothing: "
+                          f"add --tied-dropout, or drop {', '.join(idle)}")
+    return config
 
 
 def differing_fields(config: TrainConfig, options: dict) -> list[str]:

@@ -19,6 +19,7 @@ from memkern.data import PreparedData
 from memkern.errors import ConfigError
 from memkern.rundir.context import load_trained
 from memkern.rundir.locks import for_checkpoint, hold_run, locked
+from memkern.rundir.ownership import require_json_output
 from memkern.rundir.paths import RunDir
 from memkern.network.sites import example_indices
 from memkern.network.tied_dropout import has_tied_dropout, tied_dropout_mode, unindexed_rows
@@ -117,9 +118,12 @@ def evaluate_checkpoint(*, ckpt: str | Path, mode: str, device: str = "auto",
     if mode not in EVAL_MODES:
         raise ConfigError(f"evaluation mode {mode!r} is unknown: use one of {EVAL_MODES}")
     trained = load_trained(ckpt, device=device, data_dir=data_dir)
+    path = RunDir.of_checkpoint(trained.checkpoint.path).evaluation_path(
+        trained.checkpoint.epoch, mode)
+    require_json_output(path, keys=("checkpoint", "epoch", "mode"),
+                        what="a memkern evaluation record")
     record = {"checkpoint": str(trained.checkpoint.path), "epoch": trained.checkpoint.epoch,
               "mode": mode, "tied_dropout": trained.checkpoint.config.tied_dropout,
               **mode_accuracies(trained.model, trained.data, mode=mode)}
-    path = RunDir.of_checkpoint(trained.checkpoint.path).evaluation_path(record["epoch"], mode)
     atomic_write_json(path, record)
     return record, path

@@ -31,7 +31,7 @@ from memkern.training.finite import check_loss, check_model
 from memkern.rundir.locks import hold_run, locked
 from memkern.rundir.consistency import check_config_agrees
 from memkern.rundir.progress import Progress
-from memkern.rundir.paths import RunDir
+from memkern.rundir.paths import RunDir, require_utf8_path
 from memkern.network.sites import example_indices
 from memkern.report.summaries import epoch_line
 from memkern.experiments.gradients.subset import LiveSubsetTracker
@@ -139,6 +139,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     the run, which is the one a single process writes, with ``world_size`` in each metrics
     line (and, for the launch that started the run, in the config). A run may be resumed
     with any world size. Inputs are checked before the process group is joined."""
+    require_utf8_path(out, option="--out")
     world = World.from_env()
     run = RunDir(out)
     extend_to = None

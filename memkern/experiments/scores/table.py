@@ -31,6 +31,7 @@ from memkern.rundir.paths import RunDir
 from memkern.experiments.scores.signals import COMBINED, DYNAMICS_SIGNALS, combined_score, dynamics_signals
 from memkern.rundir.csv_tables import csv_text, read_csv
 from memkern.network.tied_dropout import tied_dropout_mode
+from memkern.experiments.localize.rows import check_rows
 
 LOCALIZE_FILE = "localize.jsonl"
 SCORES_FILE = "scores.csv"
@@ -111,16 +112,32 @@ def grad_columns(run: RunDir, num_train: int) -> dict[str, np.ndarray]:
             raise RunDirError(f"{run.grads}/per_example_epoch_{epoch:03d}.csv has {len(rows)} "
                               f"rows for {num_train} training examples; rerun `memkern grads`")
         groups = [k for k in rows[0] if k not in ("index", "noisy", "label")]
-        order = np.argsort([int(r["index"]) for r in rows])
+        order = np.argsort(_example_indices(rows, run.grads / f"per_example_epoch_{epoch:03d}.csv",
+                                            num_train))
         for g in groups:
             out[f"grad_{g}_e{epoch:03d}"] = np.array([float(r[g]) for r in rows])[order]
     return out
 
 
+def _example_indices(rows: list[dict], path: Path, num_train: int) -> list[int]:
+    """The ``index`` column of a per-example table: each example of the training set once."""
+    try:
+        indices = [int(r["index"]) for r in rows]
+    except (TypeError, ValueError):
+        indices = []
+    if sorted(indices) != list(range(num_train)):
+        raise RunDirError(f"{path}: its index column does not list each of the {num_train} "
+                          f"training examples once (edited?); move it away and rerun "
+                          f"`memkern grads`")
+    return indices
+
+
 def channels_to_flip(path: Path, num_train: int) -> np.ndarray:
     """Channels zeroed to flip each localized example (inf: not flipped); NaN elsewhere."""
     out = np.full(num_train, np.nan)
-    for row in read_jsonl(path):
+    rows = read_jsonl(path)
+    check_rows(rows, path, num_train=num_train)
+    for row in rows:
         out[row["index"]] = row["n_channels"] if row["flipped"] else np.inf
     return out
 
