@@ -96,7 +96,7 @@ def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData, *, ep
                 pg["lr"] = learning_rate(step, total_steps=total_steps, base_lr=lr, warmup=0.0)
             with example_indices(idx.to(device)):
                 loss = F.cross_entropy(model(x), y)
-            check_loss(float(loss), epoch=epoch, step=i + 1, what=f"retraining {group.name}",
+            check_loss(float(loss.detach()), epoch=epoch, step=i + 1, what=f"retraining {group.name}",
                        advice=_RETRAIN_ADVICE)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
