@@ -124,7 +124,7 @@ def load_run_tables(run_dir: str | Path) -> RunTables:
     """Read everything the report shows from ``run_dir``; a missing analysis stays None."""
     run = RunDir(run_dir)
     config = run.load_config()
-    metrics = _imported_accuracies(run) if config.imported else run.load_metrics()
+    metrics = _imported_accuracies(run) if config.imported else run.load_history()
     if not metrics and not config.imported:
         raise RunDirError(f"{run.root} has no completed epoch in metrics.jsonl yet")
     missing = [k for k in CURVES if any(k not in r for r in metrics)]

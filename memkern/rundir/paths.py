@@ -131,6 +131,17 @@ class RunDir:
                                   f"{row[off[0]]}, outside [0, 1]; restore the file")
         return [r for r in rows if until is None or r["epoch"] <= until]
 
+    def load_history(self) -> list[dict]:
+        """metrics.jsonl's records up to the last checkpoint, which must all be there (a line
+        is appended before its epoch's checkpoint is saved): fewer lines mean an edited file."""
+        last = self.epochs()[-1] if self.epochs() else 0
+        rows = self.load_metrics(until=last)
+        if len(rows) != last:
+            raise RunDirError(f"{self.metrics_path} records epochs 1..{len(rows)}, but the "
+                              f"checkpoints reach epoch {last}: lines were deleted; restore the "
+                              f"file from a copy of the run, or train a new run")
+        return rows
+
     def has_content(self) -> bool:
         """Anything in the run directory besides a lock."""
         return self.root.exists() and any(p.name != RUN_LOCK for p in self.root.iterdir())

@@ -97,16 +97,6 @@ def write_config(run: RunDir, config: TrainConfig) -> None:
     write_recorded(run.root, run.config_path, (config.to_json() + "\n").encode())
 
 
-def check_history(run: RunDir, *, last_checkpoint: int) -> None:
-    """metrics.jsonl records every epoch up to the last checkpoint (its line is appended before
-    the checkpoint is saved), so fewer lines mean an edited file: refuse before rewriting it."""
-    recorded = len(run.load_metrics(until=last_checkpoint))
-    if recorded != last_checkpoint:
-        raise RunDirError(f"{run.metrics_path} records epochs 1..{recorded}, but the checkpoints "
-                          f"reach epoch {last_checkpoint}: lines were deleted; restore the file "
-                          f"from a copy of the run, or train a new run")
-
-
 def check_tracking(run: RunDir, *, track_grads: bool, first_epoch: int) -> None:
     """A resumed run records what it recorded before: ``grads/live.jsonl`` covers every epoch
     of a run trained with ``--track-grads`` and none of one trained without."""
@@ -202,7 +192,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
         restore_momentum(model, optimizer, ckpt)
         first_epoch = ckpt.epoch + 1
         check_tracking(run, track_grads=track_grads, first_epoch=first_epoch)
-        check_history(run, last_checkpoint=first_epoch - 1)
+        run.load_history()  # a gap refuses before metrics.jsonl is rewritten
     with joined(world, dev) as world:
         if world.main:
             if resumed:
