@@ -14,9 +14,10 @@ from memkern.training.config import TrainConfig
 
 
 def _extendable(config: TrainConfig) -> bool:
-    """Only a constant schedule without warm-up is extended to more epochs (train's
-    check_extension), so only then may checkpoints carry fewer epochs than config.json."""
-    return config.lr_schedule == "constant" and config.warmup == 0
+    """Only a run with a constant schedule is ever extended to more epochs (train's
+    check_extension: a cosine decay spans all epochs), so only then may checkpoints carry
+    fewer epochs than config.json."""
+    return config.lr_schedule == "constant"
 
 
 def check_config_agrees(config: TrainConfig, ckpt: Checkpoint, *, config_path: Path) -> None:
