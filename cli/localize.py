@@ -38,7 +38,7 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
     """Find the channels whose zeroing flips each example's prediction (docs/method.md, Experiment 4).
 
     Appends one line per example to the output (a killed run resumes where it stopped),
-    then writes localize_summary.json and localize.png beside it and prints a table.
+    then writes X.summary.json and X.png beside its output X.jsonl and prints a table.
     Under torchrun each process localizes its share of the examples; rank 0 merges the
     results into the output and prints the table.
 
@@ -51,6 +51,7 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
           --ckpt runs/digits/checkpoints/epoch_030.safetensors --examples all
     """
     from memkern.experiments.localize import format_table, localize as run_localize
+    from memkern.experiments.localize.summary import summary_paths
 
     result = run_localize(
         ckpt=checkpoint_from(ckpt, run_dir), examples=examples, limit=limit, method=method,
@@ -61,5 +62,5 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
     if result.summary is None:  # another rank of a torchrun launch: rank 0 reports
         return
     click.echo(format_table(result.summary))
-    click.echo(f"results: {result.path}; summary: {result.path.parent / 'localize_summary.json'}"
-               f", figure: {result.path.parent / 'localize.png'}")
+    summary, figure = summary_paths(result.path)
+    click.echo(f"results: {result.path}; summary: {summary}, figure: {figure}")

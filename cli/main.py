@@ -94,7 +94,19 @@ def _register() -> None:
 
     for command in (train, import_weights, evaluate, grads, rewind, retrain, localize, scores,
                     report, demo, sites, env):
+        _refuse_empty_paths(command)
         main.add_command(command)
+
+
+def _refuse_empty_paths(command: click.Command) -> None:
+    """An empty path option (``--out ''``) is refused: it would mean the current directory."""
+    for param in command.params:
+        if isinstance(param, click.Option) and isinstance(param.type, click.Path):
+            def check(ctx, p, value, inner=param.callback):
+                if any(v == "" for v in (value if isinstance(value, tuple) else (value,))):
+                    raise click.BadParameter("the value is empty (''); pass a path", ctx, p)
+                return inner(ctx, p, value) if inner else value
+            param.callback = check
 
 
 _register()

@@ -765,3 +765,127 @@ def test_fuzz_received_run_specs(base, spec, command):
     assert "--trust-model-code" in result.stderr or "model spec" in result.stderr, result.stderr
     top = spec.split(":")[0].split(".")[0]
     assert not [m for m in set(sys.modules) - modules if m.split(".")[0] == top]
+
+
+# ---------------------------------------------------------------- cross-file edits of a run
+# A run's files are checked against each other and against the run manifest: an edit of one
+# field, index or byte range either refuses in one line or changes nothing of the result (an
+# edit that restores the same value). The result compared is evaluate's record.
+
+CONFIG_EDITS = {"seed": st.integers(0, MAX_SEED), "noise": st.floats(0.0, 0.99),
+                "epochs": st.integers(1, 10**30), "lr": st.floats(1e-6, 10.0),
+                "model": st.sampled_from(["mlp", "cnn"]), "norm": st.sampled_from(["batch", "group"]),
+                "batch_size": st.integers(1, 4096), "tied_dropout": st.booleans()}
+
+
+@pytest.fixture(scope="module")
+def unedited(base):
+    """evaluate's record on the unedited run (its path replaced: copies live elsewhere)."""
+    run = Path(shutil.copytree(base[1], fresh(base[0]) / "run"))
+    result = run_cli("evaluate", "--run", run, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return _record(run)
+
+
+def _record(run: Path) -> dict:
+    record = json.loads((run / "evaluate_003_own.json").read_text())
+    record.pop("checkpoint")
+    return record
+
+
+def refused_or_same(run: Path, unedited: dict) -> None:
+    before = snapshot(run)
+    result = run_cli("evaluate", "--run", run, "--device", "cpu")
+    if result.exit_code == 0:
+        assert _record(run) == unedited
+        return
+    assert_one_line_error(result)
+    assert_unchanged(before, run)
+    assert not (run / "evaluate_003_own.json").exists()
+
+
+@st.composite
+def cross_file_edits(draw):
+    """(file, edit) with edit(run) changing one thing of that file."""
+    kind = draw(st.sampled_from(["config", "noise", "checkpoint", "manifest-less config"]))
+    if kind in ("config", "manifest-less config"):
+        field = draw(st.sampled_from(sorted(CONFIG_EDITS)))
+        value = draw(CONFIG_EDITS[field])
+
+        def edit(run):
+            if kind == "manifest-less config":
+                (run / "manifest.json").unlink()
+            config = json.loads((run / "config.json").read_text())
+            config[field] = value
+            (run / "config.json").write_text(json.dumps(config))
+        return kind, edit
+    if kind == "noise":
+        what = draw(st.sampled_from(["index", "cut", "num_train", "label"]))
+        position = draw(st.integers(0, 10**6))
+        value = draw(st.integers(-5, 2000))
+        manifest = draw(st.booleans())
+
+        def edit(run):
+            if not manifest:
+                (run / "manifest.json").unlink()
+            noise = json.loads((run / "noise.json").read_text())
+            i = position % len(noise["noisy_indices"])
+            if what == "index":
+                noise["noisy_indices"][i] = value
+            elif what == "cut":
+                for k in ("noisy_indices", "original_labels", "noisy_labels"):
+                    noise[k] = noise[k][:i]
+            elif what == "num_train":
+                noise["num_train"] = value
+            else:
+                noise["noisy_labels"][i] = value
+            (run / "noise.json").write_text(json.dumps(noise))
+        return kind, edit
+    start = draw(st.integers(0, 10**9))
+    length = draw(st.integers(1, 4096))
+    byte = draw(st.integers(0, 255))
+
+    def edit(run):
+        path = RunDir(run).checkpoint_path(3)
+        raw = bytearray(path.read_bytes())
+        at = start % len(raw)
+        raw[at:at + length] = bytes([byte]) * len(raw[at:at + length])
+        path.write_bytes(bytes(raw))
+    return kind, edit
+
+
+@fuzz(40)
+@given(case=cross_file_edits())
+def test_fuzz_cross_file_edits(base, unedited, case):
+    _, edit = case
+    run = Path(shutil.copytree(base[1], fresh(base[0]) / "run"))
+    edit(run)
+    refused_or_same(run, unedited)
+
+
+@fuzz(20)
+@given(edit=st.sampled_from(["delete", "duplicate", "swap", "epoch", "accuracy"]),
+       at=st.integers(0, 2), value=st.one_of(st.floats(1.0, 1e308, exclude_min=True),
+                                             st.floats(-1e308, 0.0, exclude_max=True)))
+def test_fuzz_metrics_structure(base, edit, at, value):
+    """Lines deleted, repeated or swapped, an epoch renumbered, an accuracy outside [0, 1]:
+    report and resume refuse in one line."""
+    run = Path(shutil.copytree(base[1], fresh(base[0]) / "run"))
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    if edit == "delete":
+        del lines[at]
+    elif edit == "duplicate":
+        lines.insert(at, lines[at])
+    elif edit == "swap":
+        lines[at], lines[(at + 1) % 3] = lines[(at + 1) % 3], lines[at]
+    else:
+        row = json.loads(lines[at])
+        if edit == "epoch":
+            row["epoch"] = row["epoch"] + 1 + int(abs(value)) % 5
+        else:
+            row["noisy_acc"] = value
+        lines[at] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    refused(["report", "--run", run], run)
+    refused(["train", "--out", run, "--resume", "--no-progress"], run)

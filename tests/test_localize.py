@@ -265,7 +265,7 @@ def test_localize_writes_lines_summary_and_figure(ckpt, run_dir):
                           "clean_acc", "noisy_acc", "test_acc"}
         assert r["n_channels"] == len(r["channels"]) == len(r["trace"]) - 1
     assert (run_dir / "localize.png").stat().st_size > 1000
-    saved = json.loads((run_dir / "localize_summary.json").read_text())
+    saved = json.loads((run_dir / "localize.summary.json").read_text())
     assert saved["groups"]["noisy"]["count"] == 3
     assert "share of zeroed channels" in format_table(summarize(rows))
     # rerun: nothing left to do, no duplicate lines

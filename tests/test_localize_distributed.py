@@ -59,7 +59,7 @@ def test_two_ranks_equal_one_process(ckpt, reference, tmp_path):
     assert res.returncode == 0, res.stderr
     _assert_same_lines(read_jsonl(out), reference)
     assert part_files(out) == []
-    summary = json.loads((tmp_path / "localize_summary.json").read_text())
+    summary = json.loads((tmp_path / "l.summary.json").read_text())
     assert summary["examples"] == OPTS["limit"]
     assert (tmp_path / "localize.png").stat().st_size > 1000
     assert res.stdout.count("share of zeroed channels") == 1  # rank 0 alone prints the table

@@ -190,5 +190,5 @@ def test_two_localize_runs_started_together(run):
     assert len(lines) == 1 and f"pid {winner.pid}" in lines[0], lines
     indices = [json.loads(line)["index"] for line in out.read_text().splitlines()]
     assert len(indices) == len(set(indices)) == 6
-    summary = json.loads((run / "localize_summary.json").read_text())
+    summary = json.loads((run / "localize.summary.json").read_text())
     assert summary["examples"] == 6

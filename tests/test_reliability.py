@@ -271,7 +271,7 @@ def test_write_faults_are_one_line(run, tmp_path, monkeypatch, code, command):
             "localize": ["localize", "--ckpt", ckpt_of(run), *LOCALIZE]}[command]
     assert_one_line_error(run_cli(*args), os.strerror(code))
     assert_unchanged(before, run)
-    leftovers = [p for p in run.rglob("*.tmp")]
+    leftovers = [p for p in run.rglob(".memkern-tmp.*")]
     assert not leftovers, leftovers
 
 
@@ -334,10 +334,11 @@ def test_kill_during_checkpoint_save_leaves_nothing_after_resume(tmp_path):
     args = ["train", "--out", str(out), "--model", "mlp", "--epochs", "2", "--no-progress"]
     killed = subprocess.run([sys.executable, "-c", KILL_IN_SAVE, *args], capture_output=True)
     assert killed.returncode == -9
-    assert [p.name for p in (out / "checkpoints").glob(".*.tmp")], "the kill left no temporary"
+    assert [p.name for p in (out / "checkpoints").glob(".memkern-tmp.*")], "the kill left no temporary"
     resumed = run_cli("train", "--out", out, "--resume", "--no-progress")
     assert resumed.exit_code == 0, resumed.output
-    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp") or p.name.endswith(".lock")]
+    assert not [p for p in out.rglob("*") if p.name.startswith(".memkern-tmp.")
+                or p.name.endswith(".lock")]
     assert RunDir(out).epochs() == [0, 1, 2]
     mode = 0o666 & ~_umask()
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*") if p.is_file()}
@@ -352,10 +353,10 @@ def _umask() -> int:
 
 def test_temporaries_of_live_writers_are_kept(run):
     """Only a dead process's temporaries are removed: a live writer's are its work."""
-    live = run / "checkpoints" / f".epoch_009.safetensors.{os.getpid()}.abcd1234.tmp"
+    live = run / "checkpoints" / f".memkern-tmp.{os.getpid()}.abcd1234.epoch_009.safetensors"
     dead_pid = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                               capture_output=True, text=True).stdout.strip()
-    dead = run / "checkpoints" / f".epoch_009.safetensors.{dead_pid}.abcd1234.tmp"
+    dead = run / "checkpoints" / f".memkern-tmp.{dead_pid}.abcd1234.epoch_009.safetensors"
     live.write_bytes(b"x")
     dead.write_bytes(b"x")
     assert run_cli("report", "--run", run).exit_code == 0
@@ -441,10 +442,16 @@ def test_checkpoint_of_another_run_names_both_models(run, tmp_path):
     other = tmp_path / "cnn"
     assert run_cli("train", "--out", other, "--model", "cnn", "--epochs", "1",
                    "--no-progress").exit_code == 0
-    shutil.copy(RunDir(other).checkpoint_path(1), RunDir(run).checkpoint_path(3))
+    shutil.copy(RunDir(other).checkpoint_path(1), RunDir(run).checkpoint_path(1))
     for command in ("rewind", "retrain"):
-        result = run_cli(command, "--run", run, "--epochs", "1", "--no-progress")
-        assert_one_line_error(result, "'cnn' model", "the MLP model")
+        result = run_cli(command, "--run", run, "--epochs", "1", "--no-progress",
+                         *(["--from-epoch", "1"] if command == "retrain" else []))
+        assert_one_line_error(result, "epoch_001.safetensors", "manifest.json")
+    (run / "manifest.json").unlink()  # a run written before manifests: the configs disagree
+    for command in ("rewind", "retrain"):
+        result = run_cli(command, "--run", run, "--epochs", "1", "--no-progress",
+                         *(["--from-epoch", "1"] if command == "retrain" else []))
+        assert_one_line_error(result, "epoch_001.safetensors", "model: 'mlp' vs 'cnn'")
 
 
 @pytest.mark.parametrize("command,hint", [("localize", "rerun the same command"),

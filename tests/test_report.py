@@ -157,7 +157,7 @@ def test_bad_compare_is_one_clear_line(runs, tmp_path):
 
 
 @pytest.mark.parametrize("name,damage,words", [
-    ("localize_summary.json", '{"groups": {"noisy": {}}, "sites": []}', "rerun memkern localize"),
+    ("localize.summary.json", '{"groups": {"noisy": {}}, "sites": []}', "rerun memkern localize"),
     ("grads/summary.csv", "epoch,group\n0,head\n", "rerun memkern grads"),
     ("scores/benchmark.csv", "method,covered,auroc,ap\nx,many,0.5,0.5\n", "not numbers"),
     ("rewind.csv", "group,epoch\n", "not a memkern accuracy table")])

@@ -100,7 +100,7 @@ def test_a_killed_rank_stops_the_run_and_another_world_resumes_it(tmp_path):
     assert launch.returncode != 0
     done = sorted(p.name for p in (out / "checkpoints").iterdir())
     assert "epoch_003.safetensors" not in done, "finished before the kill: make epochs longer"
-    assert not [p for p in out.rglob("*") if ".tmp" in p.name]  # nothing half-written
+    assert not [p for p in out.rglob("*") if ".memkern-tmp." in p.name]  # nothing half-written
     # rank 0 says why in one line, unless torchrun stopped it first (torchrun then reports)
     ours = [line for line in stderr.splitlines() if line.startswith("memkern:")]
     assert len(ours) <= 1 and all("rank 0 of 2: another rank stopped" in line for line in ours)

@@ -1,7 +1,7 @@
 """The report's findings in words: one or two sentences per experiment, computed from a run's own
 tables (docs/method.md, Experiments 1-5). Every function is pure: it takes the rows as the
 commands wrote them (``metrics.jsonl`` lines, ``grads/summary.csv`` rows, rewind / retrain rows,
-``localize_summary.json``, ``scores/benchmark.csv`` rows) and returns a sentence, or None when
+``localize.summary.json``, ``scores/benchmark.csv`` rows) and returns a sentence, or None when
 the table holds too little to say anything.
 """
 from __future__ import annotations

@@ -11,6 +11,7 @@ from memkern.errors import RunDirError, printable
 from memkern.report.findings import TOTAL
 from memkern.rundir.paths import RunDir
 from memkern.experiments.gradients.run import SUMMARY_COLUMNS
+from memkern.experiments.localize.summary import LEGACY_SUMMARY, summary_paths
 from memkern.rundir.csv_tables import read_checked_csv, read_csv, read_table
 
 CURVES = ("clean_acc", "noisy_acc", "test_acc")
@@ -20,7 +21,7 @@ CURVES = ("clean_acc", "noisy_acc", "test_acc")
 class RunTables:
     """One run's outputs. ``metrics``: ``metrics.jsonl`` lines; ``grads``: ``grads/summary.csv``
     rows (strings); ``rewind`` / ``retrain``: accuracy rows; ``localize``:
-    ``localize_summary.json``; ``benchmark``: ``scores/benchmark.csv`` rows; ``figures``: PNG
+    ``localize.summary.json``; ``benchmark``: ``scores/benchmark.csv`` rows; ``figures``: PNG
     paths by name (``rewind``, ``summed_norms``, ...)."""
 
     run: RunDir
@@ -67,6 +68,14 @@ LOCALIZE_FIELDS = ("count", "flip_rate", "median_channels_flipped", "mean_channe
                    "site_fraction", "edited_clean_acc", "edited_noisy_acc", "edited_test_acc")
 
 
+def run_summary_path(run: RunDir) -> Path:
+    """The run's own localization summary: that of ``localize.jsonl`` (a run localized before
+    summaries were named after their output has ``localize_summary.json``)."""
+    summary = summary_paths(run.root / "localize.jsonl")[0]
+    legacy = run.root / LEGACY_SUMMARY
+    return legacy if not summary.exists() and legacy.is_file() else summary
+
+
 def _localize_summary(path: Path) -> dict | None:
     if not path.is_file():
         return None
@@ -108,7 +117,7 @@ def load_run_tables(run_dir: str | Path) -> RunTables:
     run = RunDir(run_dir)
     config = run.load_config(check_model=False)  # shown, never built
     config.require_image_run("memkern report")
-    metrics = _imported_accuracies(run) if config.imported else run.load_metrics()
+    metrics = _imported_accuracies(run) if config.imported else run.load_history()
     if not metrics and not config.imported:
         raise RunDirError(f"{run.root} has no completed epoch in metrics.jsonl yet")
     missing = [k for k in CURVES if any(k not in r for r in metrics)]
@@ -119,7 +128,7 @@ def load_run_tables(run_dir: str | Path) -> RunTables:
         run=run, config=config, noise=run.load_noise(), metrics=metrics,
         grads=_grads_summary(run), rewind=read_table(run.root / "rewind.csv") or None,
         retrain=read_table(run.root / "retrain.csv") or None,
-        localize=_localize_summary(run.root / "localize_summary.json"),
+        localize=_localize_summary(run_summary_path(run)),
         scores=(run.root / "scores.csv").is_file(),
         benchmark=_benchmark(run.root / "scores" / "benchmark.csv"),
         figures={k: run.root / p for k, p in FIGURES.items() if (run.root / p).is_file()})

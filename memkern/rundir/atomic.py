@@ -1,8 +1,9 @@
 """Crash-safe file writes: write beside the target, fsync, rename over it.
 
-A temporary file is named ``.<target>.<pid>.<random>.tmp``: the pid says which process was
-writing it, so :func:`remove_interrupted_writes` can delete the leftovers of a killed process
-(and only those) when the next command starts.
+A temporary file is named ``.memkern-tmp.<pid>.<8 random>.<target>``: the prefix is memkern's
+mark (a user's file named like that is not expected) and the pid says which process was writing
+it, so :func:`remove_interrupted_writes` deletes the leftovers of killed memkern writes and
+nothing else (a user's ``.notes.123.bak.tmp`` stays).
 """
 from __future__ import annotations
 
@@ -17,10 +18,13 @@ from typing import Callable
 from memkern.errors import RunDirError
 from memkern.rundir import json_files
 from memkern.rundir.safe_files import append_text, open_nofollow, refuse_link
+from memkern.rundir.ownership import require_replaceable
 
 _UMASK = os.umask(0)
 os.umask(_UMASK)
-_TEMP_NAME = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")
+TEMP_PREFIX = ".memkern-tmp."
+# mkstemp's random part: 8 characters of [a-z0-9_].
+_TEMP_NAME = re.compile(r"^" + re.escape(TEMP_PREFIX) + r"(\d+)\.[a-z0-9_]{8}\..+$")
 
 
 def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
@@ -29,9 +33,10 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
     of a new file under the user's umask, whatever ``write`` did to the temporary's."""
     path = Path(path)
     refuse_link(path)  # replacing a link is harmless, but a link there is not memkern's file
+    require_replaceable(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # mkstemp opens with O_EXCL: never an existing file or link
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp",
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{os.getpid()}.", suffix=f".{path.name}",
                                dir=path.parent)
     os.close(fd)
     try:
@@ -43,12 +48,20 @@ def atomic_write(path: str | Path, write: Callable[[str], None]) -> None:
         finally:
             os.close(fd)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise
+        raise _naming(e, path) from None
 
 
-def _alive(pid: int) -> bool:
+def _naming(error: BaseException, path: Path) -> BaseException:
+    """An OSError that names no file (a write on a full disk) names ``path``, so its one line
+    says where; any other error as it is."""
+    if isinstance(error, OSError) and error.filename is None and error.errno is not None:
+        return OSError(error.errno, error.strerror, str(path))
+    return error
+
+
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -67,7 +80,7 @@ def remove_interrupted_writes(folder: str | Path) -> list[Path]:
     removed = []
     for p in folder.iterdir():
         m = _TEMP_NAME.match(p.name)
-        if m and p.is_file() and not _alive(int(m.group(1))):
+        if m and p.is_file() and not process_alive(int(m.group(1))):
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
@@ -96,14 +109,23 @@ def _json_line(obj, path: str | Path, **kw) -> str:
         raise RunDirError(f"refusing to write a non-finite number into {path}: {obj}") from None
 
 
+def json_text(obj, path: str | Path) -> str:
+    """``obj`` as the text :func:`atomic_write_json` writes to ``path``."""
+    return _json_line(obj, path, indent=2) + "\n"
+
+
 def atomic_write_json(path: str | Path, obj) -> None:
-    atomic_write_text(path, _json_line(obj, path, indent=2) + "\n")
+    atomic_write_text(path, json_text(obj, path))
 
 
 def append_jsonl(path: str | Path, obj) -> None:
     """Append one JSON line and fsync: a line is either wholly on disk or absent after a kill
     (a torn last line is dropped by :func:`read_jsonl`)."""
-    append_text(path, _json_line(obj, path) + "\n")
+    line = _json_line(obj, path) + "\n"
+    try:
+        append_text(path, line)
+    except OSError as e:
+        raise _naming(e, Path(path)) from None
 
 
 def read_jsonl(path: str | Path) -> list[dict]:

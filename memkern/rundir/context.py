@@ -25,6 +25,8 @@ from memkern.data.train_labels import read_train_labels
 from memkern.errors import ConfigError, RunDirError
 from memkern.data.text import TextData, load_text_data
 from memkern.network.models import build_model, build_text_model
+from memkern.rundir.consistency import check_config_agrees, check_noise_agrees
+from memkern.rundir.manifest import verify
 from memkern.rundir.paths import RunDir
 from memkern.network.tied_dropout import attach_tied_dropout, has_tied_dropout, set_tied_dropout_mode
 
@@ -77,6 +79,7 @@ def load_data(config: TrainConfig, *, data_dir: str | Path | None = None,
     if not path.is_file():
         raise RunDirError(f"{path} is missing: this imported run's training labels live beside "
                           f"its checkpoints/ folder; keep the checkpoint in its run directory")
+    verify(path, root=run)
     labels = read_train_labels(path, num_train=len(raw.train_labels),
                                num_classes=raw.num_classes)
     return prepare(raw, noise_rate=0.0, seed=config.seed, train_labels=labels)
@@ -136,6 +139,7 @@ class RunContext:
         """Load the weights of this run's ``epoch`` into ``model`` (validated against the
         architecture) and return that checkpoint."""
         ckpt = load_checkpoint(self.run.require_checkpoint(epoch))
+        check_config_agrees(self.config, ckpt, config_path=self.run.config_path)
         load_model_state(self.model, ckpt)
         self.model.eval()
         self.checkpoint = ckpt
@@ -145,17 +149,23 @@ class RunContext:
         """The weights and buffers of ``epoch`` on ``device`` (for ``functional_call``), without
         loading them; a checkpoint holding other tensors than the model is a CheckpointError."""
         ckpt = load_checkpoint(self.run.require_checkpoint(epoch))
+        check_config_agrees(self.config, ckpt, config_path=self.run.config_path)
         check_fits(self.model, ckpt)
         return {k: v.to(self.device) for k, v in ckpt.model_state.items()}
 
 
 def _context(run: RunDir, config: TrainConfig, ckpt: Checkpoint, *,
              device: str | torch.device, data_dir: str | Path | None,
-             text_ok: bool) -> RunContext:
+             text_ok: bool, cross_check: bool = True) -> RunContext:
     if not text_ok:
         config.require_image_run("this analysis")
     dev = resolve_device(device)
+    if cross_check and run.config_path.is_file():
+        check_config_agrees(run.load_config(), ckpt, config_path=run.config_path)
     data = load_data(config, data_dir=data_dir, run=run.root)
+    if cross_check and run.noise_path.is_file():
+        check_noise_agrees(run.load_noise(), data.noise.noisy_indices, len(data.train_labels),
+                           noise_path=run.noise_path)
     model = model_for(config, data)
     load_model_state(model, ckpt)
     model.to(dev).eval()
@@ -165,13 +175,16 @@ def _context(run: RunDir, config: TrainConfig, ckpt: Checkpoint, *,
 
 
 def load_trained(ckpt: str | Path, *, device: str | torch.device = "auto",
-                 data_dir: str | Path | None = None, text_ok: bool = False) -> RunContext:
+                 data_dir: str | Path | None = None, text_ok: bool = False,
+                 cross_check: bool = True) -> RunContext:
     """The context of one checkpoint file: its own config rebuilds everything (the run is the
-    folder holding ``checkpoints/``, or the checkpoint's folder when kept elsewhere).
-    ``text_ok``: the caller handles text runs (others get a ConfigError for one)."""
+    folder holding ``checkpoints/``, or the checkpoint's folder when kept elsewhere). The run's
+    config.json and noise.json, where present, must agree with it (``cross_check=False``: a
+    model trained on data its config does not rebuild, a cross-validation fold). ``text_ok``:
+    the caller handles text runs (others get a ConfigError for one)."""
     ckpt = load_checkpoint(ckpt)
     return _context(RunDir.of_checkpoint(ckpt.path), ckpt.config, ckpt, device=device,
-                    data_dir=data_dir, text_ok=text_ok)
+                    data_dir=data_dir, text_ok=text_ok, cross_check=cross_check)
 
 
 def open_run(run: str | Path, *, epoch: int | None = None, device: str | torch.device = "auto",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -73,12 +74,24 @@ def read_table(path: str | Path) -> list[dict]:
     if tuple(reader.fieldnames or ()) != COLUMNS:
         raise RunDirError(f"{path} is not a memkern accuracy table (columns {reader.fieldnames}, "
                           f"expected {', '.join(COLUMNS)}); move it away and rerun")
-    rows = []
+    rows, seen = [], set()
     for n, r in enumerate(reader, 2):
         try:
-            rows.append({"group": r["group"], "epoch": int(r["epoch"]),
-                         **{k: float(r[k]) for k in COLUMNS[2:]}})
+            row = {"group": r["group"], "epoch": int(r["epoch"]),
+                   **{k: float(r[k]) for k in COLUMNS[2:]}}
         except (TypeError, ValueError):  # a short row (None) or a non-number
             raise RunDirError(f"{path}, line {n}: not a row of group, epoch and three "
                               f"accuracies; was it edited? move it away and rerun") from None
+        # NaN: undefined, only the accuracy of the noisy set of a run without noisy examples
+        off = [k for k in COLUMNS[2:] if not (0.0 <= row[k] <= 1.0 or (
+            k == "noisy_acc" and math.isnan(row[k])))]
+        if off:
+            raise RunDirError(f"{path}, line {n}: {off[0]} is {r[off[0]]}, not an accuracy in "
+                              f"[0, 1]; was it edited? move it away and rerun")
+        key = (row["group"], row["epoch"])
+        if key in seen:
+            raise RunDirError(f"{path}, line {n}: group {key[0]} at epoch {key[1]} appears a "
+                              f"second time; was it edited? move it away and rerun")
+        seen.add(key)
+        rows.append(row)
     return rows

@@ -8,7 +8,9 @@ removes the file on release; a process that opened it just before then notices, 
 path no longer names the file it locked, and tries again.
 
 Taking a lock also removes the temporaries that killed writers left in the locked folders
-(:func:`memkern.rundir.atomic.remove_interrupted_writes`).
+(:func:`memkern.rundir.atomic.remove_interrupted_writes`) and the lock files nobody holds
+(left by a killed command), and a lock whose pid cannot be written (a full disk) is removed
+at once.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import fcntl
 import functools
 import inspect
 import os
+import re
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -29,6 +32,9 @@ from memkern.rundir.safe_files import open_nofollow, read_text_nofollow, refuse_
 RUN_FOLDERS = ("", "checkpoints", "grads", "report")
 # The folders of a run that memkern writes into, each refused when it is a symbolic link.
 WRITTEN_FOLDERS = ("checkpoints", "grads", "report", "scores", "scores/crossval")
+
+_LOCK_NAME = re.compile(r"^\..+\.lock$")
+_LOCK_TEXT = re.compile(r"^\d*\n?$")  # what a lock file holds: its holder's pid, or nothing yet
 
 _held: dict[Path, int] = {}  # lock file -> depth: a process may nest holds of one lock
 
@@ -58,10 +64,43 @@ def _acquire(path: Path, what: str) -> int:
         except FileNotFoundError:
             same = False
         if same:
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()}\n".encode())
+            try:
+                os.ftruncate(fd, 0)
+                os.write(fd, f"{os.getpid()}\n".encode())
+            except BaseException:  # a full disk: no lock file stays behind
+                path.unlink(missing_ok=True)
+                os.close(fd)
+                raise
             return fd
         os.close(fd)  # the holder removed the file between our open and lock: start over
+
+
+def remove_stale_locks(folder: Path) -> None:
+    """Remove the lock files in ``folder`` that no process holds (their command was killed).
+    Only files that look like memkern's locks (``.<name>.lock`` holding a pid) are tried."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if not _LOCK_NAME.match(p.name) or p.absolute() in _held or p.is_symlink():
+            continue
+        try:
+            if not p.is_file() or p.stat().st_size > 24 or not _LOCK_TEXT.match(p.read_text()):
+                continue
+            fd = os.open(p, os.O_RDWR)
+        except (OSError, UnicodeDecodeError):
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: a live command's lock
+            os.close(fd)
+            continue
+        try:
+            if os.stat(p).st_ino == os.fstat(fd).st_ino:
+                p.unlink()
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
 
 
 @contextlib.contextmanager
@@ -82,6 +121,7 @@ def hold(path: str | Path, *, what: str, clean: tuple[Path, ...] = ()) -> Iterat
     try:
         for folder in clean:
             remove_interrupted_writes(folder)
+            remove_stale_locks(folder)
         yield
     finally:
         del _held[path]
@@ -90,7 +130,7 @@ def hold(path: str | Path, *, what: str, clean: tuple[Path, ...] = ()) -> Iterat
 
 
 @contextlib.contextmanager
-def _folder(folder: Path) -> Iterator[None]:
+def made_folder(folder: Path) -> Iterator[None]:
     """``folder`` exists during the block; the folders made for it are removed afterwards when
     the block left nothing in them, so a refused command leaves no trace."""
     created = [p for p in (folder, *folder.parents) if not p.exists()]
@@ -111,7 +151,7 @@ def hold_run(root: str | Path) -> Iterator[None]:
     interrupted writes of its folders."""
     root = Path(root)
     refuse_links(root / f for f in WRITTEN_FOLDERS)  # writes there would leave the run
-    with _folder(root), hold(root / RUN_LOCK, what=f"run directory {root}",
+    with made_folder(root), hold(root / RUN_LOCK, what=f"run directory {root}",
                              clean=tuple(root / f for f in RUN_FOLDERS)):
         yield
 
@@ -124,7 +164,7 @@ def hold_output(out: str | Path, *, rank: int = 0, size: int = 1) -> Iterator[No
     out = Path(out)
     refuse_link(out)  # an explicit --out may be anywhere, but not a link to elsewhere
     name = out.name if rank == 0 else f"{out.name}.rank{rank}-of-{size}"
-    with _folder(out.parent), hold(out.with_name(f".{name}.lock"), what=f"output {out}",
+    with made_folder(out.parent), hold(out.with_name(f".{name}.lock"), what=f"output {out}",
                                    clean=(out.parent,)):
         yield
 

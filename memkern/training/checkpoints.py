@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,7 @@ from torch import nn
 
 from memkern.rundir import json_files
 from memkern.rundir.atomic import atomic_write
+from memkern.rundir.manifest import verify, write_recorded
 from memkern.training.config import TrainConfig
 from memkern.errors import CheckpointError, ConfigError
 
@@ -25,6 +28,7 @@ FORMAT = "memkern-checkpoint"
 VERSION = "1"
 MODEL_PREFIX = "model."
 MOMENTUM_PREFIX = "optim.momentum."
+CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{3,})\.safetensors$")
 
 
 @dataclass
@@ -37,9 +41,11 @@ class Checkpoint:
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, config: TrainConfig, epoch: int,
-                    optimizer: torch.optim.Optimizer | None = None) -> None:
+                    optimizer: torch.optim.Optimizer | None = None,
+                    run: str | Path | None = None) -> None:
     """Write atomically: a kill mid-save leaves no partial checkpoint behind. The bytes are
-    written by us (safetensors' own file writer renames a temporary of its own, mode 0600)."""
+    written by us (safetensors' own file writer renames a temporary of its own, mode 0600).
+    ``run``: the run directory whose manifest records the file (memkern.rundir.manifest)."""
     tensors = {MODEL_PREFIX + k: v.detach().cpu().contiguous()
                for k, v in model.state_dict().items()}
     if optimizer is not None:
@@ -51,7 +57,11 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, config: TrainConfig, 
                     tensors[MOMENTUM_PREFIX + names[id(p)]] = buf.detach().cpu().contiguous()
     metadata = {"format": FORMAT, "version": VERSION, "epoch": str(epoch),
                 "config": config.to_json()}
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(save(tensors, metadata=metadata)))
+    data = save(tensors, metadata=metadata)
+    if run is not None:
+        write_recorded(run, path, data)
+    else:
+        atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
 
 
 def _read_metadata(path: Path) -> dict[str, str]:
@@ -76,8 +86,11 @@ def _read_metadata(path: Path) -> dict[str, str]:
 def load_checkpoint(path: str | Path) -> Checkpoint:
     """Read and validate; corrupt, foreign or newer-format files raise CheckpointError."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f"checkpoint {path} does not exist")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} exists but is not a regular file (a "
+                              f"{file_kind(path)}); pass a checkpoint file")
     try:
         str(path).encode("utf-8")
     except UnicodeEncodeError:  # safetensors takes UTF-8 paths only
@@ -105,11 +118,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         raise CheckpointError(f"{path} is corrupt or truncated ({(str(e).splitlines() or [type(e).__name__])[0]}); use "
                               f"another checkpoint of the run") from None
     epoch = int(epoch)
+    named = CHECKPOINT_PATTERN.match(path.name)
+    if named and int(named.group(1)) != epoch:
+        raise CheckpointError(f"{path} holds epoch {epoch} by its metadata, not epoch "
+                              f"{int(named.group(1))} as its name says: a renamed or edited "
+                              f"checkpoint; restore the run's own file")
     bad = next((k for k, t in tensors.items()
                 if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
     if bad is not None:
         raise CheckpointError(f"{path}: tensor {bad} holds NaN or inf (a diverged run); use an "
                               f"earlier checkpoint, or retrain with a smaller --lr")
+    verify(path)  # last: a damaged header or tensor is named as such first
     return Checkpoint(
         path=path, config=config, epoch=epoch,
         model_state={k[len(MODEL_PREFIX):]: v for k, v in tensors.items()
@@ -117,6 +136,17 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         momentum={k[len(MOMENTUM_PREFIX):]: v for k, v in tensors.items()
                   if k.startswith(MOMENTUM_PREFIX)},
     )
+
+
+def file_kind(path: Path) -> str:
+    """What a path that is not a regular file is, for messages."""
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "named pipe"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device"),
+                       (stat.S_ISSOCK, "socket")):
+        if test(mode):
+            return name
+    return "special file"
 
 
 def load_model_state(model: nn.Module, ckpt: Checkpoint) -> None:

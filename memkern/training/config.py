@@ -117,6 +117,10 @@ class TrainConfig:
             raise ConfigError(f"a run with its own training labels ({self.train_labels}) takes "
                               f"no synthetic noise on top: set noise 0, got {self.noise}")
         self._check_text()
+        if self.dropout_sites and not self.tied_dropout:
+            raise ConfigError(f"dropout sites {', '.join(self.dropout_sites)} are given without "
+                              f"tied dropout, where they would do nothing: add --tied-dropout, "
+                              f"or drop --sites")
         if self.tied_dropout:  # a tied run is evaluated in every mode; "drop" asks the most
             check_tied_config(p_gen=self.p_gen, p_mem=self.p_mem, mode="drop", seed=self.seed)
 
@@ -277,7 +281,12 @@ def config_from_options(options: dict, *, preset: str | None = None) -> TrainCon
     default_model = "gpt" if dataset.startswith("text:") else "cnn"
     base = (TrainConfig.from_name(preset) if preset
             else preset_for(options.get("model", default_model), dataset))
-    return dataclasses.replace(base, **options)
+    config = dataclasses.replace(base, **options)
+    idle = [f"--{k.replace('_', '-')}" for k in ("p_gen", "p_mem") if k in options]
+    if idle and not config.tied_dropout:
+        raise ConfigError(f"{', '.join(idle)} set without tied dropout, where it does nothing: "
+                          f"add --tied-dropout, or drop {', '.join(idle)}")
+    return config
 
 
 def differing_fields(config: TrainConfig, options: dict) -> list[str]:

@@ -9,6 +9,7 @@ from memkern.errors import ConfigError
 from memkern.rundir.atomic import atomic_write_json
 from memkern.rundir.context import load_trained
 from memkern.rundir.locks import for_checkpoint, hold_run, locked
+from memkern.rundir.ownership import require_json_output
 from memkern.rundir.paths import RunDir
 from memkern.training.evaluate import EVAL_MODES, evaluation_mode, mode_accuracies
 from memkern.training.text_evaluate import EVALUATE_CANDIDATES, text_measures
@@ -32,6 +33,10 @@ def evaluate_checkpoint(*, ckpt: str | Path, mode: str, device: str = "auto",
     if max_candidates < 1:
         raise ConfigError(f"max_candidates must be at least 1, got {max_candidates}")
     trained = load_trained(ckpt, device=device, data_dir=data_dir, text_ok=True)
+    path = RunDir.of_checkpoint(trained.checkpoint.path).evaluation_path(
+        trained.checkpoint.epoch, mode)
+    require_json_output(path, keys=("checkpoint", "epoch", "mode"),
+                        what="a memkern evaluation record")
     if isinstance(trained.data, TextData):
         with evaluation_mode(trained.model, mode):
             measures = text_measures(trained.model, trained.data, max_candidates=max_candidates)
@@ -39,6 +44,5 @@ def evaluate_checkpoint(*, ckpt: str | Path, mode: str, device: str = "auto",
         measures = mode_accuracies(trained.model, trained.data, mode=mode)
     record = {"checkpoint": str(trained.checkpoint.path), "epoch": trained.checkpoint.epoch,
               "mode": mode, "tied_dropout": trained.checkpoint.config.tied_dropout, **measures}
-    path = RunDir.of_checkpoint(trained.checkpoint.path).evaluation_path(record["epoch"], mode)
     atomic_write_json(path, record)
     return record, path

@@ -15,16 +15,19 @@ def _advice(epoch: int) -> str:
             f"train a new run with a smaller --lr")
 
 
-def check_loss(loss: float, *, epoch: int, step: int) -> None:
-    """``step`` counts from 1 within ``epoch``."""
+def check_loss(loss: float, *, epoch: int, step: int, what: str = "training",
+               advice: str | None = None) -> None:
+    """``step`` counts from 1 within ``epoch``; ``what`` diverged, ``advice`` says what to do
+    (default: train's)."""
     if not math.isfinite(loss):
-        raise DivergedError(f"training diverged: the loss is {loss} at epoch {epoch}, step "
-                            f"{step}; {_advice(epoch)}")
+        raise DivergedError(f"{what} diverged: the loss is {loss} at epoch {epoch}, step "
+                            f"{step}; {advice or _advice(epoch)}")
 
 
-def check_model(model: nn.Module, *, epoch: int) -> None:
+def check_model(model: nn.Module, *, epoch: int, what: str = "training",
+                advice: str | None = None) -> None:
     """Every floating-point parameter and buffer is finite (after ``epoch``'s last step)."""
     for name, t in (*model.named_parameters(), *model.named_buffers()):
         if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            raise DivergedError(f"training diverged: {name} holds non-finite values after "
-                                f"epoch {epoch}; {_advice(epoch)}")
+            raise DivergedError(f"{what} diverged: {name} holds non-finite values after "
+                                f"epoch {epoch}; {advice or _advice(epoch)}")

@@ -10,8 +10,10 @@ dataset's, kept as ``train_labels.npy`` in the run.
 """
 from __future__ import annotations
 
+import io
 import os
 import pickle
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -20,14 +22,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from memkern.rundir.atomic import atomic_write, atomic_write_json, atomic_write_text
+from memkern.rundir.atomic import json_text, process_alive
+from memkern.rundir.manifest import write_recorded
 from memkern.training.checkpoints import save_checkpoint
 from memkern.training.config import TrainConfig
 from memkern.data.train_labels import read_train_labels
 from memkern.errors import CheckpointError, RunDirError
 from memkern.data import load_dataset, prepare
 from memkern.rundir.context import model_for
-from memkern.rundir.paths import RunDir
+from memkern.rundir.paths import RunDir, require_utf8_path
 from memkern.training.train import noise_record
 
 LABELS_FILE = "train_labels.npy"
@@ -86,9 +89,27 @@ def _unwrap(state, path: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def _save_npy(path: str, array: np.ndarray) -> None:
-    with open(path, "wb") as f:  # a file object: np.save would append .npy to a path
-        np.save(f, array, allow_pickle=False)
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()  # a file object: np.save would append .npy to a path
+    np.save(buf, array, allow_pickle=False)
+    return buf.getvalue()
+
+
+def staging_folder(out: Path) -> Path:
+    """Where the run is built before it is renamed to ``out``: the pid of the importing
+    process in the name lets the next import remove what a killed one left."""
+    return out.parent / f".{out.name}.importing-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_dead_staging(out: Path) -> None:
+    """Remove staging folders of ``out`` whose importing process no longer runs."""
+    pattern = re.compile(re.escape(f".{out.name}.importing-") + r"(\d+)-[0-9a-f]{8}")
+    if not out.parent.is_dir():
+        return
+    for p in out.parent.iterdir():
+        m = pattern.fullmatch(p.name)
+        if m and p.is_dir() and not p.is_symlink() and not process_alive(int(m.group(1))):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def check_weights_fit(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
@@ -119,6 +140,7 @@ def import_weights(*, weights: str | Path, model: str, dataset: str, out: str | 
     """Make run directory ``out`` from ``weights`` of ``model`` trained on ``dataset``
     elsewhere (module docstring). Everything is checked before anything is written, and the
     run appears complete or not at all (built beside ``out``, then renamed)."""
+    require_utf8_path(out, option="--out")
     run = RunDir(out)
     if run.has_content():
         raise RunDirError(f"run directory {run.root} already exists; choose another --out")
@@ -139,19 +161,20 @@ def import_weights(*, weights: str | Path, model: str, dataset: str, out: str | 
     check_weights_fit(net, state, source=str(weights), model_name=model)
     net.load_state_dict(state)
 
-    staging = run.root.parent / f".{run.root.name}.importing-{uuid.uuid4().hex[:8]}"
+    remove_dead_staging(run.root)
+    staging = staging_folder(run.root)
     staging.mkdir(parents=True)
     try:
         built = RunDir(staging)
         if labels is not None:
-            atomic_write(built.root / LABELS_FILE, lambda tmp: _save_npy(tmp, labels.numpy()))
+            write_recorded(built.root, built.root / LABELS_FILE, _npy_bytes(labels.numpy()))
         record = noise_record(config, data)
         record["rate"] = len(data.noise.noisy_indices) / len(data.train_labels)
-        atomic_write_json(built.noise_path, record)
-        atomic_write_text(built.config_path, config.to_json() + "\n")
+        write_recorded(built.root, built.noise_path, json_text(record, built.noise_path).encode())
+        write_recorded(built.root, built.config_path, (config.to_json() + "\n").encode())
         built.checkpoints.mkdir()
         save_checkpoint(built.checkpoint_path(IMPORTED_EPOCH), net, config=config,
-                        epoch=IMPORTED_EPOCH)
+                        epoch=IMPORTED_EPOCH, run=built.root)
         if run.root.is_dir():
             run.root.rmdir()  # empty (checked above); rename cannot replace it otherwise
         os.rename(staging, run.root)

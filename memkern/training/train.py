@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from memkern.rundir.atomic import append_jsonl, atomic_write_json, atomic_write_text, rewrite_jsonl
+from memkern.rundir.atomic import append_jsonl, json_text, rewrite_jsonl
+from memkern.rundir.manifest import write_recorded
 from memkern.training.checkpoints import load_checkpoint, load_model_state, restore_momentum, save_checkpoint
 from memkern.training.config import TrainConfig, config_from_options, differing_fields
 from memkern.data import PreparedData
@@ -30,8 +31,9 @@ from memkern.rundir.context import load_data, model_for, require_history, resolv
 from memkern.training.finite import check_loss, check_model
 from memkern.training.step import learning_rate, sgd_optimizer, sgd_step
 from memkern.rundir.locks import hold_run, locked
+from memkern.rundir.consistency import check_config_agrees
 from memkern.rundir.progress import Progress
-from memkern.rundir.paths import RunDir
+from memkern.rundir.paths import RunDir, require_utf8_path
 from memkern.report.summaries import epoch_line
 from memkern.experiments.gradients.live import LiveSubsetTracker
 
@@ -73,11 +75,31 @@ def noise_record(config: TrainConfig, data: PreparedData) -> dict:
 
 def _start(run: RunDir, config: TrainConfig, data: PreparedData | TextData, model) -> None:
     if isinstance(data, TextData):
-        atomic_write_json(run.canaries_path, data.record())
+        write_recorded(run.root, run.canaries_path,
+                       json_text(data.record(), run.canaries_path).encode())
     else:
-        atomic_write_json(run.noise_path, noise_record(config, data))
-    atomic_write_text(run.config_path, config.to_json() + "\n")
-    save_checkpoint(run.checkpoint_path(0), model, config=config, epoch=0)
+        write_recorded(run.root, run.noise_path,
+                       json_text(noise_record(config, data), run.noise_path).encode())
+    write_config(run, config)
+    save_checkpoint(run.checkpoint_path(0), model, config=config, epoch=0, run=run.root)
+
+
+def write_config(run: RunDir, config: TrainConfig) -> None:
+    """config.json, recorded in the run's manifest."""
+    write_recorded(run.root, run.config_path, (config.to_json() + "\n").encode())
+
+
+def check_tracking(run: RunDir, *, track_grads: bool, first_epoch: int) -> None:
+    """A resumed run records what it recorded before: ``grads/live.jsonl`` covers every epoch
+    of a run trained with ``--track-grads`` and none of one trained without."""
+    if first_epoch == 1:
+        return
+    tracked = (run.grads / "live.jsonl").is_file()
+    if tracked != track_grads:
+        how = "with" if tracked else "without"
+        raise ConfigError(f"{run.root} was trained {how} --track-grads (grads/live.jsonl "
+                          f"{'exists' if tracked else 'is absent'}); resume it {how} the flag, "
+                          f"or train a new run")
 
 
 def _lock(args: dict):
@@ -109,6 +131,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     the run, which is the one a single process writes, with ``world_size`` in each metrics
     line (and, for the launch that started the run, in the config). A run may be resumed
     with any world size. Inputs are checked before the process group is joined."""
+    require_utf8_path(out, option="--out")
     world = World.from_env()
     run = RunDir(out)
     extend_to = None
@@ -159,16 +182,19 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     resumed = resume and bool(run.epochs())
     if resumed:
         ckpt = load_checkpoint(run.checkpoint_path(run.epochs()[-1]))
+        check_config_agrees(saved, ckpt, config_path=run.config_path)
         load_model_state(model, ckpt)
         restore_momentum(model, optimizer, ckpt)
         first_epoch = ckpt.epoch + 1
+        check_tracking(run, track_grads=track_grads, first_epoch=first_epoch)
+        run.load_history()  # a gap refuses before metrics.jsonl is rewritten
     with joined(world, dev) as world:
         if world.main:
             if resumed:
                 # Lines for epochs after the last checkpoint were written before a kill: redo.
                 rewrite_jsonl(run.metrics_path, run.load_metrics(until=first_epoch - 1))
                 if extend_to is not None:
-                    atomic_write_text(run.config_path, config.to_json() + "\n")
+                    write_config(run, config)
             else:
                 run.root.mkdir(parents=True, exist_ok=True)
                 _start(run, config, data, model)
@@ -266,7 +292,7 @@ def _finish_epoch(run: RunDir, config: TrainConfig, data: PreparedData | TextDat
     if dynamics is not None:  # before the checkpoint: it always covers checkpointed epochs
         dynamics.finish_epoch(epoch)
     save_checkpoint(run.checkpoint_path(epoch), model, config=config, epoch=epoch,
-                    optimizer=optimizer)
+                    optimizer=optimizer, run=run.root)
     bar.step(epoch_line(metrics, epochs=config.epochs))
 
 

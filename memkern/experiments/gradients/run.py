@@ -35,7 +35,8 @@ from memkern.network.models.groups import LayerGroup, layer_groups
 from memkern.rundir.atomic import atomic_write_text, read_jsonl
 from memkern.rundir.context import open_run, resolve_device
 from memkern.rundir.csv_tables import csv_text, read_checked_csv
-from memkern.rundir.locks import hold_run, locked
+from memkern.rundir.locks import hold_run, locked, made_folder
+from memkern.rundir.ownership import require_figure_outputs, require_writable
 from memkern.rundir.paths import RunDir
 from memkern.rundir.progress import Progress
 from memkern.training.distributed import World, joined
@@ -102,6 +103,9 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
         raise ConfigError(f"batch size must be at least 1, got {batch_size}")
     run = RunDir(run)
     run.load_config()
+    require_figure_outputs(*(run.grads / f"{prefix}{name}.png" for prefix in ("", "live_")
+                             for name in ("summed_norms", "cosine")))
+    require_writable(run.grads / "summary.csv")
     if epochs is None:
         epochs = run.epochs()
         if not epochs:
@@ -119,7 +123,7 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
                                fix="move it away and rerun memkern grads")
     done = {int(r["epoch"]) for r in summary}
     todo = [e for e in epochs if not (e in done and per_example_path(run, e).is_file())]
-    with joined(world, place) as world:
+    with joined(world, place) as world, made_folder(run.grads):
         bar = Progress(total=len(todo), desc=f"grads {run.root.name}", unit="epoch",
                        bar=progress, silent=not world.main)
         for epoch in todo:

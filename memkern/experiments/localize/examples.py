@@ -27,7 +27,14 @@ def select_examples(data: PreparedData, examples: str, *, limit: int | None = No
         head = torch.stack([noisy[:k], clean[:k]], 1).flatten()
         order = torch.cat([head, noisy[k:], clean[k:]])
     else:
+        if not examples.strip():
+            raise ConfigError(f"--examples {examples!r} is empty: pass one of "
+                              f"{', '.join(CHOICES)} or a file of indices")
         order = _read_indices(Path(examples), len(data.train_labels))
+    if examples in ("noisy", "clean") and not len(order):
+        why = "no label was flipped (noise 0)" if examples == "noisy" else "every label is noisy"
+        raise ConfigError(f"--examples {examples}: this run has no {examples} examples ({why}); "
+                          f"choose another --examples")
     if limit is not None:
         if limit < 1:
             raise ConfigError(f"--limit must be at least 1, got {limit}")

@@ -1,8 +1,9 @@
 """A localize output's lines checked before anything indexes with them.
 
 ``localize.jsonl`` may be edited by hand or come with a received run; its ``index`` selects a
-training example and its ``channels`` name sites, so a string, a negative or an out-of-range
-value must be one line naming the file, not an IndexError deep in scores or the summary.
+training example and its ``channels`` name sites, so a string, a negative, an out-of-range
+or a repeated value must be one line naming the file, not an IndexError deep in scores or the
+summary (or a doubled line counted twice).
 """
 from __future__ import annotations
 
@@ -51,9 +52,13 @@ def check_rows(rows: list[dict], path: str | Path, *, fields: tuple[str, ...] = 
     """``rows`` (read from ``path``) unchanged, or RunDirError naming the first bad record.
     ``fields``: those the caller reads (``index`` among them); with ``num_train``, indices
     must be below it; with ``widths`` (site -> channels), each zeroed channel must exist."""
+    seen: set[int] = set()
     for n, row in enumerate(rows, 1):
         problem = _problem(row, fields, num_train, widths)
+        if problem is None and row["index"] in seen:
+            problem = f"example {row['index']} appears a second time"
         if problem is not None:
             raise RunDirError(f"{Path(path)}, record {n}: {problem}; was it edited? restore it, "
                               f"or move it away and rerun memkern localize")
+        seen.add(row["index"])
     return rows

@@ -29,11 +29,12 @@ from memkern.experiments.localize.examples import select_examples
 from memkern.experiments.localize.exhaustive import exhaustive_localize
 from memkern.experiments.localize.greedy import greedy_localize
 from memkern.experiments.localize.objective import LocalizationObjective, reference_indices
-from memkern.experiments.localize.settings import check_resumable, localize_settings
-from memkern.experiments.localize.summary import fitted, write_summary
-from memkern.rundir.locks import for_checkpoint, hold_output, locked
 from memkern.experiments.localize.rows import check_rows
-from memkern.rundir.ownership import require_jsonl_output
+from memkern.experiments.localize.settings import check_resumable, localize_settings
+from memkern.experiments.localize.summary import (fitted, require_summary_outputs,
+                                                  summary_paths, write_summary)
+from memkern.rundir.locks import for_checkpoint, hold_output, locked
+from memkern.rundir.ownership import require_jsonl_output, require_writable
 from memkern.rundir.progress import Progress
 from memkern.rundir.paths import RunDir
 from memkern.network.tied_dropout import tied_sites
@@ -122,7 +123,8 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
              max_rows: int | None = None, device: str = "auto", data_dir: str | Path | None = None,
              progress: bool = True) -> LocalizeResult:
     """Localize the selected examples of ``ckpt``; append one line per example to ``out``
-    (default :func:`default_output`), then write the summary (JSON + PNG) beside it.
+    (default :func:`default_output`), then write the summary (JSON + PNG) beside it, named
+    after it (:func:`memkern.experiments.localize.summary.summary_paths`).
 
     Under torchrun (``WORLD_SIZE`` > 1) every rank must call this with the same arguments; each
     localizes a disjoint shard, and rank 0 merges, summarizes and returns the summary. Inputs
@@ -139,6 +141,8 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
     check_seed(seed, name="--seed")
     require_jsonl_output(out or default_output(ckpt), keys=("index", "settings"),
                          what="a localize output")
+    require_summary_outputs(out or default_output(ckpt))
+    require_writable(out or default_output(ckpt), *summary_paths(out or default_output(ckpt)))
     world = World.from_env()
     place = world.place(resolve_device(device))
     trained = load_trained(ckpt, device=place, data_dir=data_dir)
@@ -196,7 +200,8 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
         if not world.main:
             return LocalizeResult(path=out, summary=None)
         rows = merge_parts(out, targets)
-    summary = write_summary(rows, out.parent, site_order=space.names,
+    check_rows(rows, out, num_train=len(data.train_labels))
+    summary = write_summary(rows, out, site_order=space.names,
                             base=split_accuracies(model, data),
                             site_widths=dict(zip(space.names, space.counts)),
                             max_channels=max_channels,

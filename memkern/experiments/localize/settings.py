@@ -6,22 +6,16 @@ the keys that differ, instead of silently mixing incomparable results.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Sequence
 
 from memkern.errors import ConfigError
-
-_READ = 1 << 20
+from memkern.rundir.manifest import file_digest
 
 
 def checkpoint_digest(path: str | Path) -> str:
     """First 16 hex digits of the checkpoint file's SHA-256: same weights under any path."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(_READ):
-            digest.update(block)
-    return digest.hexdigest()[:16]
+    return file_digest(Path(path))[:16]
 
 
 def localize_settings(*, ckpt: str | Path, method: str, max_channels: int, eot: int,

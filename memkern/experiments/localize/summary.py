@@ -18,7 +18,8 @@ from typing import Sequence
 
 import torch
 
-from memkern.rundir.atomic import atomic_write, atomic_write_json
+from memkern.rundir.atomic import atomic_write_json
+from memkern.report.figures.style import save_figure
 from memkern.kernels.channel_mask_reference import generalization_channels, tied_mask_values
 
 GROUPS = ("noisy", "clean")
@@ -214,8 +215,7 @@ def plot_summary(summary: dict, path: str | Path, *, max_channels: int | None = 
     else:  # the empty fourth panel holds the legend
         axes[3].axis("off")
         axes[3].legend(handles, labels, loc="center", fontsize=10)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def _plot_tied_shares(ax, groups: dict, bars) -> None:
@@ -234,13 +234,36 @@ def _plot_tied_shares(ax, groups: dict, bars) -> None:
            ylim=(0, 1.05), title="tied dropout: which channels flip an example")
 
 
-def write_summary(rows: list[dict], out_dir: str | Path, *, site_order: Sequence[str] | None = None,
+SUMMARY_KEYS = ("examples", "sites", "groups")  # what marks a summary as memkern's
+LEGACY_SUMMARY = "localize_summary.json"  # the run's summary before it was named after its output
+
+
+def summary_paths(out: str | Path) -> tuple[Path, Path]:
+    """The summary and the figure of localize output ``out``, named after it: ``X.jsonl`` ->
+    ``X.summary.json``, ``X.png`` (never a fixed name, so outputs in one folder keep theirs)."""
+    out = Path(out)
+    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") and out.name != ".jsonl" \
+        else out.name
+    return out.with_name(f"{stem}.summary.json"), out.with_name(f"{stem}.png")
+
+
+def require_summary_outputs(out: str | Path) -> None:
+    """The summary and figure of ``out`` are absent or memkern's (memkern.rundir.ownership)."""
+    from memkern.rundir.ownership import require_figure_outputs, require_json_output
+
+    summary, figure = summary_paths(out)
+    require_json_output(summary, keys=SUMMARY_KEYS, what="a localization summary")
+    require_figure_outputs(figure)
+
+
+def write_summary(rows: list[dict], out: str | Path, *, site_order: Sequence[str] | None = None,
                   base: dict[str, float] | None = None, site_widths: dict[str, int] | None = None,
                   max_channels: int | None = None, tied: dict[str, dict] | None = None) -> dict:
-    """``localize_summary.json`` and ``localize.png`` in ``out_dir``; returns the summary."""
+    """The summary (JSON) and figure (PNG) of localize output ``out``, at
+    :func:`summary_paths`; returns the summary."""
     summary = summarize(rows, site_order=site_order, base=base, site_widths=site_widths,
                         tied=tied)
-    out_dir = Path(out_dir)
-    atomic_write_json(out_dir / "localize_summary.json", summary)
-    plot_summary(summary, out_dir / "localize.png", max_channels=max_channels)
+    summary_path, figure = summary_paths(out)
+    atomic_write_json(summary_path, summary)
+    plot_summary(summary, figure, max_channels=max_channels)
     return summary

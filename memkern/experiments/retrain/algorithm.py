@@ -19,13 +19,20 @@ import math
 from typing import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from memkern.data import PreparedData, iterate_batches
 from memkern.training.evaluate import split_accuracies
 from memkern.network.models.groups import LayerGroup
+from memkern.training.finite import check_loss, check_model
 from memkern.training.step import learning_rate, sgd_optimizer, sgd_step
 from memkern.training.train import epoch_generator
+
+# A diverged retraining stops before its rows are recorded; the runner keeps earlier groups.
+DIVERGED_ADVICE = ("the groups completed before it are kept in retrain.csv; rerun with a "
+                   "smaller --lr (and --overwrite)")
+
 
 def owning_modules(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
     """The modules that directly hold one of ``group``'s parameters or buffers."""
@@ -37,6 +44,7 @@ def owning_modules(model: nn.Module, group: LayerGroup) -> list[nn.Module]:
         if any((f"{prefix}.{n}" if prefix else n) in names for n in own):
             out.append(module)
     return out
+
 
 
 def freeze_all_but(model: nn.Module, group: LayerGroup) -> list[nn.Parameter]:
@@ -76,10 +84,18 @@ def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData, *, ep
         for i, (x, y, idx) in enumerate(iterate_batches(train_x, train_y, batch_size,
                                                          generator=gen, indices=clean)):
             step = (epoch - 1) * steps_per_epoch + i
-            sgd_step(model, optimizer, x, y, ids=idx.to(device),
+
+            def loss_of(logits, targets):  # called at once by sgd_step: the loop's variables
+                loss = F.cross_entropy(logits, targets)
+                check_loss(float(loss.detach()), epoch=epoch, step=i + 1,
+                           what=f"retraining {group.name}", advice=DIVERGED_ADVICE)
+                return loss
+
+            sgd_step(model, optimizer, x, y, ids=idx.to(device), loss_of=loss_of,
                      lr=learning_rate(step, total_steps=total_steps, base_lr=lr, warmup=0.0))
             if on_step is not None:
                 on_step()
+        check_model(model, epoch=epoch, what=f"retraining {group.name}", advice=DIVERGED_ADVICE)
         rows.append({"group": group.name, "epoch": epoch, **split_accuracies(model, data)})
         if on_epoch is not None:
             on_epoch(rows[-1])

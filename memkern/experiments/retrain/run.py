@@ -19,6 +19,7 @@ from memkern.rundir.atomic import atomic_write_json, read_json_object
 from memkern.rundir.context import open_run, require_history
 from memkern.rundir.csv_tables import read_table, write_table
 from memkern.rundir.locks import hold_run, locked
+from memkern.rundir.ownership import require_figure_outputs, require_json_output
 from memkern.rundir.paths import RunDir
 from memkern.rundir.progress import Progress
 from memkern.training.config import TrainConfig
@@ -68,6 +69,9 @@ def retrain(*, run: str | Path, groups: list[str] | None = None,
         raise ConfigError(f"--lr must be a positive finite number, got {lr}")
     run = RunDir(run)
     require_history(run.load_config(), "retrain")
+    require_json_output(run.root / "retrain.json", keys=("from_epoch", "epochs"),
+                        what="memkern's retrain settings")
+    require_figure_outputs(run.root / "retrain.png")
     run.final_checkpoint()
     run.require_checkpoint(from_epoch)
     ctx = open_run(run.root, device=device, data_dir=data_dir)

@@ -19,6 +19,7 @@ from memkern.rundir.atomic import atomic_write_json, read_json_object
 from memkern.rundir.context import open_run, require_history
 from memkern.rundir.csv_tables import read_table, write_table
 from memkern.rundir.locks import hold_run, locked
+from memkern.rundir.ownership import require_figure_outputs, require_json_output
 from memkern.rundir.paths import RunDir
 from memkern.rundir.progress import Progress
 
@@ -53,6 +54,9 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     configurations of these checkpoints, its rows are returned without evaluating again."""
     run = RunDir(run)
     require_history(run.load_config(), "rewind")
+    require_json_output(run.root / "rewind.json", keys=("epochs", "groups"),
+                        what="memkern's rewind settings")
+    require_figure_outputs(run.root / "rewind.png")
     available = run.epochs()
     if not available:
         run.final_checkpoint()  # the error naming what is missing

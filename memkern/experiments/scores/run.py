@@ -8,6 +8,7 @@ from typing import Sequence
 from memkern.errors import ConfigError, RunDirError
 from memkern.rundir.context import load_data, require_noisy_split, resolve_device
 from memkern.rundir.locks import hold_run, locked
+from memkern.rundir.ownership import require_table_start
 from memkern.rundir.paths import RunDir
 from memkern.experiments.scores.benchmark import Benchmark, run_benchmark
 from memkern.experiments.scores.compute import compute_missing, scores_dir
@@ -45,6 +46,7 @@ def score_run(*, run: str | Path, compute: bool = False, benchmark: bool = False
         raise ConfigError(f"--cv-epochs must be at least 1, got {cv_epochs}")
     run = RunDir(run)
     config = run.load_config()
+    require_table_start(run.root / SCORES_FILE, first="index", what="a memkern scores table")
     run.final_checkpoint()  # a clear error for a run without checkpoints
     resolve_device(device)  # a device that is not there fails before anything is written
     if benchmark:

@@ -11,13 +11,12 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from memkern.rundir.atomic import atomic_write  # noqa: E402
+from memkern.report.figures.style import save_figure  # noqa: E402
 from memkern.rundir.paths import RunDir  # noqa: E402
 
 
 def _save(fig, path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight"))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _table(summary: list[dict], column: str, epochs: list[int], groups: list[str]) -> np.ndarray:

@@ -4,8 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from memkern.rundir.atomic import atomic_write
-from memkern.report.figures.style import SPLITS
+from memkern.report.figures.style import SPLITS, save_figure
 
 
 def _pyplot():
@@ -20,8 +19,7 @@ def _pyplot():
 
 
 def _save(fig, path: str | Path) -> None:
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=120, bbox_inches="tight"))
-    _pyplot().close(fig)
+    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _ordered(values) -> list:

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memkern.rundir.atomic import atomic_write
+from memkern.report.figures.style import save_figure
 from memkern.experiments.scores.signals import oriented
 
 
@@ -53,8 +53,7 @@ def image_grid(images: torch.Tensor, indices: np.ndarray, *, labels: np.ndarray,
         ax.set_title(f"{text}\n{values[i]:.3g}", fontsize=6.5, color="red" if flipped else "black")
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 LINES = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
@@ -89,8 +88,7 @@ def detection_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
     handles, labels = roc_ax.get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside right upper", fontsize=7)
     fig.suptitle(title, fontsize=9)
-    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def grid_signals(names: list[str]) -> list[str]:
