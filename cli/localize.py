@@ -38,7 +38,8 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
     """Find the channels whose zeroing flips each example's prediction (docs/method.md, Experiment 4).
 
     Appends one line per example to the output (a killed run resumes where it stopped),
-    then writes localize_summary.json and localize.png beside it and prints a table.
+    then writes localize_summary.json and localize.png beside it (over every result in the
+    output) and prints a table of the examples asked for.
     Under torchrun each process localizes its share of the examples; rank 0 merges the
     results into the output and prints the table.
 
@@ -61,5 +62,6 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
     if result.summary is None:  # another rank of a torchrun launch: rank 0 reports
         return
     click.echo(format_table(result.summary))
-    click.echo(f"results: {result.path}; summary: {result.path.parent / 'localize_summary.json'}"
-               f", figure: {result.path.parent / 'localize.png'}")
+    click.echo(f"results: {result.path}; summary of all its results (what `memkern report` "
+               f"shows): {result.path.parent / 'localize_summary.json'}, figure: "
+               f"{result.path.parent / 'localize.png'}")

@@ -4,8 +4,6 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import model_option
-from memkern.network.models import build_model, layer_groups
-from memkern.network.sites import channel_sites
 
 
 @click.command()
@@ -19,9 +17,12 @@ def sites(model, in_channels, image_size, num_classes):
     \b
     Example:
       memkern sites --model resnet9 --in-channels 3 --image-size 32
-      memkern sites --model timm:vit_tiny_patch16_224?img_size=32&patch_size=4 \\
+      memkern sites --model 'timm:vit_tiny_patch16_224?img_size=32&patch_size=4' \\
         --in-channels 3 --image-size 32
     """
+    from memkern.network.models import build_model, layer_groups
+    from memkern.network.sites import channel_sites
+
     built = build_model(model, num_classes=num_classes, in_channels=in_channels,
                         image_size=image_size)
     found = channel_sites(built)

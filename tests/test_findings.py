@@ -69,17 +69,27 @@ TIED_LAST = {"clean_acc": 1.0, "clean_acc_drop": 0.9930394291877747,
 def test_rewind_names_the_rewinding_that_undoes_memorization_while_test_holds():
     assert findings.rewind_finding(REWIND) == (
         "Rewinding block2 to epoch 3 drops noisy accuracy to 0.39 while test accuracy stays 0.96 "
-        "(final model: noisy 1.00, test 0.95). Rewinding the last group, head, to epoch 0 leaves "
-        "noisy accuracy at 1.00. From epoch 9 on, rewinding any single group keeps noisy "
-        "accuracy within 0.05 of the final model's.")
+        "(final model: noisy 1.00, test 0.95; rule: test accuracy may drop at most 0.02, noisy "
+        "accuracy must drop more than 0.05). Rewinding the last group, head, to epoch 0 leaves "
+        "noisy accuracy at 1.00 (test 0.95). From epoch 9 on, rewinding any single group keeps "
+        "noisy accuracy within 0.05 of the final model's.")
 
 
-def test_rewind_without_a_selective_configuration_falls_back_to_the_earliest_epoch():
+def test_rewind_never_names_a_configuration_that_destroys_generalization():
+    """Without a rewinding that keeps test accuracy within 0.02, there is no critical one: the
+    finding gives the largest drop with its test cost instead of calling it the memory."""
     rows = [r for r in REWIND if r["epoch"] != 3]
-    critical = findings.rewind_critical(rows)
-    assert (critical["group"], critical["epoch"]) == ("block2", 0)
+    assert findings.rewind_critical(rows) is None
     assert findings.rewind_finding(rows).startswith(
-        "Rewinding block2 to epoch 0 drops noisy accuracy to 0.15 while test accuracy is 0.71")
+        "No single group's rewinding lowers noisy accuracy by more than 0.05 while test accuracy "
+        "stays within 0.02 of the final model's (final model: noisy 1.00, test 0.95); the "
+        "largest drop, block2 to epoch 0 (noisy 0.15), takes test accuracy to 0.71.")
+    # A 0.03 test drop is over the rule even when it undoes the most memorization.
+    hidden = {"group": "hidden", "epoch": 1, "clean_acc": 1.0, "noisy_acc": 0.17,
+              "test_acc": REWIND[0]["test_acc"] - 0.03}
+    critical = findings.rewind_critical(REWIND + [hidden])
+    assert (critical["group"], critical["epoch"]) == ("block2", 3)
+    assert findings.rewind_critical([r for r in REWIND if r["group"] != "final"]) is None
 
 
 def test_retrain_names_the_groups_noisy_accuracy_returns_most_and_least_for():
@@ -92,25 +102,35 @@ def test_retrain_names_the_groups_noisy_accuracy_returns_most_and_least_for():
     assert findings.retrain_finding([r for r in RETRAIN if r["epoch"] == 0]) is None
 
 
-def test_accounting_reads_the_first_trained_epoch():
+def test_accounting_reads_the_epoch_where_the_ratio_peaks():
+    """One definition of the ratio: the finding and the headline quote the same peak."""
     text = findings.accounting_finding(GRADS)
-    assert text == ("At epoch 5 the noisy examples' summed gradient has 0.38 times the norm of "
-                    "the clean examples', and a noisy example's own gradient is 5.54 times a "
-                    "clean one's. The cosine between the clean and noisy sums is 0.02 over all "
-                    "layers, negative in 1 of 2 groups (block1).")
+    assert text == ("The noisy examples' summed gradient has at most 0.38 times the norm of the "
+                    "clean examples' (at epoch 5, of 2 epochs accounted); there a noisy "
+                    "example's own gradient is 5.54 times a clean one's. The cosine between the "
+                    "clean and noisy sums is 0.02 over all layers, negative in 1 of 2 groups "
+                    "(block1).")
     assert findings.accounting_ratio_peak(GRADS) == (5, pytest.approx(0.3827, abs=1e-4))
+    later = [{**r, "epoch": "9", "noisy_norm": str(float(r["noisy_norm"]) / 10)} for r in GRADS
+             if r["epoch"] == "5"]
+    assert findings.accounting_ratio_peak(GRADS + later)[0] == 5
+    assert "at epoch 5, of 3 epochs" in findings.accounting_finding(GRADS + later)
     assert findings.accounting_finding([]) is None
 
 
 def test_localization_compares_noisy_and_clean_and_names_the_favoured_site():
     assert findings.localization_finding(LOCALIZE) == (
-        "Flipping a noisy (memorized) target takes a median of 4 channels (1.00 of 144 flipped);"
-        " flipping a clean target takes a median of 8 channels (0.88 of 144 flipped). The noisy "
+        "Flipping a noisy (memorized) target takes a median of 4 channels (144 of 144 flipped);"
+        " flipping a clean target takes a median of 8 channels (127 of 144 flipped). The noisy "
         "targets' channels sit in 4 of 4 sites; relative to its width, block1.pre holds most of "
         "them (6.24 times its share of channels). An edit costs on average 0.02 test accuracy "
         "(unedited 0.95).")
     no_noisy = {**LOCALIZE, "groups": {"noisy": {**LOCALIZE["groups"]["noisy"], "count": 0}}}
     assert findings.localization_finding(no_noisy) is None
+    clean_only = {**LOCALIZE, "groups": {"clean": LOCALIZE["groups"]["clean"]}}
+    assert findings.localization_finding(clean_only) == (
+        "Flipping a clean target takes a median of 8 channels (127 of 144 flipped) (no noisy "
+        "target was asked for).")
 
 
 def test_localization_says_why_there_is_no_channel_count():
@@ -123,6 +143,25 @@ def test_localization_says_why_there_is_no_channel_count():
         "3 fitted clean targets flipped within the channel cap.")
 
 
+def test_numbers_keep_the_digits_a_comparison_needs():
+    assert findings.num(0.953) == "0.95" and findings.num(1.0) == "1.00"
+    assert findings.num(0.9996) == "0.9996" and findings.num(0.004) == "0.004"
+    assert findings.num(None) == "n/a"
+    assert findings.separated([0.99, 0.991, 0.5]) == ["0.990", "0.991", "0.500"]
+    assert findings.separated([0.25, 0.25, None]) == ["0.25", "0.25", "n/a"]
+
+
+def test_a_run_that_did_not_memorize_says_so_first():
+    """Noisy-train accuracy 0.10: every finding that needs memorization opens with the caveat."""
+    weak = {**PLAIN_LAST, "noisy_acc": 0.1}
+    caveat = findings.memorization_caveat(weak)
+    assert caveat.startswith("No memorization to find: the model fits only 0.10 of its flipped")
+    text = findings.caveated(findings.rewind_finding(REWIND), weak)
+    assert text.startswith(caveat) and text.endswith(findings.rewind_finding(REWIND))
+    assert findings.memorization_caveat(PLAIN_LAST) is None
+    assert findings.caveated("x", PLAIN_LAST) == "x" and findings.caveated(None, weak) is None
+
+
 def test_tied_sentences_quote_own_keep_and_drop():
     assert findings.tied_drop_finding(TIED_LAST) == (
         "With each example's own memorization channels, as trained, it fits 1.00 of the flipped "
@@ -133,7 +172,9 @@ def test_tied_sentences_quote_own_keep_and_drop():
         "1.00 with each example's own memorization channels and 0.01 with the memorization "
         "channels dropped, test accuracy 0.98: what it memorized sits in the memorization "
         "channels. Generalization gap (clean-train minus test accuracy): plain 0.05, tied with "
-        "the memorization channels dropped 0.01.")
+        "the memorization channels dropped 0.01 (the plain run trained 30 epochs, the tied run "
+        "10).")
+    assert "trained" not in findings.comparison_finding({**PLAIN_LAST, "epoch": 10}, TIED_LAST)
     # No claim about where memorization sits when dropping changes little.
     weak = {**TIED_LAST, "noisy_acc_drop": 0.9}
     assert "sits in" not in findings.comparison_finding(PLAIN_LAST, weak)
@@ -148,8 +189,15 @@ def test_scores_finding_ranks_signals_that_score_everyone():
             {"method": "channels_to_flip", "covered": "288", "auroc": "0.864", "ap": "0.8355"}]
     assert findings.scores_finding(rows) == (
         "Of 3 signals scoring all 1437 examples, variability finds the flipped labels best: "
-        "AUROC 1.00, average precision 1.00; the combined memorization_score: AUROC 0.98, "
-        "average precision 0.85.")
+        "AUROC 0.9998, average precision 0.998; the combined memorization_score: AUROC 0.9815, "
+        "average precision 0.853.")
+    # digits enough to tell apart what is compared, never 1.00 for less than 1
+    close = rows[:1] + [{**rows[2], "method": "cleanlab", "auroc": "0.9991"}] + rows[1:2]
+    assert findings.scores_finding(close) == (
+        "Of 3 signals scoring all 1437 examples, variability finds the flipped labels best: "
+        "AUROC 0.9998, average precision 0.998; next, cleanlab: AUROC 0.9991, average "
+        "precision 0.290; the combined memorization_score: AUROC 0.9815, average precision "
+        "0.853.")
     assert findings.scores_finding([{"method": "x", "covered": "5", "auroc": "", "ap": ""}]) is None
     assert findings.scores_finding([]) is None
 
