@@ -49,9 +49,12 @@ def memorization_caveat(last: dict) -> str | None:
 
 
 def caveated(text: str | None, last: dict) -> str | None:
-    """``text`` with :func:`memorization_caveat` in front when the run did not memorize."""
-    caveat = memorization_caveat(last)
-    return f"{caveat} {text}" if text and caveat else text
+    """``text`` opening with a short form of :func:`memorization_caveat` when the run did not
+    memorize."""
+    if not text or memorization_caveat(last) is None:
+        return text
+    return (f"No memorization to find (the model fits {num(last['noisy_acc'])} of its flipped "
+            f"labels): {text}")
 
 
 def training_finding(last: dict, *, epochs: int, noisy: int, train: int) -> str:

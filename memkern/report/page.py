@@ -175,16 +175,31 @@ def grads_cell(t: RunTables) -> Cell:
                   num(float(r["noisy_mean"]) / float(r["clean_mean"])
                       if r.get("clean_mean") and float(r["clean_mean"]) > 0 else None)]
                  for r in last])
-    columns = list(t.grads[0])
-    full = Table(f"grads/summary.csv ({len(t.grads)} rows)", columns,
-                 [[r[c] if c in ("epoch", "group") else _g(r[c]) for c in columns]
-                  for r in t.grads], collapsed=True)
     return Cell(t.name, findings.accounting_finding(t.grads),
                 _figures(t, ("summed_norms", "norm of the summed gradient per group"),
                          ("cosine", "cosine between the clean and noisy sums"),
                          ("live_summed_norms", "during training: summed gradient norms"),
                          ("live_cosine", "during training: cosine")),
-                [key, full])
+                [key, *_grads_tables(t.grads)])
+
+
+def _grads_tables(rows: list[dict]) -> list[Table]:
+    """grads/summary.csv, folded, in parts narrow enough for one column of the page: the sums
+    and their cosine, then the per-example norms of the clean and of the noisy examples."""
+    columns = [c for c in rows[0] if c not in ("epoch", "group")]
+    per_example = {kind: [c for c in columns if c.startswith(f"{kind}_") and c != f"{kind}_norm"]
+                   for kind in ("clean", "noisy")}
+    sums = [c for c in columns if c not in per_example["clean"] + per_example["noisy"]]
+    parts = [("summed gradients", sums, ""),
+             ("per-example gradient norms of the clean examples", per_example["clean"],
+              "clean_"),
+             ("per-example gradient norms of the noisy examples", per_example["noisy"],
+              "noisy_")]
+    return [Table(f"grads/summary.csv ({len(rows)} rows): {what}",
+                  ["epoch", "group"] + [c.removeprefix(prefix).replace("_", " ") for c in part],
+                  [[r["epoch"], r["group"]] + [_g(r[c]) for c in part] for r in rows],
+                  collapsed=True)
+            for what, part, prefix in parts if part]
 
 
 def _pivot(rows: list[dict], key: str, title: str) -> Table:
@@ -370,7 +385,8 @@ def headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
                       [f"{num(t.last['noisy_acc_drop'])}, {test(t.last['test_acc_drop'])}"
                        if t.tied else "-" for t in runs]))
     lines += [("median channels to flip a noisy / clean example", [channels(t) for t in runs]),
-              (f"rewinding that most undoes the memorization ({findings.REWIND_RULE})",
+              (f"rewinding that most undoes the memorization (test accuracy within "
+               f"{findings.TEST_HOLDS} of the final model's)",
                [critical(t) for t in runs]),
               ("noisy / clean summed-gradient norm, at its peak", [peak(t) for t in runs])]
     return lines

@@ -163,20 +163,19 @@ def benchmark_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
 def run_findings(run: str | Path) -> list[str]:
     """The report's finding for each analysis present in run directory ``run`` (training, with
     the tied-dropout modes on a tied run, gradient accounting, rewinding, retraining,
-    localization, the tied-dropout channel enrichment, memorization scores), in that order;
-    the ones that need memorization open with the report's caveat when the run did not
-    memorize."""
+    localization, the tied-dropout channel enrichment, memorization scores), in that order,
+    after the report's caveat when the run did not memorize."""
     from memkern.report.run_tables import load_run_tables
 
     t = load_run_tables(run)
-    lines = [findings.training_finding(t.last, epochs=t.last["epoch"],
+    lines = [findings.memorization_caveat(t.last),
+             findings.training_finding(t.last, epochs=t.last["epoch"],
                                        noisy=len(t.noise["noisy_indices"]),
                                        train=t.noise["num_train"]),
-             t.grads and findings.accounting_finding(t.grads)]
-    lines += [findings.caveated(line, t.last) for line in (
-        t.rewind and findings.rewind_finding(t.rewind),
-        t.retrain and findings.retrain_finding(t.retrain),
-        t.localize and findings.localization_finding(t.localize),
-        t.localize and findings.tied_share_finding(t.localize),
-        t.benchmark and findings.scores_finding(t.benchmark))]
+             t.grads and findings.accounting_finding(t.grads),
+             t.rewind and findings.rewind_finding(t.rewind),
+             t.retrain and findings.retrain_finding(t.retrain),
+             t.localize and findings.localization_finding(t.localize),
+             t.localize and findings.tied_share_finding(t.localize),
+             t.benchmark and findings.scores_finding(t.benchmark)]
     return [line for line in lines if line]
