@@ -15,7 +15,8 @@ def demo(out, device, progress):
     command to resume: finished steps are not computed again).
 
     Trains a cnn with 10% label noise with and without example-tied dropout, then runs
-    gradient accounting, layer rewinding, retraining and localization on both, and writes one
+    gradient accounting, layer rewinding, retraining, localization (reference batch 128) and
+    the memorization scores (without cleanlab's cross-validation) on both, and writes one
     report page that shows the two runs side by side (OUT/report/index.html).
 
     \b

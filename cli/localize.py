@@ -38,7 +38,8 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
     """Find the channels whose zeroing flips each example's prediction (docs/method.md, Experiment 4).
 
     Appends one line per example to the output (a killed run resumes where it stopped),
-    then writes X.summary.json and X.png beside its output X.jsonl and prints a table.
+    then writes X.summary.json and X.png beside its output X.jsonl (over every result in
+    the output) and prints a table of the examples asked for.
     Under torchrun each process localizes its share of the examples; rank 0 merges the
     results into the output and prints the table.
 
@@ -63,4 +64,5 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
         return
     click.echo(format_table(result.summary))
     summary, figure = summary_paths(result.path)
-    click.echo(f"results: {result.path}; summary: {summary}, figure: {figure}")
+    click.echo(f"results: {result.path}; summary of all its results (what `memkern report` "
+               f"shows for the run's own output): {summary}, figure: {figure}")

@@ -6,9 +6,11 @@ exit code 2, with no traceback. An OSError that no library code turned into a ty
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
 import click
+from click.formatting import HelpFormatter
 
 from memkern.cli.allocator import keep_freed_memory
 from memkern.errors import MemkernError, os_error_message, printable
@@ -43,7 +45,62 @@ def _refuse_world(command: str) -> None:
     sys.exit(2)
 
 
+# name: (module under memkern.cli, the command's short help). Each command's module (and with
+# it torch) is imported only when that command runs or prints its own help, so `memkern
+# --help` stays fast; tests/test_cli_misc.py checks these texts against the commands' own.
+COMMANDS = {
+    "train": ("train", "Train a model with label noise, checkpointing every epoch into a run "
+                       "directory."),
+    "import": ("import_weights", "Turn weights trained outside memkern into a run directory "
+                                 "for evaluate, grads, localize and scores (rewind and retrain "
+                                 "need memkern's own training history)."),
+    "evaluate": ("evaluate", "Clean-train, noisy-train and test accuracy of a checkpoint, "
+                             "written to <run>/evaluate_<epoch>_<mode>.json."),
+    "grads": ("grads", "Per-example, per-layer gradient norms and clean/noisy gradient "
+                       "accounting of a run."),
+    "rewind": ("rewind", "Rewind each layer group (weights and BatchNorm statistics) of a run's "
+                         "final model to earlier checkpoints; write rewind.csv and rewind.png "
+                         "into the run directory."),
+    "retrain": ("retrain", "Reset one layer group at a time to an early checkpoint, freeze the "
+                           "rest, fine-tune the group on clean examples only; write retrain.csv "
+                           "and retrain.png into the run directory."),
+    "localize": ("localize", "Find the channels whose zeroing flips each example's prediction "
+                             "(docs/method.md, Experiment 4)."),
+    "scores": ("scores", "Which training examples did the model memorize? Every per-example "
+                         "signal side by side."),
+    "report": ("report", "Write RUN/report/index.html: one self-contained page (figures "
+                         "embedded) with the findings of every analysis the run holds, in words, "
+                         "figures and tables."),
+    "demo": ("demo", "Run every experiment on the embedded digits data (minutes on a laptop "
+                     "CPU; rerun the same command to resume: finished steps are not computed "
+                     "again)."),
+    "sites": ("sites", "List a model's channel sites (stable order) and layer groups."),
+    "env": ("env", "Print versions, devices and the Triton status."),
+}
+
+
 class MemkernGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in COMMANDS:
+            return None
+        if name not in self.commands:
+            module = importlib.import_module(f"memkern.cli.{COMMANDS[name][0]}")
+            command = getattr(module, COMMANDS[name][0])
+            _refuse_empty_paths(command)
+            self.add_command(command, name)
+        return self.commands[name]
+
+    def format_commands(self, ctx: click.Context, formatter: HelpFormatter) -> None:
+        """The command list from :data:`COMMANDS`, without importing any command."""
+        width = formatter.width - 6 - max(map(len, COMMANDS))
+        rows = [(name, click.utils.make_default_short_help(COMMANDS[name][1], width))
+                for name in self.list_commands(ctx)]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
     def resolve_command(self, ctx: click.Context, args):
         name, command, rest = super().resolve_command(ctx, args)
         _refuse_world(name)
@@ -78,26 +135,6 @@ def main() -> None:
     keep_freed_memory()  # large CPU activations reused, not re-mapped each step
 
 
-def _register() -> None:
-    from memkern.cli.env import env
-    from memkern.cli.demo import demo
-    from memkern.cli.evaluate import evaluate
-    from memkern.cli.grads import grads
-    from memkern.cli.import_weights import import_weights
-    from memkern.cli.localize import localize
-    from memkern.cli.report import report
-    from memkern.cli.retrain import retrain
-    from memkern.cli.rewind import rewind
-    from memkern.cli.scores import scores
-    from memkern.cli.sites import sites
-    from memkern.cli.train import train
-
-    for command in (train, import_weights, evaluate, grads, rewind, retrain, localize, scores,
-                    report, demo, sites, env):
-        _refuse_empty_paths(command)
-        main.add_command(command)
-
-
 def _refuse_empty_paths(command: click.Command) -> None:
     """An empty path option (``--out ''``) is refused: it would mean the current directory."""
     for param in command.params:
@@ -107,6 +144,3 @@ def _refuse_empty_paths(command: click.Command) -> None:
                     raise click.BadParameter("the value is empty (''); pass a path", ctx, p)
                 return inner(ctx, p, value) if inner else value
             param.callback = check
-
-
-_register()

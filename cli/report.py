@@ -21,7 +21,14 @@ def report(run_dir, compare_dir):
       memkern report --run runs/demo/plain --compare runs/demo/tied
     """
     from memkern.errors import printable
-    from memkern.report.page import write_report
+    from memkern.report.page import headline, warnings, write_report
+    from memkern.report.run_tables import load_run_tables
+    from memkern.report.summaries import text_table
 
     path = write_report(run=run_dir, compare=compare_dir)
+    runs = [load_run_tables(r) for r in (run_dir, compare_dir) if r is not None]
+    for line in warnings(runs):
+        click.echo(f"warning: {line}")
+    click.echo(text_table(["headline"] + [t.name for t in runs],
+                          [[label, *values] for label, values in headline(runs)]))
     click.echo(f"report written to {printable(str(path))}")

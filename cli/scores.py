@@ -42,6 +42,7 @@ def scores(run_dir, compute, grad_epochs, localize_top, top, benchmark, folds, c
       memkern scores --run runs/digits --compute --benchmark
     """
     from memkern.experiments.scores.run import score_run
+    from memkern.report.summaries import benchmark_table, text_table
 
     result = score_run(run=run_dir, compute=compute, benchmark=benchmark, top=top,
                        grad_epochs=parse_epochs(grad_epochs, option="--grad-epochs"),
@@ -56,6 +57,29 @@ def scores(run_dir, compute, grad_epochs, localize_top, top, benchmark, folds, c
     for why, names in reasons.items():
         click.echo(f"missing {', '.join(names)}: {why}")
     click.echo(f"image grids: {result.grids[0].parent}" if result.grids else "no image grids")
+    click.echo(top_examples(result.table))
     if result.benchmark is not None:
-        click.echo(result.benchmark.markdown.read_text().rstrip())
+        header, cells = benchmark_table(result.benchmark.rows)
+        click.echo("how well each signal finds the flipped labels, best first:")
+        click.echo(text_table(header, cells))
         click.echo(f"benchmark saved to {result.benchmark.csv} and {result.benchmark.figure}")
+
+
+def top_examples(table, k: int = 10) -> str:
+    """The ``k`` examples the combined memorization_score ranks highest, with their labels and
+    the score; on a run with label noise, how many of them have flipped labels."""
+    from memkern.report.figures.scores import top_indices
+    from memkern.report.summaries import text_table
+
+    name = "memorization_score"
+    if name not in table.signals:
+        return "no combined memorization_score: the run holds no signal yet"
+    chosen = top_indices(name, table.signals[name], k)
+    labels, original = table.meta["label"], table.meta["original_label"]
+    rows = [[int(i), int(labels[i]), int(original[i]),
+             "yes" if labels[i] != original[i] else "", f"{table.signals[name][i]:.4g}"]
+            for i in chosen]
+    head = f"the {len(chosen)} examples ranked most memorized ({name}"
+    head += (f"; {int(table.noisy[chosen].sum())} of them have flipped labels):"
+             if table.noisy.any() else "):")
+    return head + "\n" + text_table(("index", "label", "original", "flipped", name), rows)

@@ -4,10 +4,6 @@ from __future__ import annotations
 import click
 
 from memkern.cli.options import model_option
-from memkern.data.text import VOCAB
-from memkern.network.models import (build_model, build_text_model, check_fits_memory, is_gpt,
-                                    layer_groups)
-from memkern.network.sites import channel_sites
 
 
 @click.command()
@@ -23,10 +19,15 @@ def sites(model, in_channels, image_size, num_classes, seq_len):
     \b
     Example:
       memkern sites --model resnet9 --in-channels 3 --image-size 32
-      memkern sites --model timm:vit_tiny_patch16_224?img_size=32&patch_size=4 \\
+      memkern sites --model 'timm:vit_tiny_patch16_224?img_size=32&patch_size=4' \\
         --in-channels 3 --image-size 32
-      memkern sites --model gpt?layers=2&width=64
+      memkern sites --model 'gpt?layers=2&width=64'
     """
+    from memkern.data.text import VOCAB
+    from memkern.network.models import (build_model, build_text_model, check_fits_memory, is_gpt,
+                                        layer_groups)
+    from memkern.network.sites import channel_sites
+
     if is_gpt(model):
         built = build_text_model(model, vocab=VOCAB, context=seq_len)
     else:

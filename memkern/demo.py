@@ -1,6 +1,6 @@
 """``memkern demo``: every experiment of the paper on the embedded digits data, on a plain run and
-on an example-tied-dropout run, in minutes on a laptop CPU. Each step resumes, so a killed demo
-picks up where it was."""
+on an example-tied-dropout run, and the memorization scores of both, in minutes on a laptop CPU.
+Each step resumes, so a killed demo picks up where it was."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -23,10 +23,12 @@ RUNS = {"plain": "cnn-digits", "tied": "cnn-digits-tied"}
 def run_demo(*, out: str | Path, device: str = "auto", progress: bool = True,
              say: Callable[[str], None] = print) -> Path:
     """Train a plain and a tied-dropout cnn with 10% label noise, then evaluate, account
-    gradients, rewind, retrain and localize both; ``say`` gets one line per step. Returns the
-    one report page that shows both runs side by side, ``<out>/report/index.html``."""
+    gradients, rewind, retrain, localize and score both; ``say`` gets one line per step.
+    Returns the one report page that shows both runs side by side,
+    ``<out>/report/index.html``."""
     from memkern.experiments.gradients.run import gradient_accounting
     from memkern.experiments.localize.run import localize
+    from memkern.experiments.scores.run import score_run
 
     for name, preset in RUNS.items():
         config = TrainConfig.from_name(preset)
@@ -46,11 +48,18 @@ def run_demo(*, out: str | Path, device: str = "auto", progress: bool = True,
         say(f"[demo] {name}: layer rewinding and retraining")
         rewind(run=run.root, device=device, progress=progress)
         retrain(run=run.root, device=device, progress=progress)
-        say(f"[demo] {name}: localizing all noisy and {LOCALIZE_CLEAN} clean examples")
+        say(f"[demo] {name}: localizing all noisy and {LOCALIZE_CLEAN} clean examples "
+            f"(reference batch {LOCALIZE_REF_BATCH})")
         localize(ckpt=final, examples="noisy", ref_batch=LOCALIZE_REF_BATCH, device=device,
                  progress=progress)
         localize(ckpt=final, examples="clean", limit=LOCALIZE_CLEAN,
                  ref_batch=LOCALIZE_REF_BATCH, device=device, progress=progress)
+        say(f"[demo] {name}: memorization scores, benchmarked on the flipped labels (without "
+            f"cleanlab: `memkern scores --run {run.root} --benchmark` adds it)")
+        # Localization is done above (with the demo's reference batch); cleanlab would need
+        # five more trainings of each run.
+        score_run(run=run.root, compute=True, localize_top=0, benchmark=True, folds=0,
+                  device=device, progress=progress)
     say("[demo] report: plain and tied runs side by side")
     return write_report(run=Path(out) / "plain", compare=Path(out) / "tied",
                         out=Path(out) / "report")

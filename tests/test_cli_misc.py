@@ -12,10 +12,33 @@ from memkern.training.train import train
 
 
 def test_every_command_help_has_an_example():
+    import shlex
+
     runner = CliRunner()
-    for name in main.commands:
+    for name in main.list_commands(None):
         result = runner.invoke(main, [name, "--help"])
         assert result.exit_code == 0 and "Example:" in result.output, name
+        # every example line pastes into a shell as written: ? & ; | only inside quotes
+        for line in result.output.split("Example:")[1].split("Options:")[0].splitlines():
+            for word in shlex.split(line.replace("\\", "")):
+                if any(c in word for c in "?&;|*"):
+                    assert f"'{word}'" in line or f'"{word}"' in line, line
+
+
+def test_the_command_list_matches_each_commands_own_help():
+    """`memkern --help` lists the commands without importing them (memkern.cli.main.COMMANDS):
+    its texts are the commands' own, and listing them loads no torch."""
+    import subprocess
+
+    from memkern.cli.main import COMMANDS
+
+    for name, (_, short) in COMMANDS.items():
+        assert main.get_command(None, name).get_short_help_str(limit=1000) == short, name
+    probe = ("import sys; from click.testing import CliRunner; from memkern.cli.main import "
+             "main; r = CliRunner().invoke(main, ['--help']); assert r.exit_code == 0, r.output;"
+             " print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
 
 
 def test_sites_lists_resnet9_sites_and_groups():

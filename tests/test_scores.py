@@ -356,3 +356,47 @@ def test_bad_input_is_one_line_and_exit_2(tiny_run, tmp_path_factory, args, mess
     assert len(result.stderr.strip().splitlines()) == 1
     for written in (tiny_run.root / "scores.csv", clean / "scores.csv"):
         assert not written.exists()  # nothing written
+
+
+def test_benchmark_without_cleanlab_refuses_before_training_or_writing(tiny_run, tmp_path,
+                                                                       monkeypatch):
+    """cleanlab missing: one line, exit 2, and no scores.csv, grid or crossval/ folder."""
+    from click.testing import CliRunner
+
+    from memkern.cli.main import main
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = sorted(p.relative_to(run.root) for p in run.root.rglob("*"))
+    monkeypatch.setitem(sys.modules, "cleanlab", None)  # import cleanlab... raises ImportError
+    result = CliRunner().invoke(main, ["scores", "--run", str(run.root), "--benchmark",
+                                       "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 2 and "cleanlab is not installed" in result.output, result.output
+    assert result.output.startswith("memkern: error:") and result.output.count("\n") == 1
+    assert sorted(p.relative_to(run.root) for p in run.root.rglob("*")) == before
+
+
+def test_scores_prints_the_top_examples_and_the_benchmark_best_first(tiny_run, tmp_path):
+    from click.testing import CliRunner
+
+    from memkern.cli.main import main
+
+    run = copy_run(tiny_run, tmp_path / "run")
+    result = CliRunner().invoke(main, ["scores", "--run", str(run.root), "--benchmark",
+                                       "--folds", "0", "--no-progress", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    top = next(i for i, line in enumerate(lines) if "examples ranked most memorized" in line)
+    flipped = int(lines[top].split("; ")[1].split()[0])
+    table = lines[top + 2:top + 12]
+    assert len(table) == 10 and sum(line.split()[3] == "yes" for line in table) == flipped
+    head = next(i for i, line in enumerate(lines) if line.startswith("how well each signal"))
+    header = lines[head + 1]
+    k = round(TINY.noise * 1437)
+    assert f"precision@k (k = flipped among them: {k} for all)" in header
+    assert "flagged" not in header  # no cleanlab row: its columns are left out, not empty
+    rows = read_csv(run.root / "scores" / "benchmark.csv")
+    full = [r for r in rows if r["covered"] == "1437"]
+    assert [float(r["auroc"]) for r in full] == sorted((float(r["auroc"]) for r in full),
+                                                      reverse=True)
+    shown = [line.split()[0] for line in lines[head + 2:head + 2 + len(rows)]]
+    assert shown == [r["method"] for r in rows]

@@ -13,10 +13,48 @@ BASELINE = "final"  # the unchanged model's row of rewind.csv
 
 
 def num(value: float | None) -> str:
-    """An accuracy, share or ratio as the report prints it: two decimals, "n/a" when undefined."""
+    """An accuracy, share or ratio as the report prints it: two decimals, more (up to four)
+    where two would print a value that is not exactly 0 or 1 as 0.00 or 1.00; "n/a" when
+    undefined."""
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "n/a"
-    return f"{value:.2f}"
+    return separated([value], low=2, high=4)[0]
+
+
+def separated(values: list[float], *, low: int = 2, high: int = 6) -> list[str]:
+    """``values`` to be compared with each other, all with the same decimals: the fewest (from
+    ``low`` to ``high``) that print different values differently and no value short of 0 or 1
+    as 0 or 1 (an AUROC of 0.9996 is not "1.00")."""
+    finite = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    for digits in range(low, high + 1):
+        text = {v: f"{v:.{digits}f}" for v in finite}
+        bounded = all(float(t) not in (0.0, 1.0) or v in (0.0, 1.0) for v, t in text.items())
+        if bounded and len(set(text.values())) == len(text):
+            break
+    return ["n/a" if v is None or math.isnan(float(v)) else f"{float(v):.{digits}f}"
+            for v in values]
+
+
+MEMORIZED = 0.5  # a run memorized when it fits at least this share of its flipped labels
+
+
+def memorization_caveat(last: dict) -> str | None:
+    """The sentence every memorization finding starts with when the run (final metrics line
+    ``last``; own masks on a tied run) fits fewer than ``MEMORIZED`` of its flipped labels."""
+    noisy = last.get("noisy_acc")
+    if noisy is None or (isinstance(noisy, float) and math.isnan(noisy)) or noisy >= MEMORIZED:
+        return None
+    return (f"No memorization to find: the model fits only {num(noisy)} of its flipped labels "
+            f"(below {MEMORIZED}), so what follows describes a model that did not memorize.")
+
+
+def caveated(text: str | None, last: dict) -> str | None:
+    """``text`` opening with a short form of :func:`memorization_caveat` when the run did not
+    memorize."""
+    if not text or memorization_caveat(last) is None:
+        return text
+    return (f"No memorization to find (the model fits {num(last['noisy_acc'])} of its flipped "
+            f"labels): {text}")
 
 
 def training_finding(last: dict, *, epochs: int, noisy: int, train: int) -> str:
@@ -49,24 +87,22 @@ def _by_epoch(summary: list[dict]) -> dict[int, dict[str, dict]]:
 
 
 def accounting_finding(summary: list[dict]) -> str | None:
-    """At the first trained epoch accounted (epoch 0 when it is the only one): the noisy
-    examples' summed gradient norm against the clean examples', their mean per-example norms,
-    and the sign of the clean-noisy cosine per group."""
+    """At the epoch where the noisy/clean summed-gradient norm ratio peaks
+    (:func:`accounting_ratio_peak`, the headline's number): that ratio, the ratio of their
+    mean per-example norms, and the sign of the clean-noisy cosine per group."""
     epochs = _by_epoch(summary)
-    if not epochs:
+    peak = accounting_ratio_peak(summary)
+    if peak is None:
         return None
-    epoch = min((e for e in epochs if e > 0), default=min(epochs))
+    epoch, ratio = peak
     rows = epochs[epoch]
     groups = [g for g in rows if g != TOTAL]
     whole = rows.get(TOTAL) or rows[groups[0]]
-    clean, noisy = float(whole["clean_norm"]), float(whole["noisy_norm"])
-    if clean <= 0:
-        return None
-    text = (f"At epoch {epoch} the noisy examples' summed gradient has {num(noisy / clean)} "
-            f"times the norm of the clean examples'")
+    text = (f"The noisy examples' summed gradient has at most {num(ratio)} times the norm of "
+            f"the clean examples' (at epoch {epoch}, of {len(epochs)} epochs accounted)")
     if whole.get("clean_mean") and float(whole["clean_mean"]) > 0:
         per_example = float(whole["noisy_mean"]) / float(whole["clean_mean"])
-        text += f", and a noisy example's own gradient is {num(per_example)} times a clean one's"
+        text += f"; there a noisy example's own gradient is {num(per_example)} times a clean one's"
     cosines = [float(rows[g]["cosine"]) for g in groups]
     negative = [g for g, c in zip(groups, cosines) if c < 0]
     text += (f". The cosine between the clean and noisy sums is {num(float(whole['cosine']))} "
@@ -76,10 +112,11 @@ def accounting_finding(summary: list[dict]) -> str | None:
 
 
 def accounting_ratio_peak(summary: list[dict]) -> tuple[int, float] | None:
-    """(epoch, noisy/clean summed-gradient norm over all layers) where the ratio is largest."""
+    """(epoch, noisy/clean summed-gradient norm over all layers) where the ratio is largest:
+    the one definition of "the ratio" that the headline and the finding both quote."""
     best = None
     for epoch, rows in _by_epoch(summary).items():
-        whole = rows.get(TOTAL)
+        whole = rows.get(TOTAL) or next(iter(rows.values()))
         if whole and float(whole["clean_norm"]) > 0:
             ratio = float(whole["noisy_norm"]) / float(whole["clean_norm"])
             if best is None or ratio > best[1]:
@@ -87,54 +124,62 @@ def accounting_ratio_peak(summary: list[dict]) -> tuple[int, float] | None:
     return best
 
 
-TEST_HOLDS = 0.02  # a test accuracy within this of the final model's "stays"
+TEST_HOLDS = 0.02  # a rewinding counts only if test accuracy drops at most this much
+NOISY_DROPS = 0.05  # ... and noisy accuracy by more than this
+REWIND_RULE = (f"test accuracy may drop at most {TEST_HOLDS}, noisy accuracy must drop more "
+               f"than {NOISY_DROPS}")
+
+
+def _baseline(rows: list[dict]) -> dict | None:
+    return next((r for r in rows if r["group"] == BASELINE), None)
 
 
 def rewind_critical(rows: list[dict]) -> dict | None:
-    """The rewound configuration that most lowers noisy accuracy while test accuracy stays within
-    ``TEST_HOLDS`` of the final model's; without such a configuration (or a baseline row), the
-    one that lowers noisy accuracy most at the earliest rewind epoch."""
-    configs = [r for r in rows if r["group"] != BASELINE]
-    if not configs:
+    """The rewound configuration that most lowers noisy accuracy under :data:`REWIND_RULE`
+    (test accuracy holds within ``TEST_HOLDS`` of the final model's, noisy accuracy drops by
+    more than ``NOISY_DROPS``); None when none qualifies or there is no final-model row: a
+    rewinding that destroys generalization undoes no memorization in particular."""
+    base = _baseline(rows)
+    if base is None:
         return None
-    base = next((r for r in rows if r["group"] == BASELINE), None)
-    if base:
-        holding = [r for r in configs if r["test_acc"] >= base["test_acc"] - TEST_HOLDS]
-        if holding:
-            best = min(holding, key=lambda r: (r["noisy_acc"], r["epoch"]))
-            if best["noisy_acc"] < base["noisy_acc"] - 0.05:
-                return best
-    first = min(r["epoch"] for r in configs)
-    return min((r for r in configs if r["epoch"] == first), key=lambda r: r["noisy_acc"])
+    holding = [r for r in rows if r["group"] != BASELINE
+               and r["test_acc"] >= base["test_acc"] - TEST_HOLDS
+               and r["noisy_acc"] < base["noisy_acc"] - NOISY_DROPS]
+    return min(holding, key=lambda r: (r["noisy_acc"], r["epoch"]), default=None)
 
 
 def rewind_finding(rows: list[dict]) -> str | None:
-    """The rewinding that undoes most of the memorization (:func:`rewind_critical`), what
-    rewinding the last group to the earliest epoch does, and from which epoch on no single
-    group's rewinding matters (docs/method.md, Experiment 2)."""
-    critical = rewind_critical(rows)
-    if critical is None:
-        return None
-    base = next((r for r in rows if r["group"] == BASELINE), None)
+    """The rewinding that undoes most of the memorization under :data:`REWIND_RULE`
+    (:func:`rewind_critical`), or, when none qualifies, the largest drop and its test cost;
+    what rewinding the last group to the earliest epoch does; and from which epoch on no
+    single group's rewinding matters (docs/method.md, Experiment 2)."""
+    base = _baseline(rows)
     configs = [r for r in rows if r["group"] != BASELINE]
-    holds = base is not None and critical["test_acc"] >= base["test_acc"] - TEST_HOLDS
-    text = (f"Rewinding {critical['group']} to epoch {critical['epoch']} drops noisy accuracy "
-            f"to {num(critical['noisy_acc'])} while test accuracy "
-            f"{'stays' if holds else 'is'} {num(critical['test_acc'])}"
-            + (f" (final model: noisy {num(base['noisy_acc'])}, test {num(base['test_acc'])})."
-               if base else "."))
+    if base is None or not configs:
+        return None
+    critical = rewind_critical(rows)
+    final = f"final model: noisy {num(base['noisy_acc'])}, test {num(base['test_acc'])}"
+    if critical:
+        text = (f"Rewinding {critical['group']} to epoch {critical['epoch']} drops noisy "
+                f"accuracy to {num(critical['noisy_acc'])} while test accuracy stays "
+                f"{num(critical['test_acc'])} ({final}; rule: {REWIND_RULE}).")
+    else:
+        worst = min(configs, key=lambda r: (r["noisy_acc"], r["epoch"]))
+        text = (f"No single group's rewinding lowers noisy accuracy by more than {NOISY_DROPS} "
+                f"while test accuracy stays within {TEST_HOLDS} of the final model's ({final}); "
+                f"the largest drop, {worst['group']} to epoch {worst['epoch']} (noisy "
+                f"{num(worst['noisy_acc'])}), takes test accuracy to {num(worst['test_acc'])}.")
     first = min(r["epoch"] for r in configs)
     last = [r for r in configs if r["epoch"] == first][-1]
-    if last["group"] != critical["group"]:
+    if critical is None or last["group"] != critical["group"]:
         text += (f" Rewinding the last group, {last['group']}, to epoch {first} leaves noisy "
-                 f"accuracy at {num(last['noisy_acc'])}.")
-    if base:
-        safe = [e for e in sorted({r["epoch"] for r in configs})
-                if all(r["noisy_acc"] >= base["noisy_acc"] - 0.05
-                       for r in configs if r["epoch"] >= e)]
-        if safe and safe[0] > first:
-            text += (f" From epoch {safe[0]} on, rewinding any single group keeps noisy "
-                     f"accuracy within 0.05 of the final model's.")
+                 f"accuracy at {num(last['noisy_acc'])} (test {num(last['test_acc'])}).")
+    safe = [e for e in sorted({r["epoch"] for r in configs})
+            if all(r["noisy_acc"] >= base["noisy_acc"] - NOISY_DROPS
+                   for r in configs if r["epoch"] >= e)]
+    if safe and safe[0] > first:
+        text += (f" From epoch {safe[0]} on, rewinding any single group keeps noisy "
+                 f"accuracy within {NOISY_DROPS} of the final model's.")
     return text
 
 
@@ -170,6 +215,12 @@ def _site_phrase(entry: dict, sites: list[str]) -> str:
     return f"{top} holds the largest share of them ({num(entry['site_fraction'][top])})"
 
 
+def flipped_count(entry: dict) -> int:
+    """How many of a group's fitted targets flipped (a count, from the summary's rate)."""
+    fitted = entry["count"] - entry.get("unfitted", 0)
+    return round((entry["flip_rate"] or 0.0) * fitted)
+
+
 def _channels_phrase(entry: dict, kind: str) -> str:
     """How many channels flipping a group's fitted targets took, or why there is no number."""
     fitted = entry["count"] - entry.get("unfitted", 0)
@@ -178,7 +229,7 @@ def _channels_phrase(entry: dict, kind: str) -> str:
     if entry["median_channels_flipped"] is None:
         return f"none of the {fitted} fitted {kind} targets flipped within the channel cap"
     return (f"flipping a {kind} target takes a median of {entry['median_channels_flipped']:g} "
-            f"channels ({num(entry['flip_rate'])} of {fitted} flipped)")
+            f"channels ({flipped_count(entry)} of {fitted} flipped)")
 
 
 def localization_finding(summary: dict) -> str | None:
@@ -187,7 +238,10 @@ def localization_finding(summary: dict) -> str | None:
     groups = summary.get("groups", {})
     noisy, clean = groups.get("noisy"), groups.get("clean")
     if not noisy or not noisy["count"]:
-        return None
+        if not clean or not clean["count"]:
+            return None
+        text = _channels_phrase(clean, "clean")
+        return text[0].upper() + text[1:] + " (no noisy target was asked for)."
     text = _channels_phrase(noisy, "noisy (memorized)")
     text = text[0].upper() + text[1:]
     if clean and clean["count"]:
@@ -204,17 +258,32 @@ def localization_finding(summary: dict) -> str | None:
     return text
 
 
+def _enrichment_phrase(tied: dict) -> str:
+    ci = tied.get("enrichment_ci")
+    return (f"{num(tied['enrichment'])} times as often"
+            + (f" (95% interval {num(ci[0])} to {num(ci[1])} over {tied['targets']} targets, "
+               f"bootstrap)" if ci else ""))
+
+
 def tied_share_finding(summary: dict) -> str | None:
-    """On a tied-dropout run's localization: the share of zeroed channels (at tied sites) that
-    are memorization channels and the target's own, against their share of all channels."""
-    noisy = summary.get("groups", {}).get("noisy", {}).get("tied")
-    if not noisy or not noisy["zeroed"]:
+    """On a tied-dropout run's localization: how often the channels zeroed at tied sites are
+    the target's own memorization channels, against their share of the channels active for
+    that target under its own mask (the others are zero for it already), for noisy targets and
+    for clean ones (docs/method.md, Experiment 5)."""
+    groups = summary.get("groups", {})
+    noisy = (groups.get("noisy") or {}).get("tied")
+    if not noisy or noisy.get("enrichment") is None:
         return None
-    return (f"Of the {noisy['zeroed']} channels zeroed at tied-dropout sites to flip noisy "
-            f"examples, {num(noisy['memorization_share'])} are memorization channels (their "
-            f"share of all channels there: {num(noisy['memorization_baseline'])}) and "
-            f"{num(noisy['own_share'])} are the example's own (baseline "
-            f"{num(noisy['own_baseline'])}).")
+    text = (f"Of the {noisy['active']} channels zeroed at tied-dropout sites to flip noisy "
+            f"examples, {noisy['own']} ({num(noisy['own_share'])}) are the example's own "
+            f"memorization channels, against {num(noisy['active_baseline'])} among the channels "
+            f"active for it (its generalization channels and its own kept ones): "
+            f"{_enrichment_phrase(noisy)}")
+    clean = (groups.get("clean") or {}).get("tied")
+    if clean and clean.get("enrichment") is not None:
+        text += (f"; for clean examples {num(clean['own_share'])} against "
+                 f"{num(clean['active_baseline'])}: {_enrichment_phrase(clean)}")
+    return text + "."
 
 
 def comparison_finding(plain: dict, tied: dict) -> str:
@@ -222,6 +291,8 @@ def comparison_finding(plain: dict, tied: dict) -> str:
     fit of its noisy labels against a tied run's with its memorization channels kept and
     dropped, and the generalization gaps (clean-train minus test accuracy)."""
     gap_plain = plain["clean_acc"] - plain["test_acc"]
+    epochs = (f" (the plain run trained {plain['epoch']} epochs, the tied run {tied['epoch']})"
+              if plain.get("epoch") != tied.get("epoch") else "")
     gap_drop = tied["clean_acc_drop"] - tied["test_acc_drop"]
     own, dropped = tied["noisy_acc"], tied["noisy_acc_drop"]
     text = (f"The plain run fits {num(plain['noisy_acc'])} of its flipped labels, test accuracy "
@@ -231,25 +302,32 @@ def comparison_finding(plain: dict, tied: dict) -> str:
     if own - dropped >= 0.5:
         text += ": what it memorized sits in the memorization channels"
     return (text + f". Generalization gap (clean-train minus test accuracy): plain "
-            f"{num(gap_plain)}, tied with the memorization channels dropped {num(gap_drop)}.")
+            f"{num(gap_plain)}, tied with the memorization channels dropped {num(gap_drop)}"
+            f"{epochs}.")
 
 
 def scores_finding(benchmark: list[dict]) -> str | None:
     """The signal that ranks the flipped labels best among those scoring every example (a
-    signal computed for a subset, as channels_to_flip, is ranked on easier ground), and the
-    combined memorization_score beside it (``scores/benchmark.csv`` rows)."""
+    signal computed for a subset, as channels_to_flip, is ranked on easier ground), the
+    runner-up and the combined memorization_score beside it (``scores/benchmark.csv`` rows),
+    with as many digits as it takes to tell their AUROCs apart."""
     rows = [r for r in benchmark if r.get("auroc") not in (None, "")
             and not math.isnan(float(r["auroc"]))]
     if not rows:
         return None
     everyone = max(int(r["covered"]) for r in rows)
-    rows = [r for r in rows if int(r["covered"]) == everyone]
-    best = max(rows, key=lambda r: float(r["auroc"]))
+    rows = sorted((r for r in rows if int(r["covered"]) == everyone),
+                  key=lambda r: -float(r["auroc"]))
+    quoted = rows[:2] + [r for r in rows[2:] if r["method"] == "memorization_score"]
+    auroc = dict(zip((r["method"] for r in quoted),
+                     separated([float(r["auroc"]) for r in quoted])))
+    ap = dict(zip((r["method"] for r in quoted), separated([float(r["ap"]) for r in quoted])))
+    best = quoted[0]
     text = (f"Of {len(rows)} signals scoring all {everyone} examples, {best['method']} finds "
-            f"the flipped labels best: AUROC {num(float(best['auroc']))}, average precision "
-            f"{num(float(best['ap']))}")
-    combined = next((r for r in rows if r["method"] == "memorization_score"), None)
-    if combined and combined is not best:
-        text += (f"; the combined memorization_score: AUROC {num(float(combined['auroc']))}, "
-                 f"average precision {num(float(combined['ap']))}")
+            f"the flipped labels best: AUROC {auroc[best['method']]}, average precision "
+            f"{ap[best['method']]}")
+    for r in quoted[1:]:
+        what = "the combined memorization_score" if r["method"] == "memorization_score" else (
+            f"next, {r['method']}")
+        text += f"; {what}: AUROC {auroc[r['method']]}, average precision {ap[r['method']]}"
     return text + "."

@@ -18,9 +18,11 @@ from memkern.report import findings
 from memkern.rundir.atomic import atomic_write_text
 from memkern.errors import ConfigError, printable
 from memkern.report.findings import num
+from memkern.report.summaries import benchmark_table
 from memkern.rundir.locks import hold_run, locked
 from memkern.report.run_tables import RunTables, last_accounted, load_run_tables
 from memkern.report.figures.training import training_curves_png
+from memkern.experiments.localize.summary import enrichment_text, settings_text
 
 TEMPLATE = "report.html.j2"
 SPLIT_NAMES = (("clean_acc", "clean train"), ("noisy_acc", "noisy train (flipped labels)"),
@@ -41,6 +43,13 @@ class Table:
 class Figure:
     title: str
     src: str  # a data: URI
+    width: int = 0  # drawn size in pixels (the page never shows it larger, unless enlarged)
+    height: int = 0
+
+    @property
+    def ratio(self) -> float:
+        """Height over width, for the enlarged view's size."""
+        return round(self.height / self.width, 4) if self.width else 1.0
 
 
 @dataclass
@@ -52,6 +61,7 @@ class Cell:
     figures: list[Figure] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
     missing: str | None = None
+    note: str | None = None  # how the numbers were computed
 
 
 @dataclass
@@ -96,9 +106,20 @@ def data_uri(png: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
 
 
+def png_size(png: bytes) -> tuple[int, int]:
+    """(width, height) in pixels as a PNG's header records them; (0, 0) for anything else."""
+    if png[:8] != b"\x89PNG\r\n\x1a\n":
+        return 0, 0
+    return int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+
+
+def figure(title: str, png: bytes) -> Figure:
+    return Figure(title, data_uri(png), *png_size(png))
+
+
 def _figures(t: RunTables, *names: tuple[str, str]) -> list[Figure]:
-    return [Figure(title, data_uri(t.figures[key].read_bytes()))
-            for key, title in names if key in t.figures]
+    return [figure(title, t.figures[key].read_bytes()) for key, title in names
+            if key in t.figures]
 
 
 def _g(value) -> str:
@@ -132,8 +153,8 @@ def training_cell(t: RunTables) -> Cell:
     return Cell(t.name, findings.training_finding(last, epochs=last["epoch"],
                                                   noisy=len(t.noise["noisy_indices"]),
                                                   train=t.noise["num_train"]),
-                [Figure("accuracy per epoch",
-                        data_uri(training_curves_png(t.metrics, title=f"training: {t.name}")))],
+                [figure("accuracy per epoch",
+                        training_curves_png(t.metrics, title=f"training: {t.name}"))],
                 [Table(f"accuracy at epoch {last['epoch']}"
                        + (" (memorization channels kept / dropped)" if t.tied else ""),
                        columns, rows)])
@@ -154,16 +175,31 @@ def grads_cell(t: RunTables) -> Cell:
                   num(float(r["noisy_mean"]) / float(r["clean_mean"])
                       if r.get("clean_mean") and float(r["clean_mean"]) > 0 else None)]
                  for r in last])
-    columns = list(t.grads[0])
-    full = Table(f"grads/summary.csv ({len(t.grads)} rows)", columns,
-                 [[r[c] if c in ("epoch", "group") else _g(r[c]) for c in columns]
-                  for r in t.grads], collapsed=True)
     return Cell(t.name, findings.accounting_finding(t.grads),
                 _figures(t, ("summed_norms", "norm of the summed gradient per group"),
                          ("cosine", "cosine between the clean and noisy sums"),
                          ("live_summed_norms", "during training: summed gradient norms"),
                          ("live_cosine", "during training: cosine")),
-                [key, full])
+                [key, *_grads_tables(t.grads)])
+
+
+def _grads_tables(rows: list[dict]) -> list[Table]:
+    """grads/summary.csv, folded, in parts narrow enough for one column of the page: the sums
+    and their cosine, then the per-example norms of the clean and of the noisy examples."""
+    columns = [c for c in rows[0] if c not in ("epoch", "group")]
+    per_example = {kind: [c for c in columns if c.startswith(f"{kind}_") and c != f"{kind}_norm"]
+                   for kind in ("clean", "noisy")}
+    sums = [c for c in columns if c not in per_example["clean"] + per_example["noisy"]]
+    parts = [("summed gradients", sums, ""),
+             ("per-example gradient norms of the clean examples", per_example["clean"],
+              "clean_"),
+             ("per-example gradient norms of the noisy examples", per_example["noisy"],
+              "noisy_")]
+    return [Table(f"grads/summary.csv ({len(rows)} rows): {what}",
+                  ["epoch", "group"] + [c.removeprefix(prefix).replace("_", " ") for c in part],
+                  [[r["epoch"], r["group"]] + [_g(r[c]) for c in part] for r in rows],
+                  collapsed=True)
+            for what, part, prefix in parts if part]
 
 
 def _pivot(rows: list[dict], key: str, title: str) -> Table:
@@ -179,7 +215,7 @@ def rewind_cell(t: RunTables) -> Cell:
         return Cell(t.name, missing=f"no layer rewinding: memkern rewind --run "
                                     f"{printable(str(t.run.root))}")
     configs = [r for r in t.rewind if r["group"] != findings.BASELINE]
-    return Cell(t.name, findings.rewind_finding(t.rewind),
+    return Cell(t.name, findings.caveated(findings.rewind_finding(t.rewind), t.last),
                 _figures(t, ("rewind", "accuracy after rewinding one group")),
                 [_pivot(configs, "noisy_acc", "noisy-train accuracy after rewinding"),
                  _pivot(configs, "test_acc", "test accuracy after rewinding")])
@@ -194,7 +230,7 @@ def retrain_cell(t: RunTables) -> Cell:
         mine = sorted((r for r in t.retrain if r["group"] == g), key=lambda r: r["epoch"])
         rows.append([g] + [num(mine[0][k]) for k, _ in SPLIT_NAMES]
                     + [num(mine[-1][k]) for k, _ in SPLIT_NAMES])
-    return Cell(t.name, findings.retrain_finding(t.retrain),
+    return Cell(t.name, findings.caveated(findings.retrain_finding(t.retrain), t.last),
                 _figures(t, ("retrain", "accuracy while retraining one group on clean data")),
                 [Table("at the reset and after retraining",
                        ["group", "reset: clean", "noisy", "test", "retrained: clean", "noisy",
@@ -203,7 +239,8 @@ def retrain_cell(t: RunTables) -> Cell:
 
 def _localize_tables(summary: dict) -> list[Table]:
     groups, base = summary["groups"], summary.get("base") or {}
-    rows = [[g, str(e["count"]), str(e.get("unfitted", 0)), num(e["flip_rate"]),
+    rows = [[g, str(e["count"]), str(e.get("unfitted", 0)),
+             f"{findings.flipped_count(e)} of {e['count'] - e.get('unfitted', 0)}",
              "-" if e["median_channels_flipped"] is None else f"{e['median_channels_flipped']:g}",
              "-" if e["mean_channels_flipped"] is None else f"{e['mean_channels_flipped']:.1f}",
              num(e["edited_clean_acc"]), num(e["edited_noisy_acc"]), num(e["edited_test_acc"])]
@@ -226,25 +263,41 @@ def _localize_tables(summary: dict) -> list[Table]:
                         + [f"share {g}" for g in groups]
                         + ([f"vs width {g}" for g in groups] if widths else []),
                         site_rows))
-    if summary.get("tied"):
-        tables.append(Table("tied-dropout sites: which channels were zeroed",
-                            ["targets", "zeroed", "memorization", "(all channels)", "own",
-                             "(all channels)"],
-                            [[g, str(e["tied"]["zeroed"]),
-                              num(e["tied"]["memorization_share"]),
-                              num(e["tied"]["memorization_baseline"]),
-                              num(e["tied"]["own_share"]), num(e["tied"]["own_baseline"])]
-                             for g, e in groups.items()]))
+    if summary.get("tied") and all("enrichment" in e.get("tied", {}) for e in groups.values()):
+        tables.append(Table(
+            "tied-dropout sites: zeroed channels that are the target's own memorization "
+            "channels, against their share of the channels active for it",
+            ["targets", "zeroed (active)", "own", "own share", "baseline", "enrichment"],
+            [[g, f"{e['tied']['zeroed']} ({e['tied']['active']})", str(e["tied"]["own"]),
+              num(e["tied"]["own_share"]), num(e["tied"]["active_baseline"]),
+              enrichment_text(e["tied"])] for g, e in groups.items()]))
     return tables
+
+
+def localize_command(t: RunTables) -> str | None:
+    """The `memkern localize` line that adds targets to this run's output with the settings its
+    lines were computed with (the options that differ from the defaults)."""
+    settings = (t.localize or {}).get("settings")
+    if not settings:
+        return None
+    defaults = {"method": "greedy", "max_channels": 50, "eot": 0, "ref_batch": 512, "seed": 0,
+                "candidates": None}
+    options = "".join(f" --{k.replace('_', '-')} {settings[k]}" for k in defaults
+                      if settings.get(k) != defaults[k])
+    return f"memkern localize --run {printable(str(t.run.root))}{options}"
 
 
 def localize_cell(t: RunTables) -> Cell:
     if not t.localize:
         return Cell(t.name, missing=f"no localization: memkern localize --ckpt "
                                     f"{printable(str(t.run.final_checkpoint()))}")
-    return Cell(t.name, findings.localization_finding(t.localize),
+    done = settings_text(t.localize)
+    command = localize_command(t)
+    note = (f" Computed with {done}; more targets with the same settings: {command}."
+            if done else "")
+    return Cell(t.name, findings.caveated(findings.localization_finding(t.localize), t.last),
                 _figures(t, ("localize", "channels needed, where they sit, cost of the edits")),
-                _localize_tables(t.localize))
+                _localize_tables(t.localize), note=note.strip() or None)
 
 
 def _accuracy_row(label: str, last: dict, mode: str = "") -> list[str]:
@@ -261,7 +314,8 @@ def tied_cell(t: RunTables) -> Cell:
                                     "--tied-dropout and show it beside this one with --compare")
     last = t.last
     share = findings.tied_share_finding(t.localize) if t.localize else None
-    return Cell(t.name, " ".join(s for s in (findings.tied_drop_finding(last), share) if s),
+    return Cell(t.name, findings.caveated(
+                    " ".join(s for s in (findings.tied_drop_finding(last), share) if s), last),
                 tables=[Table(f"epoch {last['epoch']}", TIED_COLUMNS,
                               [_accuracy_row("own masks (as trained)", last),
                                _accuracy_row("memorization channels kept", last, "_keep"),
@@ -272,7 +326,7 @@ def tied_joint(plain: RunTables, tied: RunTables) -> Cell:
     """The paper's tied-dropout headline across the two runs."""
     share = findings.tied_share_finding(tied.localize) if tied.localize else None
     text = findings.comparison_finding(plain.last, tied.last) + (f" {share}" if share else "")
-    return Cell(f"{plain.name} and {tied.name}", text, tables=[Table(
+    return Cell(f"{plain.name} and {tied.name}", findings.caveated(text, tied.last), tables=[Table(
         "final epoch of each run", TIED_COLUMNS,
         [_accuracy_row(plain.name, plain.last),
          _accuracy_row(f"{tied.name}, own masks (as trained)", tied.last),
@@ -286,12 +340,10 @@ def scores_cell(t: RunTables) -> Cell:
                                     f"{printable(str(t.run.root))} --compute --benchmark")
     tables = []
     if t.benchmark:
-        columns = ["method", "covered", "flipped", "auroc", "ap", "precision_at_k"]
-        tables.append(Table("how well each signal finds the flipped labels", columns,
-                            [[r["method"], r["covered"], r["flipped"]]
-                             + [_g(r[c]) if r.get(c) not in (None, "") else "" for c in columns[3:]]
-                             for r in t.benchmark]))
-    return Cell(t.name, findings.scores_finding(t.benchmark or []),
+        header, cells = benchmark_table(t.benchmark)
+        tables.append(Table("how well each signal finds the flipped labels, best first", header,
+                            cells))
+    return Cell(t.name, findings.caveated(findings.scores_finding(t.benchmark or []), t.last),
                 _figures(t, ("benchmark_curves", "detection curves of every signal"),
                          ("top_memorization_score", "training examples ranked most memorized")),
                 tables, None if t.benchmark else "scores.csv present; no benchmark: add "
@@ -299,16 +351,28 @@ def scores_cell(t: RunTables) -> Cell:
 
 
 def headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
-    """The first screen: a few numbers per run."""
+    """The first screen: a few numbers per run, each beside the test accuracy it costs."""
+    def test(value) -> str:
+        return f"test {num(value)}"
+
     def critical(t):
-        c = findings.rewind_critical(t.rewind) if t.rewind else None
-        return f"{c['group']} to epoch {c['epoch']}: noisy {num(c['noisy_acc'])}" if c else "-"
+        if not t.rewind:
+            return "-"
+        c = findings.rewind_critical(t.rewind)
+        if c is None:
+            return "none within the rule"
+        return (f"{c['group']} to epoch {c['epoch']}: noisy {num(c['noisy_acc'])}, "
+                f"{test(c['test_acc'])}")
 
     def channels(t):
         if not t.localize:
             return "-"
-        med = [t.localize["groups"][g]["median_channels_flipped"] for g in ("noisy", "clean")]
-        return " / ".join("-" if m is None else f"{m:g}" for m in med)
+        groups = t.localize["groups"]
+        med = [groups[g]["median_channels_flipped"] if g in groups else None
+               for g in ("noisy", "clean")]
+        text = " / ".join("-" if m is None else f"{m:g}" for m in med)
+        edited = groups.get("noisy", {}).get("edited_test_acc")
+        return text + (f" (edited noisy targets: {test(edited)})" if edited is not None else "")
 
     def peak(t):
         p = findings.accounting_ratio_peak(t.grads) if t.grads else None
@@ -318,11 +382,20 @@ def headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
              ("flipped labels fitted (memorized)", [num(t.last.get("noisy_acc")) for t in runs])]
     if any(t.tied for t in runs):
         lines.append(("flipped labels fitted, memorization channels dropped",
-                      [num(t.last["noisy_acc_drop"]) if t.tied else "-" for t in runs]))
+                      [f"{num(t.last['noisy_acc_drop'])}, {test(t.last['test_acc_drop'])}"
+                       if t.tied else "-" for t in runs]))
     lines += [("median channels to flip a noisy / clean example", [channels(t) for t in runs]),
-              ("rewinding that most undoes the memorization", [critical(t) for t in runs]),
+              (f"rewinding that most undoes the memorization (test accuracy within "
+               f"{findings.TEST_HOLDS} of the final model's)",
+               [critical(t) for t in runs]),
               ("noisy / clean summed-gradient norm, at its peak", [peak(t) for t in runs])]
     return lines
+
+
+def warnings(runs: list[RunTables]) -> list[str]:
+    """What the reader must know before any number: a run that did not memorize."""
+    return [f"{t.name}: {caveat}" for t in runs
+            if (caveat := findings.memorization_caveat(t.last))]
 
 
 def describe(t: RunTables) -> str:
@@ -369,7 +442,7 @@ def render(runs: list[RunTables]) -> str:
     return env.get_template(TEMPLATE).render(
         title=" vs ".join(printable(t.name) for t in runs),
         runs=[(printable(t.name), describe(t)) for t in runs],
-        headline=headline(runs), sections=sections,
+        headline=headline(runs), warnings=warnings(runs), sections=sections,
         configs=[(printable(t.name), json.dumps(json.loads(t.config.to_json()), indent=2))
                  for t in runs])
 

@@ -113,11 +113,7 @@ def rewind_summary(rows: list[dict]) -> str:
         for r in {ordered[0]["epoch"]: ordered[0], ordered[-1]["epoch"]: ordered[-1]}.values():
             table.append([name, r["epoch"], *_accuracies(r)])
     return (text_table(("group", "rewound to", *ACCURACY_HEADER), table) + "\n"
-            + findings.rewind_finding(rows))
-
-
-
-
+            + findings.caveated(findings.rewind_finding(rows), base))
 
 
 def retrain_summary(rows: list[dict]) -> str:
@@ -135,24 +131,60 @@ def retrain_summary(rows: list[dict]) -> str:
             + text_table(("group", "noisy after reset", "epochs", *ACCURACY_HEADER), table))
 
 
+def _filled(value) -> bool:
+    return value is not None and value != ""
 
 
+def benchmark_table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
+    """``scores --benchmark`` rows (as written to benchmark.csv, or in memory) as a header and
+    cells: best first (the signals that score every example, by AUROC, then the partial ones),
+    AUROC, AP and precision@k with the digits that tell them apart, k stated, and no column
+    that is empty in every row."""
+    everyone = max(int(r["covered"]) for r in rows)
 
+    def rank(r):
+        auroc = float(r["auroc"]) if _filled(r.get("auroc")) else math.nan
+        return (int(r["covered"]) != everyone, -auroc if not math.isnan(auroc) else 1.0)
 
+    rows = sorted(rows, key=rank)
+    k = next(r["flipped"] for r in rows if int(r["covered"]) == everyone)
+    columns = [("method", "method"), ("covered", "examples scored"),
+               ("flipped", "flipped among them"), ("auroc", "AUROC"),
+               ("ap", "average precision"),
+               ("precision_at_k", f"precision@k (k = flipped among them: {k} for all)"),
+               ("trainings", "trainings"), ("seconds", "seconds"), ("flagged", "flagged"),
+               ("flagged_precision", "flagged precision"), ("flagged_recall", "flagged recall")]
+    columns = [(c, name) for c, name in columns if any(_filled(r.get(c)) for r in rows)]
+    digits = {c: findings.separated([float(r[c]) if _filled(r.get(c)) else None for r in rows])
+              for c in ("auroc", "ap", "precision_at_k", "flagged_precision", "flagged_recall")}
+
+    def cell(c: str, i: int, r: dict) -> str:
+        if not _filled(r.get(c)):
+            return ""
+        if c in digits:
+            return digits[c][i]
+        return f"{float(r[c]):.0f}" if c == "seconds" else str(r[c])
+
+    return ([name for _, name in columns],
+            [[cell(c, i, r) for c, _ in columns] for i, r in enumerate(rows)])
 
 
 def run_findings(run: str | Path) -> list[str]:
     """The report's finding for each analysis present in run directory ``run`` (training, with
     the tied-dropout modes on a tied run, gradient accounting, rewinding, retraining,
-    localization), in that order."""
+    localization, the tied-dropout channel enrichment, memorization scores), in that order,
+    after the report's caveat when the run did not memorize."""
     from memkern.report.run_tables import load_run_tables
 
     t = load_run_tables(run)
-    lines = [findings.training_finding(t.last, epochs=t.last["epoch"],
+    lines = [findings.memorization_caveat(t.last),
+             findings.training_finding(t.last, epochs=t.last["epoch"],
                                        noisy=len(t.noise["noisy_indices"]),
-                                       train=t.noise["num_train"])]
-    lines += [t.grads and findings.accounting_finding(t.grads),
-              t.rewind and findings.rewind_finding(t.rewind),
-              t.retrain and findings.retrain_finding(t.retrain),
-              t.localize and findings.localization_finding(t.localize)]
+                                       train=t.noise["num_train"]),
+             t.grads and findings.accounting_finding(t.grads),
+             t.rewind and findings.rewind_finding(t.rewind),
+             t.retrain and findings.retrain_finding(t.retrain),
+             t.localize and findings.localization_finding(t.localize),
+             t.localize and findings.tied_share_finding(t.localize),
+             t.benchmark and findings.scores_finding(t.benchmark)]
     return [line for line in lines if line]

@@ -31,7 +31,7 @@ from memkern.experiments.localize.greedy import greedy_localize
 from memkern.experiments.localize.objective import LocalizationObjective, reference_indices
 from memkern.experiments.localize.rows import check_rows
 from memkern.experiments.localize.settings import check_resumable, localize_settings
-from memkern.experiments.localize.summary import (fitted, require_summary_outputs,
+from memkern.experiments.localize.summary import (fitted, require_summary_outputs, summarize,
                                                   summary_paths, write_summary)
 from memkern.rundir.locks import for_checkpoint, hold_output, locked
 from memkern.rundir.ownership import require_jsonl_output, require_writable
@@ -123,8 +123,10 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
              max_rows: int | None = None, device: str = "auto", data_dir: str | Path | None = None,
              progress: bool = True) -> LocalizeResult:
     """Localize the selected examples of ``ckpt``; append one line per example to ``out``
-    (default :func:`default_output`), then write the summary (JSON + PNG) beside it, named
-    after it (:func:`memkern.experiments.localize.summary.summary_paths`).
+    (default :func:`default_output`), then write the summary of every line of the output (JSON
+    + PNG, what the report shows) beside it, named after it
+    (:func:`memkern.experiments.localize.summary.summary_paths`); the result's summary covers the
+    selected examples alone.
 
     Under torchrun (``WORLD_SIZE`` > 1) every rank must call this with the same arguments; each
     localizes a disjoint shard, and rank 0 merges, summarizes and returns the summary. Inputs
@@ -174,7 +176,9 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
         mine = torch.tensor(todo[world.rank::world.size], dtype=torch.long)
         sink = out if world.size == 1 else part_path(out, world.rank, world.size)
         bar = Progress(total=len(targets), initial=len(targets) - len(todo), unit="example",
-                       desc=f"localize ({method})", bar=progress, silent=not world.main)
+                       desc=f"localize {default_output(ckpt).parent.name} "
+                            f"{_selection(examples, limit)} ({method})",
+                       bar=progress, silent=not world.main)
         finished = len(targets) - len(todo)
         # Every rank runs the same number of rounds (rank 0's shard is the longest) and sums
         # progress after each, so waits stay within one chunk and rank 0's bar counts all.
@@ -201,14 +205,25 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
             return LocalizeResult(path=out, summary=None)
         rows = merge_parts(out, targets)
     check_rows(rows, out, num_train=len(data.train_labels))
-    summary = write_summary(rows, out, site_order=space.names,
-                            base=split_accuracies(model, data),
-                            site_widths=dict(zip(space.names, space.counts)),
-                            max_channels=max_channels,
-                            tied={s: dict(channels=op.channels, seed=op.seed, p_gen=op.p_gen,
-                                          p_mem=op.p_mem)
-                                  for s, op in tied.items() if s in space.names} or None)
+    common = dict(site_order=space.names, base=split_accuracies(model, data),
+                  site_widths=dict(zip(space.names, space.counts)),
+                  tied={s: dict(channels=op.channels, seed=op.seed, p_gen=op.p_gen, p_mem=op.p_mem)
+                        for s, op in tied.items() if s in space.names} or None,
+                  settings=settings)
+    # The files (what the report shows) cover every line of the output; what the command
+    # returns and prints covers the targets asked for.
+    write_summary(rows, out, max_channels=max_channels,
+                  selection=f"every result in {out.name} ({len(rows)})", **common)
+    asked = set(targets)
+    summary = summarize([r for r in rows if r["index"] in asked],
+                        selection=_selection(examples, limit), **common)
     return LocalizeResult(path=out, summary=summary)
+
+
+def _selection(examples: str, limit: int | None) -> str:
+    """The targets asked for, in words: ``noisy``, ``all, at most 288``, ``from idx.txt``."""
+    what = examples if examples in ("noisy", "clean", "all") else f"from {Path(examples).name}"
+    return what + (f", at most {limit}" if limit is not None else "")
 
 
 def _localize_chunk(model, data, objective, part: torch.Tensor, sink: Path, *, method: str,

@@ -68,16 +68,27 @@ def signal_cost(name: str, *, train_seconds: float, timings: dict,
     return train_seconds + sum(timings[step]["seconds"] for step in steps)
 
 
+def require_peers(folds: int) -> None:
+    """ConfigError when the benchmark needs cleanlab (``folds`` >= 2) and it is not installed:
+    checked before anything is trained or written."""
+    if not folds:
+        return
+    try:
+        import cleanlab.filter  # noqa: F401
+        import cleanlab.rank  # noqa: F401
+    except ImportError:
+        raise ConfigError("the benchmark's peer cleanlab is not installed: pip install cleanlab "
+                          "(or the bench-peers extra), or pass --folds 0 to skip it") from None
+
+
 def cleanlab_rows(labels: np.ndarray, probabilities: np.ndarray,
                   flipped: np.ndarray) -> tuple[dict, np.ndarray]:
     """cleanlab's row (ranking by 1 - label quality, plus its flagged set) and its oriented
     scores."""
-    try:
-        from cleanlab.filter import find_label_issues
-        from cleanlab.rank import get_label_quality_scores
-    except ImportError:
-        raise ConfigError("the benchmark's peer cleanlab is not installed: pip install cleanlab "
-                          "(or the bench-peers extra), or pass --folds 0 to skip it")
+    require_peers(2)
+    from cleanlab.filter import find_label_issues
+    from cleanlab.rank import get_label_quality_scores
+
     quality = get_label_quality_scores(labels, probabilities, method="self_confidence")
     issues = find_label_issues(labels, probabilities)
     scores = -quality
@@ -98,8 +109,12 @@ def _fmt(value) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_fmt(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+    """The rows as :func:`memkern.report.summaries.benchmark_table` shows them, in markdown."""
+    from memkern.report.summaries import benchmark_table
+
+    header, cells = benchmark_table(rows)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines) + "\n"
 
 
@@ -114,6 +129,7 @@ def run_benchmark(*, run: str | Path, table: ScoreTable, data: PreparedData, fol
         raise RunDirError(f"{run.root} has no flipped labels: the benchmark measures how well "
                           f"signals find them; train with --noise 0.1")
     check_folds(folds)
+    require_peers(folds)
     train_seconds = sum(r["seconds"] for r in read_jsonl(run.metrics_path))
     timings = read_timings(run)
     rows, curves = [], {}
@@ -127,7 +143,6 @@ def run_benchmark(*, run: str | Path, table: ScoreTable, data: PreparedData, fol
         if row["covered"] == len(flipped) and not (name.startswith("grad_")
                                                    and not name.startswith("grad_total_")):
             curves[name] = (scores, flipped)
-    rows.sort(key=lambda r: -r["auroc"] if r["covered"] == len(flipped) else 2.0)
     if folds:
         cv = cross_validate(run=run.root, folds=folds, epochs=cv_epochs, device=device,
                             data=data, progress=progress)
@@ -137,6 +152,10 @@ def run_benchmark(*, run: str | Path, table: ScoreTable, data: PreparedData, fol
                    seconds=cv.seconds + time.perf_counter() - started)
         rows.append(row)
         curves[CLEANLAB] = (scores, flipped)
+    # Best first: the signals that score every example by AUROC, cleanlab among them; then the
+    # partial ones (ranked on easier ground).
+    rows.sort(key=lambda r: (r["covered"] != len(flipped),
+                             np.inf if np.isnan(r["auroc"]) else -r["auroc"]))
     out = scores_dir(run)
     bench = Benchmark(rows=rows, csv=out / "benchmark.csv", markdown=out / "benchmark.md",
                       figure=out / "benchmark_curves.png")

@@ -10,7 +10,7 @@ from memkern.rundir.context import load_data, require_noisy_split, resolve_devic
 from memkern.rundir.locks import hold_run, locked
 from memkern.rundir.ownership import require_table_start
 from memkern.rundir.paths import RunDir
-from memkern.experiments.scores.benchmark import Benchmark, run_benchmark
+from memkern.experiments.scores.benchmark import Benchmark, require_peers, run_benchmark
 from memkern.experiments.scores.compute import compute_missing, scores_dir
 from memkern.experiments.scores.crossval import check_folds
 from memkern.report.figures.scores import write_grids
@@ -51,6 +51,7 @@ def score_run(*, run: str | Path, compute: bool = False, benchmark: bool = False
     resolve_device(device)  # a device that is not there fails before anything is written
     if benchmark:
         require_noisy_split(config, "--benchmark")
+        require_peers(folds)  # before any training or file: a refusal leaves nothing behind
     if benchmark and not run.load_noise()["noisy_indices"]:
         raise RunDirError(f"{run.root} has no flipped labels: the benchmark measures how well "
                           f"signals find them; train with --noise 0.1")

@@ -11,12 +11,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from memkern.report.figures.style import save_figure  # noqa: E402
+from memkern.report.figures.style import WIDTH_IN, save_png  # noqa: E402
 from memkern.rundir.paths import RunDir  # noqa: E402
-
-
-def _save(fig, path) -> None:
-    save_figure(fig, path, dpi=110, bbox_inches="tight")
 
 
 def _table(summary: list[dict], column: str, epochs: list[int], groups: list[str]) -> np.ndarray:
@@ -40,9 +36,9 @@ def plot_accounting(run: RunDir, summary: list[dict], *, prefix: str = "",
 
     # Log scale: the norms fall by two orders of magnitude once the model fits the data, and a
     # linear axis flattens every late epoch onto zero.
-    cols = min(4, len(groups))
+    cols = min(3, len(groups))
     rows = math.ceil(len(groups) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.6 * rows + 0.6), squeeze=False,
+    fig, axes = plt.subplots(rows, cols, figsize=(WIDTH_IN, 2.1 * rows + 0.9), squeeze=False,
                              layout="constrained")
     for i, ax in enumerate(axes.flat):
         if i >= len(groups):
@@ -52,7 +48,7 @@ def plot_accounting(run: RunDir, summary: list[dict], *, prefix: str = "",
         ax.semilogy(epochs, noisy[:, i], "s--", ms=4, color="tab:red", label="noisy examples")
         ax.set_title(groups[i], fontsize=9)
         ax.set_xlabel("epoch", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.tick_params(labelsize=8)
         ax.grid(alpha=0.3, which="both")
     for row in axes:
         row[0].set_ylabel("L2 norm of summed gradient\n(log scale)", fontsize=8)
@@ -60,18 +56,18 @@ def plot_accounting(run: RunDir, summary: list[dict], *, prefix: str = "",
     fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8)
     fig.suptitle(f"{run.root.name} ({source}): summed gradient of clean vs noisy examples",
                  fontsize=10)
-    _save(fig, run.grads / f"{prefix}summed_norms.png")
+    save_png(fig, run.grads / f"{prefix}summed_norms.png")
 
-    fig, ax = plt.subplots(figsize=(1.0 + 0.7 * len(groups), 1.2 + 0.3 * len(epochs)))
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 1.8 + 0.3 * len(epochs)), layout="constrained")
     image = ax.imshow(cosine, cmap="RdBu_r", vmin=-1, vmax=1, aspect="auto")
     ax.set_xticks(range(len(groups)), groups, rotation=45, ha="right", fontsize=8)
     ax.set_yticks(range(len(epochs)), [str(e) for e in epochs], fontsize=8)
     ax.set_xlabel("layer group")
     ax.set_ylabel("epoch (checkpoint)")
-    if len(epochs) * len(groups) <= 400:
+    if len(groups) <= 10 and len(epochs) <= 40:  # else the numbers no longer fit their cells
         for (r, c), v in np.ndenumerate(cosine):
-            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=6)
+            ax.text(c, r, f"{v:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if abs(v) > 0.6 else "black")
     fig.colorbar(image, ax=ax, label="cosine(clean, noisy)")
     ax.set_title(f"{run.root.name} ({source}): cosine(clean, noisy)")
-    fig.tight_layout()
-    _save(fig, run.grads / f"{prefix}cosine.png")
+    save_png(fig, run.grads / f"{prefix}cosine.png")

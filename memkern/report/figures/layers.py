@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from memkern.report.figures.style import SPLITS, save_figure
+from memkern.report.figures.style import SPLITS, WIDTH_IN, save_png
 
 
 def _pyplot():
@@ -16,10 +16,6 @@ def _pyplot():
     import matplotlib.pyplot as plt
 
     return plt
-
-
-def _save(fig, path: str | Path) -> None:
-    save_figure(fig, path, dpi=120, bbox_inches="tight")
 
 
 def _ordered(values) -> list:
@@ -34,17 +30,17 @@ def plot_rewind(rows: list[dict], path: str | Path, *, title: str) -> None:
     groups = _ordered(r["group"] for r in configs)
     epochs = sorted({r["epoch"] for r in configs})
     plt = _pyplot()
-    # Stacked, not side by side: the report shows the figure at half a page's width beside
-    # another run's, where three wide panels in a row turn the cell numbers unreadable.
-    fig, axes = plt.subplots(3, 1, figsize=(2.6 + 0.55 * max(len(epochs), 2),
-                                            3 * (1.0 + 0.4 * max(len(groups), 2))),
+    # Stacked, not side by side: the report shows the figure one column wide, where three
+    # panels in a row leave the cell numbers no room.
+    fig, axes = plt.subplots(3, 1, figsize=(WIDTH_IN, 3 * (1.0 + 0.35 * max(len(groups), 2))),
                              squeeze=False, layout="constrained")
+    numbers = len(epochs) <= 14  # beyond that a cell is too narrow for "0.00" at 8 pt
     for ax, (key, label, *_) in zip(axes[:, 0], SPLITS):
         grid = [[math.nan] * len(epochs) for _ in groups]
         for r in configs:
             grid[groups.index(r["group"])][epochs.index(r["epoch"])] = r[key]
         image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="viridis", aspect="auto")
-        for i, line in enumerate(grid):
+        for i, line in enumerate(grid if numbers else []):
             for j, value in enumerate(line):
                 if not math.isnan(value):
                     ax.text(j, i, f"{value:.2f}", ha="center", va="center", fontsize=8,
@@ -56,7 +52,7 @@ def plot_rewind(rows: list[dict], path: str | Path, *, title: str) -> None:
         ax.set_title(f"{label} (final model: {base[key]:.3f})", fontsize=10)
         fig.colorbar(image, ax=ax, label="accuracy (fraction)")
     fig.suptitle(title)
-    _save(fig, path)
+    save_png(fig, path)
 
 
 def plot_retrain(rows: list[dict], path: str | Path, *, title: str) -> None:
@@ -65,7 +61,7 @@ def plot_retrain(rows: list[dict], path: str | Path, *, title: str) -> None:
     cols = min(3, max(1, len(groups)))
     nrows = max(1, math.ceil(len(groups) / cols))
     plt = _pyplot()
-    fig, axes = plt.subplots(nrows, cols, figsize=(3.6 * cols, 2.8 * nrows), squeeze=False,
+    fig, axes = plt.subplots(nrows, cols, figsize=(WIDTH_IN, 2.3 * nrows + 0.8), squeeze=False,
                              sharey=True, layout="constrained")
     for ax, group in zip(axes.flat, groups):
         mine = sorted((r for r in rows if r["group"] == group), key=lambda r: r["epoch"])
@@ -84,4 +80,4 @@ def plot_retrain(rows: list[dict], path: str | Path, *, title: str) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
     fig.suptitle(title)
-    _save(fig, path)
+    save_png(fig, path)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memkern.report.figures.style import save_figure
 from memkern.experiments.scores.signals import oriented
+from memkern.report.figures.style import WIDTH_IN, save_png
 
 
 def _pyplot():
@@ -42,18 +42,17 @@ def image_grid(images: torch.Tensor, indices: np.ndarray, *, labels: np.ndarray,
     original label when it differs (red: a flipped label), and the signal's value."""
     plt = _pyplot()
     rows = max(1, math.ceil(len(indices) / columns))
-    fig, axes = plt.subplots(rows, columns, figsize=(columns * 1.25, rows * 1.45 + 0.5),
-                             squeeze=False)
+    fig, axes = plt.subplots(rows, columns, figsize=(WIDTH_IN, rows * WIDTH_IN / columns * 1.3
+                                                     + 0.5), squeeze=False, layout="constrained")
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, indices):
         ax.imshow(displayable(images[i]), cmap="gray", interpolation="nearest")
         flipped = labels[i] != original[i]
         text = f"#{i} y={labels[i]}" + (f" (was {original[i]})" if flipped else "")
-        ax.set_title(f"{text}\n{values[i]:.3g}", fontsize=6.5, color="red" if flipped else "black")
+        ax.set_title(f"{text}\n{values[i]:.3g}", fontsize=8, color="red" if flipped else "black")
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
+    save_png(fig, path)
 
 
 LINES = ("--", "-.", ":", (0, (5, 1, 1, 1, 1, 1)))
@@ -66,7 +65,8 @@ def detection_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     plt = _pyplot()
-    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(12, 4.6), layout="constrained")
+    fig, (roc_ax, pr_ax) = plt.subplots(1, 2, figsize=(WIDTH_IN, 3.6 + 0.22 * len(curves)),
+                                        layout="constrained")
     for k, (name, (scores, positive)) in enumerate(curves.items()):
         finite = np.where(np.isinf(scores), np.sign(scores) * 1e300, scores)
         fpr, tpr, _ = roc_curve(positive, finite)
@@ -86,9 +86,9 @@ def detection_curves(curves: dict[str, tuple[np.ndarray, np.ndarray]], path: Pat
     for ax in (roc_ax, pr_ax):
         ax.grid(alpha=0.3)
     handles, labels = roc_ax.get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside right upper", fontsize=7)
+    fig.legend(handles, labels, loc="outside lower center", ncol=2, fontsize=8)
     fig.suptitle(title, fontsize=9)
-    save_figure(fig, path, dpi=110)
+    save_png(fig, path)
 
 
 def grid_signals(names: list[str]) -> list[str]:

@@ -1,12 +1,10 @@
 """The training curves of a run (``metrics.jsonl``) as a PNG, for the report."""
 from __future__ import annotations
 
-import io
-
-from memkern.report.figures.style import SPLITS, legend_outside
+from memkern.report.figures.style import SPLITS, WIDTH_IN, png_bytes
 
 MODE_LINES = {"": "-", "_keep": "-.", "_drop": ":"}
-MODE_NAMES = {"": ", own masks", "_keep": ", memorization channels kept", "_drop": ", dropped"}
+MODE_NAMES = {"": ", own masks", "_keep": ", memorization ch. kept", "_drop": ", dropped"}
 
 
 def training_curves_png(rows: list[dict], *, title: str) -> bytes:
@@ -19,7 +17,7 @@ def training_curves_png(rows: list[dict], *, title: str) -> bytes:
     epochs = [r["epoch"] for r in rows]
     tied = "noisy_acc_drop" in rows[0]
     every = max(1, len(epochs) // 10)
-    fig, ax = plt.subplots(figsize=(7.2 if tied else 6.4, 3.8))
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 5.2 if tied else 3.9), layout="constrained")
     for key, label, colour, marker, line in SPLITS:
         for mode in (MODE_LINES if tied else {"": line}):
             if f"{key}{mode}" not in rows[0]:
@@ -30,8 +28,6 @@ def training_curves_png(rows: list[dict], *, title: str) -> bytes:
     ax.set(xlabel="epoch", ylabel="accuracy (fraction correct)", ylim=(-0.02, 1.02),
            title=title)
     ax.grid(alpha=0.3)
-    legend_outside(ax, fontsize=7)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    plt.close(fig)
-    return buf.getvalue()
+    # Two columns on a tied run: nine labels in three would run past the figure's edges.
+    fig.legend(loc="outside lower center", ncol=2 if tied else 3, fontsize=8)
+    return png_bytes(fig)
