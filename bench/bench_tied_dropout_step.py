@@ -52,7 +52,7 @@ def _batch():
             torch.randperm(50_000, generator=g)[:BATCH])
 
 
-def _site_inputs(model, sites, x, ids) -> list[torch.Tensor]:
+def site_inputs(model, sites, x, ids) -> list[torch.Tensor]:
     """The activation reaching each dropout site in one forward."""
     captured = []
     hooks = [channel_sites(model)[n].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
@@ -95,7 +95,7 @@ def test_resnet9_sgd_step(benchmark, context_info, variant):
     def step():
         sgd_step(model, opt, x, y, ids=ids)
 
-    inputs = _site_inputs(model, sites, x, ids)  # also fills the paper caches
+    inputs = site_inputs(model, sites, x, ids)  # also fills the paper caches
     info = dict(context_info, variant=variant, model="resnet9", batch=BATCH, dtype="float32",
                 device="cpu", sites=sites, site_shape=list(inputs[0].shape[1:]), p_gen=P_GEN,
                 p_mem=P_MEM)

@@ -35,6 +35,8 @@ from memkern.network.models import build_model
 from memkern.network.sites import channel_sites, example_indices
 from memkern.network.tied_dropout import attach_tied_dropout
 
+from bench_tied_dropout_step import site_inputs
+
 RECORD = Path(__file__).parent / "ratios.json"
 GHOST = {"resnet9-bn": ("resnet9", "batch"), "resnet9-gn": ("resnet9", "group"),
          "vit": ("vit", "batch")}
@@ -161,13 +163,7 @@ def tied_op_over_step(size: str) -> float:
     x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
     ids = torch.randperm(50_000)[:batch]
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    captured = []
-    hooks = [channel_sites(model)[n].register_forward_pre_hook(lambda m, a: captured.append(a[0]))
-             for n in sites]
-    with torch.no_grad(), example_indices(ids):
-        model(x)
-    for h in hooks:
-        h.remove()
+    captured = site_inputs(model, sites, x, ids)
     ops = [channel_sites(model)[n].ops[0] for n in sites]
 
     def step():

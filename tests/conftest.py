@@ -7,6 +7,8 @@ any memkern.kernels module is imported.
 """
 import os
 
+import shutil
+
 import pytest
 import torch
 
@@ -62,3 +64,11 @@ def tiny_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "tiny"
     train(TrainConfig(model="mlp", epochs=3, noise=0.1), out=out, device="cpu", progress=False)
     return out
+
+
+@pytest.fixture
+def run(tiny_run, tmp_path):
+    """A writable copy of :func:`tiny_run` (with its manifest), for tests that edit or lock it."""
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    return copy

@@ -26,14 +26,6 @@ LOCALIZE = ["--examples", "all", "--limit", "4", "--ref-batch", "16", "--max-cha
 ROOT = os.geteuid() == 0  # root writes through any permission: read-only cases cannot fail
 
 
-@pytest.fixture
-def run(tiny_run, tmp_path):
-    """A writable copy of the shared 3-epoch digits run (written with its manifest)."""
-    copy = tmp_path / "run"
-    shutil.copytree(tiny_run, copy)
-    return copy
-
-
 def ckpt(run, epoch=3):
     return RunDir(run).checkpoint_path(epoch)
 

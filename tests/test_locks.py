@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -34,13 +33,6 @@ with lock:
     print("held", flush=True)
     sys.stdin.read()
 """
-
-
-@pytest.fixture
-def run(tiny_run, tmp_path):
-    copy = tmp_path / "run"
-    shutil.copytree(tiny_run, copy)
-    return copy
 
 
 @pytest.fixture

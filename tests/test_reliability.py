@@ -26,14 +26,6 @@ LOCALIZE = ["--examples", "all", "--limit", "4", "--ref-batch", "16", "--max-cha
             "--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture
-def run(tiny_run, tmp_path):
-    """A writable copy of the shared 3-epoch digits run."""
-    copy = tmp_path / "run"
-    shutil.copytree(tiny_run, copy)
-    return copy
-
-
 def ckpt_of(run, epoch=3):
     return RunDir(run).checkpoint_path(epoch)
 

@@ -7,15 +7,13 @@ resumes like the command it calls; wall times go to ``<run>/scores/timings.json`
 """
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from memkern.rundir import json_files
-from memkern.rundir.atomic import atomic_write_json, atomic_write_text
+from memkern.rundir.atomic import atomic_write_json, atomic_write_text, read_json_object
 from memkern.errors import ConfigError, MemkernError, RunDirError
 from memkern.rundir.paths import RunDir
 from memkern.report.figures.scores import top_indices
@@ -33,16 +31,7 @@ def timings_path(run: RunDir) -> Path:
 
 def read_timings(run: RunDir) -> dict:
     path = timings_path(run)
-    if not path.is_file():
-        return {}
-    try:
-        timings = json_files.loads(json_files.read_text(path), source=str(path))
-    except json.JSONDecodeError:
-        timings = None
-    if not isinstance(timings, dict):
-        raise RunDirError(f"{path} is not the JSON object memkern writes; restore it, or move "
-                          f"it away")
-    return timings
+    return read_json_object(path) if path.is_file() else {}
 
 
 def _record(run: RunDir, key: str, seconds: float, **details) -> None:
