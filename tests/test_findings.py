@@ -92,13 +92,25 @@ def in_order(text: str, *names: str) -> bool:
         [text.index(n) for n in names] == sorted(text.index(n) for n in names)
 
 
+def decimals(text: str) -> int:
+    return len(text.partition(".")[2])
+
+
 def test_rewind_names_the_rewinding_that_undoes_memorization_while_test_holds():
-    assert findings.rewind_finding(REWIND) == (
-        "Rewinding block2 to epoch 3 drops noisy accuracy to 0.39 while test accuracy stays 0.96 "
-        "(final model: noisy 1.00, test 0.95; rule: test accuracy may drop at most 0.02, noisy "
-        "accuracy must drop more than 0.05). Rewinding the last group, head, to epoch 0 leaves "
-        "noisy accuracy at 1.00 (test 0.95). From epoch 9 on, rewinding any single group keeps "
-        "noisy accuracy within 0.05 of the final model's.")
+    text = findings.rewind_finding(REWIND)
+    final, critical = row(REWIND, "final", 30), row(REWIND, "block2", 3)
+    last = row(REWIND, "head", 0)  # the last group rewound to the earliest epoch
+    # block2 at epoch 3 is the last rewinding that lowers noisy accuracy by more than 0.05;
+    # from epoch 9 on, none does.
+    assert quoted(text) == [
+        str(critical["epoch"]), two(critical["noisy_acc"]), two(critical["test_acc"]),
+        two(final["noisy_acc"]), two(final["test_acc"]),
+        "0.02", "0.05",  # the rule, quoted beside the rewinding it picked
+        str(last["epoch"]), two(last["noisy_acc"]), two(last["test_acc"]),
+        "9", "0.05"]
+    assert (findings.TEST_HOLDS, findings.NOISY_DROPS) == (0.02, 0.05)
+    assert in_order(text, "block2", "head")
+    assert not any(g in text for g in ("block1", "block3", "hidden"))
 
 
 def test_rewind_never_names_a_configuration_that_destroys_generalization():
@@ -106,10 +118,17 @@ def test_rewind_never_names_a_configuration_that_destroys_generalization():
     finding gives the largest drop with its test cost instead of calling it the memory."""
     rows = [r for r in REWIND if r["epoch"] != 3]
     assert findings.rewind_critical(rows) is None
-    assert findings.rewind_finding(rows).startswith(
-        "No single group's rewinding lowers noisy accuracy by more than 0.05 while test accuracy "
-        "stays within 0.02 of the final model's (final model: noisy 1.00, test 0.95); the "
-        "largest drop, block2 to epoch 0 (noisy 0.15), takes test accuracy to 0.71.")
+    text = findings.rewind_finding(rows)
+    final, worst, last = row(rows, "final", 30), row(rows, "block2", 0), row(rows, "head", 0)
+    assert min((r for r in rows if r["group"] != "final"), key=lambda r: r["noisy_acc"]) is worst
+    assert quoted(text) == [
+        "0.05", "0.02",  # the rule comes first: nothing qualified under it
+        two(final["noisy_acc"]), two(final["test_acc"]),
+        str(worst["epoch"]), two(worst["noisy_acc"]), two(worst["test_acc"]),  # with its test cost
+        str(last["epoch"]), two(last["noisy_acc"]), two(last["test_acc"]),
+        "9", "0.05"]
+    assert final["test_acc"] - worst["test_acc"] > findings.TEST_HOLDS  # why it is not the memory
+    assert in_order(text, "block2", "head")
     # A 0.03 test drop is over the rule even when it undoes the most memorization.
     hidden = {"group": "hidden", "epoch": 1, "clean_acc": 1.0, "noisy_acc": 0.17,
               "test_acc": REWIND[0]["test_acc"] - 0.03}
@@ -133,32 +152,53 @@ def test_retrain_names_the_groups_noisy_accuracy_returns_most_and_least_for():
 def test_accounting_reads_the_epoch_where_the_ratio_peaks():
     """One definition of the ratio: the finding and the headline quote the same peak."""
     text = findings.accounting_finding(GRADS)
-    assert text == ("The noisy examples' summed gradient has at most 0.38 times the norm of the "
-                    "clean examples' (at epoch 5, of 2 epochs accounted); there a noisy "
-                    "example's own gradient is 5.54 times a clean one's. The cosine between the "
-                    "clean and noisy sums is 0.02 over all layers, negative in 1 of 2 groups "
-                    "(block1).")
-    assert findings.accounting_ratio_peak(GRADS) == (5, pytest.approx(0.3827, abs=1e-4))
+    total = row(GRADS, "total", "5")
+    groups = [r for r in GRADS if r["epoch"] == "5" and r["group"] != "total"]
+    negative = [r["group"] for r in groups if float(r["cosine"]) < 0]
+    assert negative == ["block1"]
+    ratio = float(total["noisy_norm"]) / float(total["clean_norm"])
+    assert quoted(text) == [
+        two(ratio), "5", str(len({r["epoch"] for r in GRADS})),
+        two(float(total["noisy_mean"]) / float(total["clean_mean"])),
+        two(float(total["cosine"])), str(len(negative)), str(len(groups))]
+    assert "block1" in text and "block3" not in text  # only the groups where it is negative
+    assert findings.accounting_ratio_peak(GRADS) == (5, pytest.approx(ratio))
+    assert ratio == pytest.approx(0.3827, abs=1e-4)
     later = [{**r, "epoch": "9", "noisy_norm": str(float(r["noisy_norm"]) / 10)} for r in GRADS
              if r["epoch"] == "5"]
     assert findings.accounting_ratio_peak(GRADS + later)[0] == 5
-    assert "at epoch 5, of 3 epochs" in findings.accounting_finding(GRADS + later)
+    assert quoted(findings.accounting_finding(GRADS + later))[1:3] == ["5", "3"]
     assert findings.accounting_finding([]) is None
 
 
 def test_localization_compares_noisy_and_clean_and_names_the_favoured_site():
-    assert findings.localization_finding(LOCALIZE) == (
-        "Flipping a noisy (memorized) target takes a median of 4 channels (144 of 144 flipped);"
-        " flipping a clean target takes a median of 8 channels (127 of 144 flipped). The noisy "
-        "targets' channels sit in 4 of 4 sites; relative to its width, block1.pre holds most of "
-        "them (6.24 times its share of channels). An edit costs on average 0.02 test accuracy "
-        "(unedited 0.95).")
-    no_noisy = {**LOCALIZE, "groups": {"noisy": {**LOCALIZE["groups"]["noisy"], "count": 0}}}
+    text = findings.localization_finding(LOCALIZE)
+    noisy, clean = LOCALIZE["groups"]["noisy"], LOCALIZE["groups"]["clean"]
+    sites, base = LOCALIZE["sites"], LOCALIZE["base"]
+
+    def flipped(g):  # a count, from the rate over the fitted targets
+        return str(round(g["flip_rate"] * (g["count"] - g["unfitted"])))
+
+    top = max(sites, key=lambda s: noisy["site_enrichment"][s])
+    used = [s for s in sites if noisy["site_fraction"][s] > 0]
+    assert top == "block1.pre"
+    # "144 of 144" and "127 of 144" read as counts, medians as whole channels.
+    assert quoted(text) == [
+        f"{noisy['median_channels_flipped']:g}", flipped(noisy), str(noisy["count"]),
+        f"{clean['median_channels_flipped']:g}", flipped(clean), str(clean["count"]),
+        str(len(used)), str(len(sites)),
+        two(noisy["site_enrichment"][top]),
+        two(base["test_acc"] - noisy["edited_test_acc"]), two(base["test_acc"])]
+    assert flipped(noisy) == "144" and flipped(clean) == "127"
+    assert in_order(text, "noisy", "clean", top)
+    assert not any(s in text for s in sites if s != top)
+    no_noisy = {**LOCALIZE, "groups": {"noisy": {**noisy, "count": 0}}}
     assert findings.localization_finding(no_noisy) is None
-    clean_only = {**LOCALIZE, "groups": {"clean": LOCALIZE["groups"]["clean"]}}
-    assert findings.localization_finding(clean_only) == (
-        "Flipping a clean target takes a median of 8 channels (127 of 144 flipped) (no noisy "
-        "target was asked for).")
+    clean_only = {**LOCALIZE, "groups": {"clean": clean}}
+    text = findings.localization_finding(clean_only)
+    assert quoted(text) == [f"{clean['median_channels_flipped']:g}", flipped(clean),
+                            str(clean["count"])]
+    assert "clean" in text and not any(s in text for s in sites)
 
 
 def test_localization_says_why_there_is_no_channel_count():
@@ -183,30 +223,37 @@ def test_a_run_that_did_not_memorize_says_so_first():
     """Noisy-train accuracy 0.10: every finding that needs memorization opens with the caveat."""
     weak = {**PLAIN_LAST, "noisy_acc": 0.1}
     caveat = findings.memorization_caveat(weak)
-    assert caveat.startswith("No memorization to find: the model fits only 0.10 of its flipped")
-    text = findings.caveated(findings.rewind_finding(REWIND), weak)
-    assert text == ("No memorization to find (the model fits 0.10 of its flipped labels): "
-                    + findings.rewind_finding(REWIND))
+    assert quoted(caveat) == [two(weak["noisy_acc"]), str(findings.MEMORIZED)]
+    finding = findings.rewind_finding(REWIND)
+    text = findings.caveated(finding, weak)
+    # the caveat opens the finding, which follows unchanged
+    assert text.endswith(finding) and len(text) > len(finding)
+    assert quoted(text) == [two(weak["noisy_acc"])] + quoted(finding)
     assert findings.memorization_caveat(PLAIN_LAST) is None
     assert findings.caveated("x", PLAIN_LAST) == "x" and findings.caveated(None, weak) is None
 
 
 def test_tied_sentences_quote_own_keep_and_drop():
-    assert findings.tied_drop_finding(TIED_LAST) == (
-        "With each example's own memorization channels, as trained, it fits 1.00 of the flipped "
-        "labels; with the memorization channels dropped, 0.01 (kept at p_mem: 0.01), while "
-        "clean-train accuracy goes 1.00 to 0.99 and test accuracy 0.98 to 0.98.")
-    assert findings.comparison_finding(PLAIN_LAST, TIED_LAST) == (
-        "The plain run fits 1.00 of its flipped labels, test accuracy 0.95. The tied run fits "
-        "1.00 with each example's own memorization channels and 0.01 with the memorization "
-        "channels dropped, test accuracy 0.98: what it memorized sits in the memorization "
-        "channels. Generalization gap (clean-train minus test accuracy): plain 0.05, tied with "
-        "the memorization channels dropped 0.01 (the plain run trained 30 epochs, the tied run "
-        "10).")
-    assert "trained" not in findings.comparison_finding({**PLAIN_LAST, "epoch": 10}, TIED_LAST)
+    tied, plain = TIED_LAST, PLAIN_LAST
+    assert quoted(findings.tied_drop_finding(tied)) == [
+        two(tied["noisy_acc"]), two(tied["noisy_acc_drop"]), two(tied["noisy_acc_keep"]),
+        two(tied["clean_acc"]), two(tied["clean_acc_drop"]),
+        two(tied["test_acc"]), two(tied["test_acc_drop"])]
+    text = findings.comparison_finding(plain, tied)
+    same_epochs = [
+        two(plain["noisy_acc"]), two(plain["test_acc"]),
+        two(tied["noisy_acc"]), two(tied["noisy_acc_drop"]), two(tied["test_acc_drop"]),
+        two(plain["clean_acc"] - plain["test_acc"]),
+        two(tied["clean_acc_drop"] - tied["test_acc_drop"])]
+    # the epoch-difference clause appears only when the epochs differ
+    assert quoted(text) == same_epochs + [str(plain["epoch"]), str(tied["epoch"])]
+    assert in_order(text, "plain", "tied")
+    same = findings.comparison_finding({**plain, "epoch": tied["epoch"]}, tied)
+    assert quoted(same) == same_epochs
     # No claim about where memorization sits when dropping changes little.
-    weak = {**TIED_LAST, "noisy_acc_drop": 0.9}
-    assert "sits in" not in findings.comparison_finding(PLAIN_LAST, weak)
+    assert "sits in" in text
+    weak = {**tied, "noisy_acc_drop": 0.9}
+    assert "sits in" not in findings.comparison_finding(plain, weak)
 
 
 def test_scores_finding_ranks_signals_that_score_everyone():
@@ -216,17 +263,36 @@ def test_scores_finding_ranks_signals_that_score_everyone():
             {"method": "memorization_score", "covered": "1437", "auroc": "0.9815", "ap": "0.8526"},
             {"method": "forgetting_events", "covered": "1437", "auroc": "0.764", "ap": "0.2902"},
             {"method": "channels_to_flip", "covered": "288", "auroc": "0.864", "ap": "0.8355"}]
-    assert findings.scores_finding(rows) == (
-        "Of 3 signals scoring all 1437 examples, variability finds the flipped labels best: "
-        "AUROC 0.9998, average precision 0.998; the combined memorization_score: AUROC 0.9815, "
-        "average precision 0.853.")
+
+    def expected(named):
+        """The count line, then each named signal's AUROC and average precision, with the
+        digits that tell the compared values apart (findings.separated)."""
+        everyone = [r for r in rows if r["covered"] == "1437"]
+        aurocs = findings.separated([float(r["auroc"]) for r in named])
+        aps = findings.separated([float(r["ap"]) for r in named])
+        return [str(len(everyone)), "1437"] + [q for pair in zip(aurocs, aps) for q in pair]
+
+    def check_digits(values, named, key):
+        """Each quoted value reads as its own, no two alike, none short of 1 printed as 1."""
+        assert len(set(values)) == len(values) and len({decimals(v) for v in values}) == 1
+        for v, r in zip(values, named):
+            assert abs(float(v) - float(r[key])) <= 0.5 * 10 ** -decimals(v) and float(v) < 1
+
+    text = findings.scores_finding(rows)
+    named = [rows[0], rows[1]]  # the best, then the combined score (forgetting_events is neither)
+    assert quoted(text) == expected(named)
+    check_digits(quoted(text)[2::2], named, "auroc")
+    check_digits(quoted(text)[3::2], named, "ap")
+    assert in_order(text, "variability", "memorization_score")
+    assert "forgetting_events" not in text and "channels_to_flip" not in text  # 288 < 1437
     # digits enough to tell apart what is compared, never 1.00 for less than 1
     close = rows[:1] + [{**rows[2], "method": "cleanlab", "auroc": "0.9991"}] + rows[1:2]
-    assert findings.scores_finding(close) == (
-        "Of 3 signals scoring all 1437 examples, variability finds the flipped labels best: "
-        "AUROC 0.9998, average precision 0.998; next, cleanlab: AUROC 0.9991, average "
-        "precision 0.290; the combined memorization_score: AUROC 0.9815, average precision "
-        "0.853.")
+    text = findings.scores_finding(close)
+    assert quoted(text) == expected(close)
+    check_digits(quoted(text)[2::2], close, "auroc")
+    assert quoted(text)[2] != quoted(text)[4]  # 0.9998 and 0.9991 stay apart
+    check_digits(quoted(text)[3::2], close, "ap")
+    assert in_order(text, "variability", "cleanlab", "memorization_score")
     assert findings.scores_finding([{"method": "x", "covered": "5", "auroc": "", "ap": ""}]) is None
     assert findings.scores_finding([]) is None
 
@@ -244,17 +310,21 @@ def test_sentences_quote_a_fresh_runs_own_tables(tiny_run, tmp_path):
     rows = read_table(run / "rewind.csv")
     text = findings.rewind_finding(rows)
     critical = findings.rewind_critical(rows)
+    base = next(r for r in rows if r["group"] == "final")
+    num = findings.num  # a fresh run's values may sit near 0 or 1: the module's digits
     if critical is None:  # nothing memorized to undo: the largest drop, with its test cost
         worst = min((r for r in rows if r["group"] != "final"),
                     key=lambda r: (r["noisy_acc"], r["epoch"]))
-        assert text.startswith("No single group's rewinding")
-        assert (f"{worst['group']} to epoch {worst['epoch']} (noisy "
-                f"{findings.num(worst['noisy_acc'])}), takes test accuracy to "
-                f"{findings.num(worst['test_acc'])}") in text
+        assert quoted(text)[:7] == ["0.05", "0.02", num(base["noisy_acc"]), num(base["test_acc"]),
+                                    str(worst["epoch"]), num(worst["noisy_acc"]),
+                                    num(worst["test_acc"])]
+        assert worst["group"] in text
     else:
-        assert f"Rewinding {critical['group']} to epoch {critical['epoch']}" in text
-        assert findings.num(critical["noisy_acc"]) in text
+        assert quoted(text)[:5] == [str(critical["epoch"]), num(critical["noisy_acc"]),
+                                    num(critical["test_acc"]), num(base["noisy_acc"]),
+                                    num(base["test_acc"])]
+        assert critical["group"] in text
     last = RunDir(run).load_metrics()[-1]
     text = findings.training_finding(last, epochs=3, noisy=144, train=1437)
-    assert f"fits {findings.num(last['clean_acc'])} of the clean" in text
-    assert f"test accuracy is {findings.num(last['test_acc'])}" in text
+    assert quoted(text)[:6] == ["3", num(last["clean_acc"]), num(last["noisy_acc"]), "144", "1437",
+                                num(last["test_acc"])]
