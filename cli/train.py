@@ -91,7 +91,7 @@ def train(ctx: click.Context, out, preset, resume, device, data_dir, download, p
       memkern train --dataset folder:my_images --model cnn --noise 0.1 --out runs/mine
       memkern train --out runs/digits-tracked --track-grads
       memkern train --preset gpt-shakespeare --out runs/lm
-      memkern train --dataset text:stdlib --model gpt?layers=2&width=64 --canaries 10 \
+      memkern train --dataset text:stdlib --model 'gpt?layers=2&width=64' --canaries 10 \
         --canary-reps 1,16 --text-bytes 200000 --epochs 2 --out runs/lm-small
       torchrun --nproc-per-node 2 -m memkern.cli train --out runs/digits-ddp
     """

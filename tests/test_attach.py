@@ -168,7 +168,11 @@ def test_ghost_with_tied_dropout_at_attached_pre_norm_sites_equals_loop():
 
 @pytest.mark.parametrize("spec,size,fallback", [
     pytest.param(TV_RESNET18, 16, set(), marks=needs_zoo),
-    pytest.param(TIMM_VIT + "&depth=2", 32, {"cls_token", "pos_embed"}, marks=needs_zoo)])
+    # timm's LayerNorm overrides forward: not provably nn.LayerNorm's math, so torch.func
+    pytest.param(TIMM_VIT + "&depth=2", 32,
+                 {"cls_token", "pos_embed", "norm.weight", "norm.bias",
+                  *(f"blocks.{b}.norm{i}.{p}" for b in (0, 1) for i in (1, 2)
+                    for p in ("weight", "bias"))}, marks=needs_zoo)])
 def test_auto_ghost_norms_cover_every_parameter_equal_to_loop(spec, size, fallback):
     """auto: ghost rules for every layer, torch.func only for the loose parameters."""
     from memkern.experiments.gradients.norms.ghost import ghost_sq_norms

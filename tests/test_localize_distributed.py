@@ -61,7 +61,7 @@ def test_two_ranks_equal_one_process(ckpt, reference, tmp_path):
     assert part_files(out) == []
     summary = json.loads((tmp_path / "l.summary.json").read_text())
     assert summary["examples"] == OPTS["limit"]
-    assert (tmp_path / "localize.png").stat().st_size > 1000
+    assert (tmp_path / "l.png").stat().st_size > 1000
     assert res.stdout.count("share of zeroed channels") == 1  # rank 0 alone prints the table
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from cli_checks import assert_one_line_error, assert_unchanged, run_cli, snapshot
 from memkern.training.config import TrainConfig
-from memkern.errors import ConfigError, RunDirError
+from memkern.errors import CheckpointError, ConfigError, RunDirError
 from memkern.training.train import train
 
 FLAT = TrainConfig(model="mlp", epochs=2, lr_schedule="constant", warmup=0.0)
@@ -104,14 +104,15 @@ def test_rewind_reuses_its_table_while_the_inputs_are_unchanged(tiny_run, tmp_pa
     assert calls == [] and again == first
     rewind_module.rewind(run=run, groups=["head"], device="cpu", progress=False)
     assert len(calls) == 1 + 3  # other groups: evaluated anew (final + one per epoch)
-    # a checkpoint that changed makes the table stale
     calls.clear()
     rewind_module.rewind(run=run, groups=["head"], device="cpu", progress=False)
     assert calls == []
+    # a checkpoint that changed is refused before the table or anything else is used
     ckpt = run / "checkpoints" / "epoch_001.safetensors"
     shutil.copy(run / "checkpoints" / "epoch_002.safetensors", ckpt)
-    rewind_module.rewind(run=run, groups=["head"], device="cpu", progress=False)
-    assert len(calls) == 4
+    with pytest.raises(CheckpointError, match="epoch_001.safetensors holds epoch 2"):
+        rewind_module.rewind(run=run, groups=["head"], device="cpu", progress=False)
+    assert calls == []
 
 
 def test_grads_rewind_retrain_end_with_their_numbers(tiny_run, tmp_path):

@@ -18,6 +18,7 @@ from cli_checks import assert_one_line_error, assert_unchanged, run_cli, snapsho
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from memkern.rundir.manifest import write_recorded
 from memkern.rundir.paths import RunDir
 
 PROBE = "memkern_hostile_probe"  # a module a hostile run names; importing it leaves a marker
@@ -59,8 +60,12 @@ def hostile_run(tiny_run: Path, where: Path, **fields) -> Path:
     run = where / "run"
     shutil.copytree(tiny_run, run)
     _set_config(run / "config.json", **fields)
+    edited = [run / "config.json"]
     for epoch in RunDir(run).epochs():
         _set_checkpoint_config(RunDir(run).checkpoint_path(epoch), **fields)
+        edited.append(RunDir(run).checkpoint_path(epoch))
+    for path in edited:  # the sender records the edited files' digests: a coherent run
+        write_recorded(run, path, path.read_bytes())
     return run
 
 

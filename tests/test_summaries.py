@@ -90,8 +90,8 @@ def test_rewind_summary_keeps_the_key_rows():
     # the closing finding: head at epoch 15 lowers noisy accuracy most (0.80) while test
     # accuracy (0.94) stays within 0.02 of the final model's (noisy 1.00, test 0.95)
     assert lines[-1].startswith("Rewinding head to epoch 15")
-    assert ["0.80", "0.94", "1.00", "0.95"] == [w.strip("().,") for w in lines[-1].split()
-                                               if w.strip("().,")[:2] in ("0.", "1.")][:4]
+    assert ["0.80", "0.94", "1.00", "0.95"] == [w.strip("().,;") for w in lines[-1].split()
+                                               if w.strip("().,;")[:2] in ("0.", "1.")][:4]
 
 
 RETRAIN = [_acc("conv1", 0, 0.5, 0.3, 0.5), _acc("conv1", 1, 0.9, 0.6, 0.9),

@@ -100,9 +100,6 @@ class TrainConfig:
             raise ConfigError(f"lr must be positive and at most {MAX_LR:g}, got {self.lr}")
         if not 0 <= self.weight_decay <= MAX_LR:
             raise ConfigError(f"weight_decay must be in [0, {MAX_LR:g}], got {self.weight_decay}")
-        if not (0.0 <= self.p_gen <= 1.0 and 0.0 <= self.p_mem <= 1.0):
-            raise ConfigError(f"p_gen and p_mem are probabilities in [0, 1], got p_gen="
-                              f"{self.p_gen}, p_mem={self.p_mem}")
         if not 0.0 <= self.momentum < 1.0:
             raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
         if not 0.0 <= self.warmup < 1.0:
