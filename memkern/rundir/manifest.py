@@ -19,6 +19,7 @@ import json
 from pathlib import Path
 
 from memkern.errors import RunDirError
+from memkern.rundir import json_files
 from memkern.rundir.atomic import atomic_write, atomic_write_json
 
 MANIFEST = "manifest.json"
@@ -52,8 +53,8 @@ def _read(root: Path) -> dict[str, list[str]] | None:
     if not path.exists():
         return None
     try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        record = json_files.loads(json_files.read_text(path), source=str(path))
+    except (OSError, json.JSONDecodeError, RunDirError):
         record = None
     files = record.get("files") if isinstance(record, dict) else None
     if (not isinstance(record, dict) or record.get("format") != FORMAT

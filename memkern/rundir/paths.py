@@ -6,7 +6,7 @@ from pathlib import Path
 
 from memkern.rundir import json_files
 from memkern.rundir.atomic import read_jsonl
-from memkern.rundir.manifest import verify
+from memkern.rundir.manifest import run_root_of, verify
 from memkern.training.checkpoints import CHECKPOINT_PATTERN
 from memkern.training.config import TrainConfig
 from memkern.errors import ConfigError, RunDirError, printable
@@ -25,8 +25,7 @@ class RunDir:
     def of_checkpoint(cls, path: str | Path) -> "RunDir":
         """The run holding ``path`` (``<run>/checkpoints/epoch_NNN.safetensors``); a checkpoint
         kept elsewhere counts its own folder as the run."""
-        parent = Path(path).parent
-        return cls(parent.parent if parent.name == "checkpoints" else parent)
+        return cls(run_root_of(path))
 
     @property
     def config_path(self) -> Path:

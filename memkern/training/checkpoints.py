@@ -22,6 +22,7 @@ from memkern.rundir import json_files
 from memkern.rundir.atomic import atomic_write
 from memkern.rundir.manifest import verify, write_recorded
 from memkern.training.config import TrainConfig
+from memkern.training.finite import first_nonfinite
 from memkern.errors import CheckpointError, ConfigError
 
 FORMAT = "memkern-checkpoint"
@@ -115,16 +116,16 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     try:
         tensors = load_file(path)
     except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path} is corrupt or truncated ({(str(e).splitlines() or [type(e).__name__])[0]}); use "
-                              f"another checkpoint of the run") from None
+        reason = (str(e).splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is corrupt or truncated ({reason}); use another "
+                              f"checkpoint of the run") from None
     epoch = int(epoch)
     named = CHECKPOINT_PATTERN.match(path.name)
     if named and int(named.group(1)) != epoch:
         raise CheckpointError(f"{path} holds epoch {epoch} by its metadata, not epoch "
                               f"{int(named.group(1))} as its name says: a renamed or edited "
                               f"checkpoint; restore the run's own file")
-    bad = next((k for k, t in tensors.items()
-                if t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    bad = first_nonfinite(tensors.items())
     if bad is not None:
         raise CheckpointError(f"{path}: tensor {bad} holds NaN or inf (a diverged run); use an "
                               f"earlier checkpoint, or retrain with a smaller --lr")

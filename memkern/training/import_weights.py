@@ -26,6 +26,7 @@ from memkern.rundir.atomic import json_text, process_alive
 from memkern.rundir.manifest import write_recorded
 from memkern.training.checkpoints import save_checkpoint
 from memkern.training.config import TrainConfig
+from memkern.training.finite import first_nonfinite
 from memkern.data.train_labels import read_train_labels
 from memkern.errors import CheckpointError, RunDirError
 from memkern.data import load_dataset, prepare
@@ -128,8 +129,7 @@ def check_weights_fit(model: nn.Module, state: dict[str, torch.Tensor], *, sourc
         raise CheckpointError(f"{source} does not fit the {model_name!r} model for this dataset: "
                               f"{'; '.join(problems)}; pass the --model (and --norm) the "
                               f"weights were trained as")
-    bad = next((k for k, v in state.items()
-                if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    bad = first_nonfinite(state.items())
     if bad is not None:
         raise CheckpointError(f"{source}: tensor {bad} holds NaN or inf; import finite weights")
 
