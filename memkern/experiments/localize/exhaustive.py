@@ -20,14 +20,15 @@ from memkern.network.sites import example_indices
 
 
 def _state(model, objective, space, x, ids, target, on, need_grad: bool):
-    """Objective, clean prediction and (optionally) the mask gradient under mask ``on``."""
+    """Objective, whether the target is flipped, and (optionally) the mask gradient under mask
+    ``on``."""
     with row_masks(model, space) as ops:
         m = on.to(x.dtype)[None].requires_grad_(need_grad)
         set_masks(ops, space, m.expand(len(x), -1))
         with torch.set_grad_enabled(need_grad), example_indices(ids):
             loss, clean = objective(model(x)[None], target[None])
         grad = torch.autograd.grad(loss.sum(), m)[0][0] if need_grad else None
-    return float(loss[0].detach()), int(clean[0].argmax()), grad
+    return float(loss[0].detach()), bool(objective.flipped(clean, target[None])[0]), grad
 
 
 def exhaustive_localize(model: nn.Module, objective: LocalizationObjective, targets: torch.Tensor,
@@ -45,15 +46,14 @@ def exhaustive_localize(model: nn.Module, objective: LocalizationObjective, targ
             tt = torch.tensor(t)
             x = objective.inputs(tt[None]).to(device=device, dtype=dtype)
             ids = objective.ids(tt[None]).to(device)
-            label = int(objective.labels[t])
             on = torch.ones(space.total, dtype=torch.bool, device=device)
             res = Localization(t)
             while True:
-                loss, pred, grad = _state(model, objective, space, x, ids, tt, on,
+                loss, flipped, grad = _state(model, objective, space, x, ids, tt, on,
                                           need_grad=candidates is not None)
                 res.trace.append(loss)
-                if pred != label or len(res.channels) >= min(max_channels, space.total):
-                    res.flipped = pred != label
+                if flipped or len(res.channels) >= min(max_channels, space.total):
+                    res.flipped = flipped
                     break
                 pool = torch.nonzero(on).flatten().cpu()
                 if candidates is not None and candidates < len(pool):

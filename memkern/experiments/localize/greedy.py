@@ -81,7 +81,7 @@ def greedy_localize(model: nn.Module, objective: LocalizationObjective, targets:
     with frozen(model), row_masks(model, space) as passes.ops:
         while len(active):
             part, clean = passes.targets(on, active)
-            flipped = clean.argmax(1).cpu() != objective.labels[targets[active]]
+            flipped = objective.flipped(clean, targets[active])
             cont = ~flipped & (counts[active] < cap)
             loss, grad = passes.references(on, active, cont, part)
             for j, i in enumerate(active.tolist()):

@@ -105,6 +105,10 @@ class LocalizationObjective:
         y = self.labels[self.ref].to(logits.device).repeat(u)
         return F.cross_entropy(logits.reshape(-1, k), y, reduction="none").view(u, b).sum(1)
 
+    def flipped(self, clean: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """bool ``[T]``: the clean prediction has left the target's training label."""
+        return clean.argmax(1).cpu() != self.labels[targets.cpu()]
+
     def in_ref(self, targets: torch.Tensor) -> torch.Tensor:
         """bool ``[T]``: the target is one of the reference examples."""
         return torch.isin(targets, self.ref)
