@@ -9,8 +9,9 @@ from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_o
 
 @click.command()
 @checkpoint_options("Checkpoint (its run's config rebuilds model, data and noise)")
-@click.option("--examples", default="noisy", show_default=True,
-              help="noisy | clean | all (noisy and clean interleaved) | FILE of indices.")
+@click.option("--examples", help="noisy | clean | all (noisy and clean interleaved) | FILE of "
+              "indices [default: noisy]; a text run: canaries | paragraphs | all | FILE of "
+              "insert ids [default: canaries].")
 @click.option("--limit", type=int, help="Localize at most N of the selected examples.")
 @click.option("--method", type=click.Choice(["greedy", "exhaustive"]), default="greedy",
               show_default=True, help="greedy: gradient score (the paper's); exhaustive: exact.")
@@ -18,8 +19,8 @@ from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_o
               help="Give up (flipped: false) after zeroing this many channels.")
 @click.option("--eot", type=int, default=0, show_default=True,
               help="Gaussian-noised copies of the target averaged in the objective.")
-@click.option("--ref-batch", type=int, default=512, show_default=True,
-              help="Other training examples kept right by the objective.")
+@click.option("--ref-batch", type=int, help="Other training examples (a text run: clean "
+              "windows) kept right by the objective. [default: 512; text: 64]")
 @click.option("--candidates", type=int, help="Exhaustive: scan only the top K channels by "
               "gradient score at each step (default: all).")
 @click.option("--sites", multiple=True, help="Site names (comma-separated or repeated); "
@@ -42,17 +43,21 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
     the output) and prints a table of the examples asked for.
     Under torchrun each process localizes its share of the examples; rank 0 merges the
     results into the output and prints the table.
+    On a text run the targets are its canaries (or duplicated paragraphs), the sites its MLP
+    neurons, and each line adds what the edit cost (docs/text.md).
 
     \b
     Example:
       memkern localize --ckpt runs/digits/checkpoints/epoch_030.safetensors \\
           --examples all --limit 288
       memkern localize --run runs/digits --examples noisy
+      memkern localize --run runs/lm --examples canaries
       torchrun --nproc-per-node 2 -m memkern.cli localize \\
           --ckpt runs/digits/checkpoints/epoch_030.safetensors --examples all
     """
     from memkern.experiments.localize import format_table, localize as run_localize
     from memkern.experiments.localize.summary import summary_paths
+    from memkern.experiments.text.localize_summary import format_text_table
 
     result = run_localize(
         ckpt=checkpoint_from(ckpt, run_dir), examples=examples, limit=limit, method=method,
@@ -62,7 +67,8 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
         seed=seed, device=device, data_dir=data_dir, progress=progress)
     if result.summary is None:  # another rank of a torchrun launch: rank 0 reports
         return
-    click.echo(format_table(result.summary))
+    click.echo((format_text_table if result.summary.get("text") else format_table)(
+        result.summary))
     summary, figure = summary_paths(result.path)
     click.echo(f"results: {result.path}; summary of all its results (what `memkern report` "
                f"shows for the run's own output): {summary}, figure: {figure}")

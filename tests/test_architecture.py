@@ -39,6 +39,11 @@ ALGORITHMS = (
     "memkern/experiments/localize/scan_delta.py",
     "memkern/experiments/localize/scan_plan.py",
     "memkern/experiments/scores/detection.py",
+    "memkern/experiments/text/edits.py",
+    "memkern/experiments/text/exposure.py",
+    "memkern/experiments/text/extraction.py",
+    "memkern/experiments/text/objective.py",
+    "memkern/experiments/text/targets.py",
     "memkern/experiments/scores/signals.py",
     "memkern/training/evaluate.py",
 )

@@ -352,6 +352,10 @@ def scores_cell(t: RunTables) -> Cell:
 
 def headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
     """The first screen: a few numbers per run, each beside the test accuracy it costs."""
+    if runs[0].config.text:
+        from memkern.report.text_page import text_headline
+        return text_headline(runs)
+
     def test(value) -> str:
         return f"test {num(value)}"
 
@@ -394,12 +398,18 @@ def headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
 
 def warnings(runs: list[RunTables]) -> list[str]:
     """What the reader must know before any number: a run that did not memorize."""
+    if runs[0].config.text:
+        from memkern.report.text_page import text_warnings
+        return text_warnings(runs)
     return [f"{t.name}: {caveat}" for t in runs
             if (caveat := findings.memorization_caveat(t.last))]
 
 
 def describe(t: RunTables) -> str:
     c = t.config
+    if c.text:
+        from memkern.report.text_page import describe_text
+        return describe_text(t)
     if c.imported:
         return f"{c.model} on {c.dataset}: weights imported (trained outside memkern)."
     return (f"{c.model} on {c.dataset}: {len(t.noise['noisy_indices'])} of "
@@ -419,6 +429,9 @@ SECTIONS = (("training", "Training", training_cell),
 
 
 def build_sections(runs: list[RunTables]) -> list[Section]:
+    if runs[0].config.text:
+        from memkern.report.text_page import text_sections
+        return text_sections(runs)
     sections = [Section(key, title, CAPTIONS[key], [cell(t) for t in runs])
                 for key, title, cell in SECTIONS]
     tied = [t for t in runs if t.tied]
@@ -458,6 +471,9 @@ def write_report(*, run: str | Path, compare: str | Path | None = None,
             raise ConfigError(f"--compare names the same run as --run ({printable(str(run))}); "
                               f"pass another run, such as the tied-dropout one")
         runs.append(load_run_tables(compare))
+        if runs[0].config.text != runs[1].config.text:
+            raise ConfigError("--compare shows two runs of one kind side by side: pass two "
+                              "text runs or two image runs")
     page = Path(out) if out is not None else runs[0].run.root / "report"
     index = page / "index.html"
     atomic_write_text(index, render(runs))

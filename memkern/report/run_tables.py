@@ -76,13 +76,13 @@ def run_summary_path(run: RunDir) -> Path:
     return legacy if not summary.exists() and legacy.is_file() else summary
 
 
-def _localize_summary(path: Path) -> dict | None:
+def _localize_summary(path: Path, fields: tuple[str, ...] = LOCALIZE_FIELDS) -> dict | None:
     if not path.is_file():
         return None
     summary = read_json_object(path)
     groups = summary.get("groups")
     fine = (isinstance(summary.get("sites"), list) and isinstance(groups, dict) and groups
-            and all(isinstance(e, dict) and all(k in e for k in LOCALIZE_FIELDS)
+            and all(isinstance(e, dict) and all(k in e for k in fields)
                     for e in groups.values()))
     if not fine:
         raise RunDirError(f"{path} is not memkern's localization summary (fields missing); "
@@ -116,10 +116,11 @@ def load_run_tables(run_dir: str | Path) -> RunTables:
     """Read everything the report shows from ``run_dir``; a missing analysis stays None."""
     run = RunDir(run_dir)
     config = run.load_config(check_model=False)  # shown, never built
-    config.require_image_run("memkern report")
     metrics = _imported_accuracies(run) if config.imported else run.load_history()
     if not metrics and not config.imported:
         raise RunDirError(f"{run.root} has no completed epoch in metrics.jsonl yet")
+    if config.text:
+        return _text_tables(run, config, metrics)
     missing = [k for k in CURVES if any(k not in r for r in metrics)]
     if missing:
         raise RunDirError(f"{run.metrics_path} lacks {missing[0]} in some lines; was it edited? "
@@ -132,6 +133,24 @@ def load_run_tables(run_dir: str | Path) -> RunTables:
         scores=(run.root / "scores.csv").is_file(),
         benchmark=_benchmark(run.root / "scores" / "benchmark.csv"),
         figures={k: run.root / p for k, p in FIGURES.items() if (run.root / p).is_file()})
+
+
+TEXT_LOCALIZE_FIELDS = ("count", "extracted", "flipped", "median_channels_flipped",
+                        "share_flipped", "exposure_before", "exposure_after", "others_change",
+                        "perplexity_rise", "perplexity_rise_max")
+
+
+def _text_tables(run: RunDir, config: TrainConfig, metrics: list[dict]) -> RunTables:
+    """A text run's tables: its metrics (held-out bits per byte in every line) and its text
+    localization summary."""
+    if any("heldout_bpb" not in r for r in metrics):
+        raise RunDirError(f"{run.metrics_path} lacks heldout_bpb in some lines; was it edited? "
+                          f"restore it")
+    path = run_summary_path(run)
+    return RunTables(run=run, config=config, noise={}, metrics=metrics,
+                     localize=_localize_summary(path, TEXT_LOCALIZE_FIELDS),
+                     figures={k: run.root / p for k, p in FIGURES.items()
+                              if (run.root / p).is_file()})
 
 
 def last_accounted(rows: list[dict]) -> list[dict]:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from memkern.experiments.localize.channels import ChannelSpace, row_masks, set_masks
-from memkern.experiments.localize.greedy import Localization, frozen
+from memkern.experiments.localize.greedy import Localization, frozen, model_input
 from memkern.experiments.localize.objective import LocalizationObjective
 from memkern.experiments.localize.scan import MAX_ROWS, ablation_scan
 from memkern.network.sites import example_indices
@@ -23,7 +23,7 @@ def _state(model, objective, space, x, ids, target, on, need_grad: bool):
     """Objective, whether the target is flipped, and (optionally) the mask gradient under mask
     ``on``."""
     with row_masks(model, space) as ops:
-        m = on.to(x.dtype)[None].requires_grad_(need_grad)
+        m = on.to(next(model.parameters()).dtype)[None].requires_grad_(need_grad)
         set_masks(ops, space, m.expand(len(x), -1))
         with torch.set_grad_enabled(need_grad), example_indices(ids):
             loss, clean = objective(model(x)[None], target[None])
@@ -44,7 +44,7 @@ def exhaustive_localize(model: nn.Module, objective: LocalizationObjective, targ
     with frozen(model):
         for n_done, t in enumerate(targets.tolist(), start=1):
             tt = torch.tensor(t)
-            x = objective.inputs(tt[None]).to(device=device, dtype=dtype)
+            x = model_input(objective.inputs(tt[None]), device, dtype)
             ids = objective.ids(tt[None]).to(device)
             on = torch.ones(space.total, dtype=torch.bool, device=device)
             res = Localization(t)

@@ -36,6 +36,11 @@ def rows_per_pass(device: torch.device) -> int:
     return CPU_ROWS if device.type == "cpu" else GPU_ROWS
 
 
+def model_input(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` on ``device``; images in the model's ``dtype``, token ids left integer."""
+    return x.to(device=device, dtype=dtype if x.is_floating_point() else None)
+
+
 @dataclass
 class Localization:
     """One target's result: ``zeroed`` is bool ``[space.total]``; ``trace[k]`` is the objective
@@ -107,10 +112,10 @@ class _Passes:
 
     def __init__(self, model, objective, space, targets, device, dtype, max_rows):
         self.model, self.objective, self.space, self.ids = model, objective, space, targets
-        self.max_rows = max_rows
-        self.x_targets = objective.target_inputs(targets).to(device=device, dtype=dtype)
+        self.max_rows, self.dtype = max_rows, dtype
+        self.x_targets = model_input(objective.target_inputs(targets), device, dtype)
         self.id_targets = objective.target_ids(targets).to(device)
-        self.x_ref = objective.ref_inputs().to(device=device, dtype=dtype)
+        self.x_ref = model_input(objective.ref_inputs(), device, dtype)
         self.id_ref = objective.ref.to(device)
         self.ops: dict = {}
         self._graphs: list = []
@@ -125,11 +130,11 @@ class _Passes:
         ids = self.id_targets.view(len(self.ids), r)
         self._graphs, parts, cleans = [], [], []
         for chunk in torch.split(active, max(1, self.max_rows // r)):
-            m = on[chunk].to(x.dtype).requires_grad_(True)
+            m = on[chunk].to(self.dtype).requires_grad_(True)
             set_masks(self.ops, self.space, m.repeat_interleave(r, dim=0))
             rows = chunk.to(x.device)
             with example_indices(ids[rows].flatten()):
-                logits = self.model(x[rows].flatten(0, 1)).view(len(chunk), r, -1)
+                logits = self.model(x[rows].flatten(0, 1)).unflatten(0, (len(chunk), r))
             part, clean = self.objective.target_terms(logits, self.ids[chunk])
             self._graphs.append((m, part))
             parts.append(part.detach())
@@ -169,7 +174,7 @@ class _Passes:
         x = self.x_ref.repeat(len(m), *[1] * (self.x_ref.dim() - 1))
         with example_indices(self.id_ref.repeat(len(m))):
             logits = self.model(x)
-        return self.objective.ref_sums(logits.view(len(m), b, -1))
+        return self.objective.ref_sums(logits.unflatten(0, (len(m), b)))
 
     def _target_grads(self, active: torch.Tensor, cont: torch.Tensor) -> torch.Tensor:
         """``d(target part)/dm`` of the continuing targets, from the graphs kept by

@@ -25,7 +25,8 @@ from memkern.training.evaluate import split_accuracies
 from memkern.rundir.context import load_trained, require_noisy_split, resolve_device
 from memkern.experiments.localize.channels import channel_space
 from memkern.experiments.localize.edited import edited_accuracies
-from memkern.experiments.localize.examples import select_examples
+from memkern.experiments.localize.examples import (CHOICES, INSERT_CHOICES, select_examples,
+                                                   select_inserts)
 from memkern.experiments.localize.exhaustive import exhaustive_localize
 from memkern.experiments.localize.greedy import greedy_localize
 from memkern.experiments.localize.objective import LocalizationObjective, reference_indices
@@ -33,6 +34,10 @@ from memkern.experiments.localize.rows import check_rows
 from memkern.experiments.localize.settings import check_resumable, localize_settings
 from memkern.experiments.localize.summary import (fitted, require_summary_outputs, summarize,
                                                   summary_paths, write_summary)
+from memkern.experiments.text.edits import edit_measures
+from memkern.experiments.text.localize_summary import summarize_text, write_text_summary
+from memkern.experiments.text.objective import TextObjective, clean_reference
+from memkern.experiments.text.targets import sequence_targets
 from memkern.rundir.locks import for_checkpoint, hold_output, locked
 from memkern.rundir.ownership import require_jsonl_output, require_writable
 from memkern.rundir.progress import Progress
@@ -40,6 +45,10 @@ from memkern.rundir.paths import RunDir
 from memkern.network.tied_dropout import tied_sites
 
 METHODS = ("greedy", "exhaustive")
+REF_BATCH = {"image": 512, "text": 64}  # reference examples / windows kept right by default
+# A text pass's rows are windows of seq_len tokens: rows per pass so one pass holds this many
+# tokens (activations of every site for each).
+TEXT_TOKENS_PER_PASS = 16_384
 
 
 @dataclass
@@ -116,8 +125,9 @@ def _lock(args: dict):
 
 
 @locked(_lock)
-def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = None,
-             method: str = "greedy", max_channels: int = 50, eot: int = 0, ref_batch: int = 512,
+def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None = None,
+             method: str = "greedy", max_channels: int = 50, eot: int = 0,
+             ref_batch: int | None = None,
              candidates: int | None = None, sites: Sequence[str] | None = None,
              out: str | Path | None = None, chunk: int = 32, seed: int = 0,
              max_rows: int | None = None, device: str = "auto", data_dir: str | Path | None = None,
@@ -131,12 +141,19 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
     Under torchrun (``WORLD_SIZE`` > 1) every rank must call this with the same arguments; each
     localizes a disjoint shard, and rank 0 merges, summarizes and returns the summary. Inputs
     are checked and the checkpoint loaded before the process group is joined, so bad input
-    fails alike on every rank without a collective."""
+    fails alike on every rank without a collective.
+
+    On a text run the targets are planted inserts (``examples``: ``canaries``, ``paragraphs``,
+    ``all`` or a file of insert ids; default ``canaries``), the objective is
+    :class:`memkern.experiments.text.objective.TextObjective`, the default sites are the MLP
+    neurons and each line adds the edit's cost (:mod:`memkern.experiments.text.edits`). Defaults
+    that differ by kind of run (None here): ``examples`` (``noisy`` / ``canaries``),
+    ``ref_batch`` (512 images / 64 windows)."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     for name, value, low in (("max-channels", max_channels, 1), ("eot", eot, 0),
                              ("ref-batch", ref_batch, 1), ("chunk", chunk, 1)):
-        if value < low:
+        if value is not None and value < low:
             raise ConfigError(f"--{name} must be at least {low}, got {value}")
     if candidates is not None and candidates < 1:
         raise ConfigError(f"--candidates must be at least 1, got {candidates}")
@@ -147,28 +164,43 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
     require_writable(out or default_output(ckpt), *summary_paths(out or default_output(ckpt)))
     world = World.from_env()
     place = world.place(resolve_device(device))
-    trained = load_trained(ckpt, device=place, data_dir=data_dir)
-    if examples in ("noisy", "clean"):
+    trained = load_trained(ckpt, device=place, data_dir=data_dir, text_ok=True)
+    text = trained.config.text
+    if text and eot:
+        raise ConfigError("--eot averages noisy copies of an image; a text run's targets are "
+                          "byte sequences: leave --eot at 0")
+    examples = examples or ("canaries" if text else "noisy")
+    ref_batch = ref_batch or REF_BATCH["text" if text else "image"]
+    if examples in ("noisy", "clean") and not text:
         require_noisy_split(trained.config, f"--examples {examples}")
     model, data = trained.model, trained.data
     tied = tied_sites(model)
     # On a tied-dropout run the default sites are its tied sites: where memorization channels
-    # are defined (docs/method.md, Experiment 5).
-    space = channel_space(model, sites or list(tied) or None)
-    targets = select_examples(data, examples, limit=limit).tolist()
+    # are defined (docs/method.md, Experiment 5); a text model's default is its MLP neurons.
+    space = channel_space(model, sites or list(tied) or
+                          (list(model.default_dropout_sites) if text else None))
     out = Path(out) if out is not None else default_output(ckpt)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    objective = LocalizationObjective(
-        data.train_images, data.train_labels,
-        reference_indices(len(data.train_labels), ref_batch, seed=seed), eot=eot, seed=seed)
     settings = localize_settings(ckpt=ckpt, method=method, max_channels=max_channels, eot=eot,
                                  ref_batch=ref_batch, candidates=candidates, sites=space.names,
                                  seed=seed)
+    if text:
+        targets = select_inserts(data, examples, limit=limit)
+        objective = TextObjective(sequence_targets(data.inserts, data), data.train_windows,
+                                  clean_reference(data, ref_batch, seed=seed))
+        num_targets = len(data.inserts)
+        max_rows = max_rows or max(1, TEXT_TOKENS_PER_PASS // data.seq_len)
+    else:
+        targets = select_examples(data, examples, limit=limit).tolist()
+        objective = LocalizationObjective(
+            data.train_images, data.train_labels,
+            reference_indices(len(data.train_labels), ref_batch, seed=seed), eot=eot, seed=seed)
+        num_targets = len(data.train_labels)
+    out.parent.mkdir(parents=True, exist_ok=True)
     with joined(world, place) as world:
         if world.main:
             merge_parts(out, targets)  # lines a killed run left in part files count as done
         world.barrier()
-        rows = check_rows(read_jsonl(out), out, num_train=len(data.train_labels),
+        rows = check_rows(read_jsonl(out), out, num_train=num_targets,
                           widths=dict(zip(space.names, space.counts)))
         check_resumable(rows, settings, out)
         done = {row["index"] for row in rows}
@@ -194,7 +226,7 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
             if len(part):
                 _localize_chunk(model, data, objective, part, sink, method=method, space=space,
                                 max_channels=max_channels, candidates=candidates,
-                                max_rows=max_rows, settings=settings, on_step=on_step)
+                                max_rows=max_rows, settings=settings, on_step=on_step, text=text)
             done_now = world.sum(len(part))
             bar.advance(done_now - shown[0])
             finished += done_now
@@ -204,7 +236,16 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
         if not world.main:
             return LocalizeResult(path=out, summary=None)
         rows = merge_parts(out, targets)
-    check_rows(rows, out, num_train=len(data.train_labels))
+    check_rows(rows, out, num_train=num_targets)
+    asked = set(targets)
+    if text:
+        common = dict(site_order=space.names, site_widths=dict(zip(space.names, space.counts)),
+                      settings=settings)
+        write_text_summary(rows, out, selection=f"every result in {out.name} ({len(rows)})",
+                           **common)
+        return LocalizeResult(path=out, summary=summarize_text(
+            [r for r in rows if r["index"] in asked], selection=_selection(examples, limit),
+            **common))
     common = dict(site_order=space.names, base=split_accuracies(model, data),
                   site_widths=dict(zip(space.names, space.counts)),
                   tied={s: dict(channels=op.channels, seed=op.seed, p_gen=op.p_gen, p_mem=op.p_mem)
@@ -214,7 +255,6 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
     # returns and prints covers the targets asked for.
     write_summary(rows, out, max_channels=max_channels,
                   selection=f"every result in {out.name} ({len(rows)})", **common)
-    asked = set(targets)
     summary = summarize([r for r in rows if r["index"] in asked],
                         selection=_selection(examples, limit), **common)
     return LocalizeResult(path=out, summary=summary)
@@ -222,14 +262,15 @@ def localize(*, ckpt: str | Path, examples: str = "noisy", limit: int | None = N
 
 def _selection(examples: str, limit: int | None) -> str:
     """The targets asked for, in words: ``noisy``, ``all, at most 288``, ``from idx.txt``."""
-    what = examples if examples in ("noisy", "clean", "all") else f"from {Path(examples).name}"
+    what = examples if examples in (*CHOICES, *INSERT_CHOICES) \
+        else f"from {Path(examples).name}"
     return what + (f", at most {limit}" if limit is not None else "")
 
 
 def _localize_chunk(model, data, objective, part: torch.Tensor, sink: Path, *, method: str,
                     space, max_channels: int, candidates: int | None, max_rows: int | None,
-                    settings: dict, on_step) -> None:
-    """Localize ``part`` (int64 indices) and append one line per target to ``sink``."""
+                    settings: dict, on_step, text: bool) -> None:
+    """Localize ``part`` (int64 target ids) and append one line per target to ``sink``."""
     if method == "greedy":
         results = greedy_localize(model, objective, part, space=space,
                                   max_channels=max_channels, max_rows=max_rows, on_step=on_step)
@@ -237,12 +278,20 @@ def _localize_chunk(model, data, objective, part: torch.Tensor, sink: Path, *, m
         results = exhaustive_localize(model, objective, part, space=space,
                                       max_channels=max_channels, candidates=candidates,
                                       max_rows=max_rows, on_step=on_step)
-    accs = edited_accuracies(model, data, space, torch.stack([r.zeroed for r in results]))
-    for r, acc in zip(results, accs):
-        row = {"index": r.index, "noisy": bool(data.noisy_mask[r.index]),
-               "label": int(data.train_labels[r.index]), "method": method,
-               "flipped": r.flipped, "channels": [[s, c] for s, c in r.channels],
-               "n_channels": len(r.channels), "trace": r.trace, **acc, "settings": settings}
+    zeroed = torch.stack([r.zeroed for r in results])
+    if text:
+        inserts = [data.inserts[r.index] for r in results]
+        costs = edit_measures(model, data, space, inserts, zeroed)
+        rows = [{"index": r.index, "noisy": True, "kind": i.kind, "reps": i.reps, **cost}
+                for r, i, cost in zip(results, inserts, costs)]
+    else:
+        rows = [{"index": r.index, "noisy": bool(data.noisy_mask[r.index]),
+                 "label": int(data.train_labels[r.index]), **acc}
+                for r, acc in zip(results, edited_accuracies(model, data, space, zeroed))]
+    for r, row in zip(results, rows):
+        row.update({"method": method, "flipped": r.flipped,
+                    "channels": [[s, c] for s, c in r.channels], "n_channels": len(r.channels),
+                    "trace": r.trace, "settings": settings})
         append_jsonl(sink, {**row, "fitted": fitted(row)})
 
 

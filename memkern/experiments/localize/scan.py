@@ -58,9 +58,11 @@ def _space(model, sites) -> ChannelSpace:
 
 
 def _base_rows(space: ChannelSpace, base_mask, rows: int, like: torch.Tensor) -> torch.Tensor:
-    """The current mask (float ``[total]``, default all on) for ``rows`` rows."""
-    m = torch.ones(space.total, dtype=like.dtype, device=like.device) if base_mask is None \
-        else base_mask.to(dtype=like.dtype, device=like.device)
+    """The current mask (float ``[total]``, default all on) for ``rows`` rows; in ``like``'s
+    dtype when it is an image batch (token ids: the default float, the op casts it)."""
+    dtype = like.dtype if like.is_floating_point() else torch.get_default_dtype()
+    m = torch.ones(space.total, dtype=dtype, device=like.device) if base_mask is None \
+        else base_mask.to(dtype=dtype, device=like.device)
     return m.expand(rows, -1).clone()
 
 
@@ -233,7 +235,7 @@ def ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
                           for c, why in done.items() if why is None}
                 with _swapped(modules, {**forwards, **deltas}), _ids(ids, r):
                     logits = model(_expand(x, r))  # for modules that read x and are not cached
-                out[flat] = objective(logits.view(r, n, -1)).double().cpu()
+                out[flat] = objective(logits.unflatten(0, (r, n))).double().cpu()
                 done.update({c: d.fell_back for c, d in deltas.items() if d.fell_back})
             path[s] = _path(plan, done)
         set_masks(ops, space, None)

@@ -1,0 +1,47 @@
+"""A text run's training curves (``metrics.jsonl``) as a PNG: extraction and exposure of the
+canaries by copies, and held-out bits per byte, per epoch."""
+from __future__ import annotations
+
+from memkern.report.figures.style import WIDTH_IN, png_bytes
+from memkern.report.text_summaries import reps_groups
+
+MODES = {"": ("-", "own masks"), "_keep": ("-.", "memorization neurons kept"),
+         "_drop": (":", "dropped")}
+MARKERS = "osD^v<>p"
+
+
+def text_training_png(rows: list[dict], *, title: str) -> bytes:
+    """Three panels sharing the epoch axis: fraction of canaries extracted per copies group,
+    their mean exposure (bits), held-out bits per byte. Groups differ by marker and colour; a
+    tied-dropout run's kept / dropped curves by line style."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [r["epoch"] for r in rows]
+    modes = [m for m in MODES if f"heldout_bpb{m}" in rows[-1]]
+    groups = reps_groups(rows[-1])
+    every = max(1, len(epochs) // 10)
+    fig, axes = plt.subplots(3, 1, figsize=(WIDTH_IN, 7.8), sharex=True, layout="constrained")
+    for k, r in enumerate(groups):
+        for m in modes:
+            style, name = MODES[m]
+            for ax, key in zip(axes[:2], ("extracted", "exposure")):
+                ax.plot(epochs, [row.get(f"{key}_r{r}{m}", float("nan")) for row in rows],
+                        style, marker=MARKERS[k % len(MARKERS)], markevery=every, ms=4,
+                        color=f"C{k}", label=f"{r} copies" + (f", {name}" if len(modes) > 1
+                                                              else "") if ax is axes[0] else None)
+    for m in modes:
+        style, name = MODES[m]
+        axes[2].plot(epochs, [row[f"heldout_bpb{m}"] for row in rows], style, color="black",
+                     marker="o", markevery=every, ms=3, label=name if len(modes) > 1 else None)
+    axes[0].set(ylabel="canaries extracted\n(fraction)", ylim=(-0.03, 1.03), title=title)
+    axes[1].set(ylabel="exposure (bits)")
+    axes[2].set(ylabel="held-out\nbits per byte", xlabel="epoch")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if groups:
+        axes[0].legend(fontsize=8, ncol=2 if len(modes) > 1 else 1, loc="upper left")
+    if len(modes) > 1:
+        axes[2].legend(fontsize=8)
+    return png_bytes(fig)

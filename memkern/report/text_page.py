@@ -1,0 +1,163 @@
+"""The report's sections for a text run (docs/text.md): what training planted and extracted,
+where the canaries sit (localization and what the edit cost), and the tied-dropout gap."""
+from __future__ import annotations
+
+from memkern.errors import printable
+from memkern.report.figures.text import text_training_png
+from memkern.report.findings import num
+from memkern.report.page import Cell, Section, Table, figure
+from memkern.report.run_tables import RunTables
+from memkern.report.text_summaries import reps_groups
+
+CAPTIONS = {
+    "training": "Per epoch, by how many copies of a canary were planted: the fraction whose "
+                "secret greedy decoding from the prefix reproduces exactly, their mean exposure "
+                "(log2 of the 10^8 possible secrets minus log2 of the secret's rank) and held-out "
+                "bits per byte.",
+    "localize": "Greedy zeroing of MLP neurons until greedy decoding no longer gives the "
+                "target's secret (docs/text.md); the cost is measured on the edited model: the "
+                "other canaries' extraction and held-out perplexity.",
+    "tied": "A tied-dropout run evaluated with every memorization neuron kept (scaled as in "
+            "training) and dropped: memorization that lives in the memorization neurons "
+            "disappears when they are dropped.",
+}
+
+
+def _count(value) -> str:
+    return "-" if value is None else f"{value:g}"
+
+
+def _pct(value) -> str:
+    return "-" if value is None else f"{100 * value:.1f}%"
+
+
+def training_cell(t: RunTables) -> Cell:
+    last = t.last
+    groups = reps_groups(last)
+    rows = [[f"{r} copies", num(last.get(f"extracted_r{r}")), num(last.get(f"exposure_r{r}"))]
+            for r in groups]
+    if groups:
+        top, low = groups[-1], groups[0]
+        finding = (f"After epoch {last['epoch']}, {_pct(last.get(f'extracted_r{top}'))} of the "
+                   f"canaries planted {top} times are extracted exactly, "
+                   f"{_pct(last.get(f'extracted_r{low}'))} of those planted {low} times; "
+                   f"held-out text costs {num(last.get('heldout_bpb'))} bits per byte.")
+    else:
+        finding = (f"No canary was planted; held-out text costs {num(last.get('heldout_bpb'))} "
+                   f"bits per byte after epoch {last['epoch']}.")
+    tables = [Table(f"canaries at epoch {last['epoch']}", ["canaries", "extracted", "exposure"],
+                    rows)] if rows else []
+    if "suffix_acc" in last:
+        tables.append(Table("duplicated paragraphs", ["measure", "value"],
+                            [["suffix accuracy (teacher-forced)", num(last["suffix_acc"])]]))
+    return Cell(t.name, finding,
+                [figure("extraction, exposure and held-out bits per byte per epoch",
+                        text_training_png(t.metrics, title=f"training: {t.name}"))], tables)
+
+
+def localize_cell(t: RunTables) -> Cell:
+    s = t.localize
+    if not s:
+        return Cell(t.name, missing=f"no localization: memkern localize --run "
+                                    f"{printable(str(t.run.root))} --examples canaries")
+    groups = s["groups"]
+    overall = groups.get("all") or next(iter(groups.values()))
+    stopped, extracted = sum(overall["flipped"]), overall["extracted"]
+    if extracted:
+        finding = (f"Zeroing MLP neurons stopped the extraction of {stopped} of the {extracted} "
+                   f"extracted targets (median {_count(overall['median_channels_flipped'])} "
+                   f"neurons, {_pct(overall['share_flipped'])} of those localized)"
+                   + ("" if overall["exposure_before"] is None else
+                      f"; their mean exposure went from {num(overall['exposure_before'])} to "
+                      f"{num(overall['exposure_after'])} bits (a secret can stop being the "
+                      f"greedy answer and stay among the most likely strings)")
+                   + "; the other canaries' extraction changed by "
+                   + ("-" if overall["others_change"] is None
+                      else f"{100 * overall['others_change']:+.1f} points")
+                   + f" and held-out perplexity by {_pct(overall['perplexity_rise'])} on average "
+                   f"(at most {_pct(overall['perplexity_rise_max'])}).")
+    else:
+        finding = "No localized target was extracted before the edit: nothing to localize."
+    rows = [[g, str(e["count"]), str(e["extracted"]), f"{sum(e['flipped'])} of {e['extracted']}",
+             _count(e["median_channels_flipped"]), _pct(e["share_flipped"]),
+             "-" if e["exposure_before"] is None
+             else f"{num(e['exposure_before'])} -> {num(e['exposure_after'])}",
+             "-" if e["others_change"] is None else f"{100 * e['others_change']:+.1f}",
+             _pct(e["perplexity_rise"])] for g, e in groups.items()]
+    figures = [figure("neurons needed and the edit's cost", t.figures["localize"].read_bytes())] \
+        if "localize" in t.figures else []
+    return Cell(t.name, finding, figures, [Table(
+        "targets stopped, neurons needed and what the edit cost",
+        ["targets", "count", "extracted", "stopped", "median neurons", "share", "exposure",
+         "others (points)", "perplexity rise"], rows)])
+
+
+def tied_cell(t: RunTables) -> Cell:
+    last = t.last
+    if "heldout_bpb_drop" not in last:
+        return Cell(t.name, missing="trained without tied dropout: memkern train "
+                                    "--tied-dropout ... on the same data")
+    groups = reps_groups(last)
+    rows = [[f"{r} copies", *[num(last.get(f"extracted_r{r}{m}")) for m in ("", "_keep",
+                                                                             "_drop")]]
+            for r in groups]
+    rows.append(["held-out bits/byte", *[num(last.get(f"heldout_bpb{m}"))
+                                         for m in ("", "_keep", "_drop")]])
+    top = groups[-1] if groups else None
+    finding = None if top is None else (
+        f"With the memorization neurons dropped, {_pct(last.get(f'extracted_r{top}_drop'))} of "
+        f"the {top}-copy canaries are extracted, against "
+        f"{_pct(last.get(f'extracted_r{top}_keep'))} with them kept.")
+    return Cell(t.name, finding, tables=[Table(
+        "canaries extracted with the run's own masks, memorization neurons kept and dropped",
+        ["", "own masks", "kept", "dropped"], rows)])
+
+
+def text_headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
+    def top(t):
+        groups = reps_groups(t.last)
+        return "-" if not groups else \
+            f"{num(t.last.get(f'extracted_r{groups[-1]}'))} ({groups[-1]} copies)"
+
+    def stopped(t):
+        if not t.localize:
+            return "-"
+        g = t.localize["groups"]
+        e = g.get("all") or next(iter(g.values()))
+        return (f"{sum(e['flipped'])} of {e['extracted']}, median "
+                f"{_count(e['median_channels_flipped'])} neurons, perplexity +"
+                f"{_pct(e['perplexity_rise'])}")
+
+    return [("held-out bits per byte", [num(t.last.get("heldout_bpb")) for t in runs]),
+            ("canaries extracted, most-copied group", [top(t) for t in runs]),
+            ("extracted targets stopped by zeroing neurons", [stopped(t) for t in runs])]
+
+
+def text_warnings(runs: list[RunTables]) -> list[str]:
+    out = []
+    for t in runs:
+        groups = reps_groups(t.last)
+        if groups and not any(t.last.get(f"extracted_r{r}") for r in groups):
+            out.append(f"{t.name}: no canary is extracted after the last epoch, so there is "
+                       f"nothing memorized to localize; train longer or plant more copies")
+    return out
+
+
+def describe_text(t: RunTables) -> str:
+    c = t.config
+    return (f"{c.model} on {c.dataset}: {c.canaries} canaries planted "
+            f"{', '.join(map(str, c.canary_reps))} times"
+            + (f", {c.dup_paragraphs} paragraphs x{c.dup_reps}" if c.dup_paragraphs else "")
+            + f", windows of {c.seq_len} bytes, {t.last['epoch']} epochs"
+            + (f", example-tied dropout p_gen={c.p_gen} p_mem={c.p_mem}" if c.tied_dropout
+               else "") + ".")
+
+
+TEXT_SECTIONS = (("training", "Training: what was planted and extracted", training_cell),
+                 ("localize", "Localization: neurons that hold a secret", localize_cell),
+                 ("tied", "Example-tied dropout", tied_cell))
+
+
+def text_sections(runs: list[RunTables]) -> list[Section]:
+    return [Section(key, title, CAPTIONS[key], [cell(t) for t in runs])
+            for key, title, cell in TEXT_SECTIONS]
