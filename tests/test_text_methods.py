@@ -1,6 +1,7 @@
 """Neuron-localization methods for memorized sequences: each against a slow, obvious reference
 written from its definition (weights edited, forward hooks, one target at a time), and a planted
 neuron that the methods must find first."""
+import contextlib
 import copy
 
 import pytest
@@ -16,18 +17,26 @@ from memkern.experiments.text.methods.learned_masks import clean_choice
 from memkern.experiments.text.targets import SequenceTargets
 from memkern.network.models import build_text_model
 from memkern.network.sites import channel_sites, example_indices
-from memkern.network.tied_dropout import unindexed_rows
+from memkern.network.tied_dropout import (
+    attach_tied_dropout, set_tied_dropout_mode, unindexed_rows,
+)
 
 SPEC = "gpt?layers=2&width=32&heads=2&mlp=64"
 CONTEXT = 24
 Z = ord("Z")
 
 
-def tiny_model(seed: int = 0):
+def tiny_model(seed: int = 0, tied: bool = False):
+    """``tied``: example-tied dropout on the MLP neurons in mode "own", so every target row
+    must carry its key (and clean rows none) for the references and methods to agree."""
     torch.manual_seed(seed)
     model = build_text_model(SPEC, vocab=256, context=CONTEXT).double().eval()
     with torch.no_grad():
         model.head.weight.mul_(8.0)  # peaked predictions: NLLs that channels can move
+    if tied:
+        attach_tied_dropout(model, sites=list(model.default_dropout_sites), p_gen=0.5,
+                            p_mem=0.25, seed=1)
+        set_tied_dropout_mode(model, "own")
     return model
 
 
@@ -62,7 +71,7 @@ def all_sites(model):
 
 
 def nll_of(model, targets):
-    with torch.no_grad():
+    with torch.no_grad(), example_indices(targets.keys):
         return targets.secret_nll(model(targets.inputs()))
 
 
@@ -71,22 +80,30 @@ def flat_channels(space):
     return [(name, c) for name, count in zip(space.names, space.counts) for c in range(count)]
 
 
-def test_every_method_gives_one_row_per_target_and_leaves_the_model_as_it_was():
-    model, targets, clean = tiny_model(), random_targets(), clean_windows()
+@pytest.mark.parametrize("tied", [False, True])
+def test_every_method_gives_one_row_per_target_and_leaves_the_model_as_it_was(tied):
+    model, targets, clean = tiny_model(tied=tied), random_targets(), clean_windows()
     space = all_sites(model)
     before = copy.deepcopy(model.state_dict())
+
+    def held():  # each site's ops, and each op's tied-dropout mode if it has one
+        return {n: [(id(op), getattr(op, "mode", None)) for op in site.ops]
+                for n, site in channel_sites(model).items()}
+
+    ops_before = held()
     assert space.total == 2 * 64 + 2 * 2
     for name, method in METHODS.items():
         scores = method(model, space, targets, clean, seed=0)
         assert scores.shape == (3, space.total) and scores.is_floating_point(), name
         assert torch.isfinite(scores).all(), name
-        assert all(len(s.ops) == 0 for s in channel_sites(model).values()), name
+        assert held() == ops_before, name
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), name
         assert all(p.grad is None for p in model.parameters()), name
 
 
-def test_zero_out_equals_removing_each_channel_from_the_weights():
-    model, targets = tiny_model(), random_targets()
+@pytest.mark.parametrize("tied", [False, True])
+def test_zero_out_equals_removing_each_channel_from_the_weights(tied):
+    model, targets = tiny_model(tied=tied), random_targets()
     space = all_sites(model)
     got = METHODS["zero_out"](model, space, targets, clean_windows(), rows=37)
     base = nll_of(model, targets)
@@ -103,26 +120,29 @@ def test_zero_out_equals_removing_each_channel_from_the_weights():
                                    rtol=1e-9, atol=1e-9)
 
 
-def hooked_abs_means(model, space, inputs):
-    """Per site, mean |output| over each channel's elements per position: [N, P, C]."""
+def hooked_abs_means(model, space, inputs, keys):
+    """Per site, mean |output| over each channel's elements per position: [N, P, C]; rows
+    without keys run with tied dropout in "keep"."""
     seen = {}
     hooks = [channel_sites(model)[n].register_forward_hook(
         lambda m, i, o, n=n: seen.__setitem__(n, o.abs() if o.dim() == 3
                                                else o.abs().mean(-1).transpose(1, 2)))
         for n in space.names]
-    with torch.no_grad():
+    with torch.no_grad(), example_indices(keys), \
+            (unindexed_rows(model) if keys is None else contextlib.nullcontext()):
         model(inputs)
     for h in hooks:
         h.remove()
     return torch.cat([seen[n] for n in space.names], dim=-1)
 
 
-def test_activations_equal_forward_hook_means():
-    model, targets, clean = tiny_model(), random_targets(), clean_windows()
+@pytest.mark.parametrize("tied", [False, True])
+def test_activations_equal_forward_hook_means(tied):
+    model, targets, clean = tiny_model(tied=tied), random_targets(), clean_windows()
     space = all_sites(model)
     got = METHODS["activations"](model, space, targets, clean, rows=2)
-    on_t = hooked_abs_means(model, space, targets.inputs())
-    on_c = hooked_abs_means(model, space, clean.long()[:, :-1]).flatten(0, 1).mean(0)
+    on_t = hooked_abs_means(model, space, targets.inputs(), targets.keys)
+    on_c = hooked_abs_means(model, space, clean.long()[:, :-1], None).flatten(0, 1).mean(0)
     for t in range(len(targets)):
         want = on_t[t][targets.scored[t]].mean(0) - on_c
         torch.testing.assert_close(got[t], want, rtol=1e-9, atol=1e-12)
@@ -141,8 +161,9 @@ def scaled_ll(model, space, targets, t, site, alpha):
     return ll
 
 
-def test_integrated_gradients_equal_a_per_step_loop_and_are_complete():
-    model, targets = tiny_model(), random_targets()
+@pytest.mark.parametrize("tied", [False, True])
+def test_integrated_gradients_equal_a_per_step_loop_and_are_complete(tied):
+    model, targets = tiny_model(tied=tied), random_targets()
     space = all_sites(model)
     steps = 20
     got = integrated_gradients.rank(model, space, targets, clean_windows(), steps=steps, rows=50)
@@ -163,8 +184,9 @@ def test_integrated_gradients_equal_a_per_step_loop_and_are_complete():
                 0.02 * abs(float(f1 - f0)) + 1e-6, (t, name)
 
 
-def test_gradient_magnitude_equals_autograd_on_the_parameters():
-    model, targets = tiny_model(), random_targets()
+@pytest.mark.parametrize("tied", [False, True])
+def test_gradient_magnitude_equals_autograd_on_the_parameters(tied):
+    model, targets = tiny_model(tied=tied), random_targets()
     space = all_sites(model)
     got = METHODS["gradient_magnitude"](model, space, targets, clean_windows())
     hd, width = 16, 32
@@ -251,9 +273,10 @@ def lowest_dropped(space, drop):
     return gate
 
 
+@pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("name", ["slimming", "hard_concrete", "balanced_subnet"])
-def test_learned_masks_equal_one_target_at_a_time_with_hooks(name):
-    model, targets, clean = tiny_model(), random_targets(), clean_windows()
+def test_learned_masks_equal_one_target_at_a_time_with_hooks(name, tied):
+    model, targets, clean = tiny_model(tied=tied), random_targets(), clean_windows()
     space = all_sites(model)
     steps, seed, lam = 6, 3, 0.2
     if name == "slimming":

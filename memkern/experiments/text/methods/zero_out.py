@@ -31,7 +31,7 @@ def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean:
             job = torch.arange(start, min(start + rows, n_t * total))
             t, c = job // total, job % total
             masks = torch.ones(len(job), total, device=device, dtype=dtype)
-            masks[torch.arange(len(job)), c.to(device)] = 0
+            masks[torch.arange(len(job), device=device), c.to(device)] = 0
             set_masks(ops, space, masks)
             nll = secret_nll(model, targets, t).double().cpu()
             out[t, c] = nll - base[t]
