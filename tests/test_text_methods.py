@@ -13,7 +13,7 @@ from memkern.experiments.localize.channels import channel_space
 from memkern.experiments.text.methods import (
     METHODS, balanced_subnet, hard_concrete, integrated_gradients, slimming,
 )
-from memkern.experiments.text.methods.learned_masks import clean_choice
+from memkern.experiments.text.methods.learned_masks import WINDOWS, clean_choice
 from memkern.experiments.text.targets import SequenceTargets
 from memkern.network.models import build_text_model
 from memkern.network.sites import channel_sites, example_indices
@@ -224,7 +224,7 @@ def reference_learning(model, space, targets, clean, t, *, theta0, gate, penalty
                        steps, lr, seed):
     """One target, masks applied by forward hooks that multiply each site's output; each step
     moves the most-pulled parameter by lr (plus the penalty's gradient)."""
-    ref = clean_choice(clean, 4, seed=seed)
+    ref = clean_choice(clean, WINDOWS, seed=seed)
     gen = torch.Generator().manual_seed(seed * 1_000_003 + t)
     theta = theta0.clone().double().requires_grad_(True)
     row = targets.subset(torch.tensor([t]))

@@ -33,7 +33,7 @@ from memkern.experiments.text.methods.common import (
 from memkern.experiments.text.targets import SequenceTargets
 
 STEPS = 30
-WINDOWS = 4  # clean windows per target per step
+WINDOWS = 2  # clean windows per target per step: each costs a window-length row
 TINY = 1e-30  # a target whose objective has no gradient at all stays put
 
 # gate(theta [Tc, total], noise generators of the Tc targets) -> mask [Tc, total]
