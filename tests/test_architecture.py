@@ -40,6 +40,7 @@ ALGORITHMS = (
     "memkern/experiments/localize/scan_plan.py",
     "memkern/experiments/scores/detection.py",
     "memkern/experiments/scores/signals.py",
+    "memkern/experiments/text/methods",
     "memkern/training/evaluate.py",
 )
 RUNNER_TOOLS = ("memkern.rundir.locks", "memkern.rundir.atomic", "memkern.rundir.ownership",
