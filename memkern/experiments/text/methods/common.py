@@ -14,6 +14,7 @@ from torch import nn
 from memkern.errors import ConfigError
 from memkern.experiments.localize.channels import ChannelSpace, RowMask, set_masks
 from memkern.experiments.text.targets import SequenceTargets
+from memkern.network.models.gpt import GPT
 from memkern.network.sites import example_indices
 from memkern.network.tied_dropout import unindexed_rows
 
@@ -40,6 +41,42 @@ def secret_nll(model: nn.Module, targets: SequenceTargets, which: torch.Tensor) 
     rows = targets.subset(which.cpu())
     with example_indices(rows.keys.to(device)):
         logits = model(rows.inputs().to(device))
+    return rows.secret_nll(logits)
+
+
+def start_block(site: str) -> int:
+    """The GPT block that holds ``site`` (``blocks.i.*`` -> i, anything else 0): a mask there
+    leaves the blocks before it as they were."""
+    parts = site.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else 0
+
+
+def block_inputs(model: nn.Module, targets: SequenceTargets) -> list[torch.Tensor]:
+    """The residual stream entering each block of a GPT for every target row, unmasked:
+    ``[T, L - 1, width]`` per block."""
+    if not isinstance(model, GPT):
+        raise ConfigError(f"this method runs a GPT's blocks one by one; got {type(model).__name__}")
+    device, _ = device_dtype(model)
+    out = []
+    with torch.no_grad(), example_indices(targets.keys.to(device)):
+        x = model.embed(targets.inputs().to(device))
+        for block in model.blocks:
+            out.append(x)
+            x = block(x)
+    return out
+
+
+def secret_nll_from(model: nn.Module, targets: SequenceTargets, which: torch.Tensor,
+                    states: list[torch.Tensor], start: int) -> torch.Tensor:
+    """:func:`secret_nll` of rows ``which``, run from block ``start``'s input ``states[start]``
+    (:func:`block_inputs`): rows whose masks all sit in blocks ``start..`` need no more."""
+    device, _ = device_dtype(model)
+    rows = targets.subset(which.cpu())
+    x = states[start][which.to(device)]
+    with example_indices(rows.keys.to(device)):
+        for block in model.blocks[start:]:
+            x = block(x)
+        logits = model.readout(x)
     return rows.secret_nll(logits)
 
 

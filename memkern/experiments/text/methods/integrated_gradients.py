@@ -11,7 +11,8 @@ rule with ``steps`` points, so the attributions of one site sum to about ``f(1) 
 (completeness). Score: the attribution of the secret's log-likelihood, signed (a channel whose
 removal makes the secret less likely scores high).
 
-Cost: ``T x sites x steps`` target rows, each a forward and a backward, ``rows`` per pass.
+Cost: ``T x sites x steps`` target rows, each a forward and a backward, ``rows`` per pass; a
+row starts at the block holding its site, from the targets' residual streams computed once.
 """
 from __future__ import annotations
 
@@ -19,7 +20,9 @@ import torch
 from torch import nn
 
 from memkern.experiments.localize.channels import ChannelSpace, row_masks, set_masks
-from memkern.experiments.text.methods.common import ROWS, device_dtype, secret_nll
+from memkern.experiments.text.methods.common import (
+    ROWS, block_inputs, device_dtype, secret_nll_from, start_block,
+)
 from memkern.experiments.text.targets import SequenceTargets
 
 STEPS = 20
@@ -31,23 +34,22 @@ def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean:
     log-likelihood, its site scaled from 0 to 1 in ``steps`` midpoint steps. ``clean`` and
     ``seed`` are unused."""
     device, dtype = device_dtype(model)
-    n_t, total, n_s = len(targets), space.total, len(space.names)
+    n_t, total = len(targets), space.total
     alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps
     out = torch.zeros(n_t, total, dtype=torch.float64)
-    site_of = torch.cat([torch.full((c,), i) for i, c in enumerate(space.counts)]) if n_s \
-        else torch.zeros(0, dtype=torch.long)
+    states = block_inputs(model, targets)
     with row_masks(model, space) as ops:
-        # Row r of the flat job list: target r // (sites x steps), site (r // steps) % sites,
-        # step r % steps.
-        for start in range(0, n_t * n_s * steps, rows):
-            job = torch.arange(start, min(start + rows, n_t * n_s * steps))
-            t, s, k = job // (n_s * steps), (job // steps) % n_s, job % steps
-            on_site = site_of[None, :] == s[:, None]  # [R, total]
-            masks = torch.where(on_site, alphas[k][:, None], 1.0).to(device, dtype)
-            masks.requires_grad_(True)
-            set_masks(ops, space, masks)
-            ll = -secret_nll(model, targets, t)
-            grad, = torch.autograd.grad(ll.sum(), masks)
-            contrib = torch.where(on_site, grad.detach().double().cpu(), 0.0) / steps
-            out.index_add_(0, t, contrib)
+        for name, offset, count in zip(space.names, space.offsets, space.counts):
+            cols = slice(offset, offset + count)
+            # Row r of the site's job list: target r // steps at step r % steps.
+            for start in range(0, n_t * steps, rows):
+                job = torch.arange(start, min(start + rows, n_t * steps))
+                t, k = job // steps, job % steps
+                masks = torch.ones(len(job), total, device=device, dtype=dtype)
+                masks[:, cols] = alphas[k][:, None].to(device, dtype)
+                masks.requires_grad_(True)
+                set_masks(ops, space, masks)
+                ll = -secret_nll_from(model, targets, t, states, start_block(name))
+                grad, = torch.autograd.grad(ll.sum(), masks)
+                out[:, cols].index_add_(0, t, grad[:, cols].double().cpu() / steps)
     return out
