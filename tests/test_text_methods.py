@@ -99,6 +99,15 @@ def test_every_method_gives_one_row_per_target_and_leaves_the_model_as_it_was(ti
         assert held() == ops_before, name
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()), name
         assert all(p.grad is None for p in model.parameters()), name
+        # The same under no_grad with the weights frozen, and they stay frozen.
+        model.requires_grad_(False)
+        with torch.no_grad():
+            again = method(model, space, targets, clean, seed=0)
+        assert not any(p.requires_grad for p in model.parameters()), name
+        model.requires_grad_(True)
+        torch.testing.assert_close(again, scores, rtol=1e-12, atol=1e-12, msg=name)
+        none = targets.subset(torch.zeros(0, dtype=torch.long))
+        assert method(model, space, none, clean, seed=0).shape == (0, space.total), name
 
 
 @pytest.mark.parametrize("tied", [False, True])

@@ -45,6 +45,7 @@ def _per_channel(kind: str, owner: nn.Module, grads: list[torch.Tensor]) -> torc
             + w2.view(w2.shape[0], h, -1).sum((0, 2)))
 
 
+@torch.enable_grad()
 def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean: torch.Tensor,
          *, seed: int = 0) -> torch.Tensor:
     """float ``[T, space.total]``: per channel, the summed |d secret NLL / d weight| over the
@@ -52,9 +53,16 @@ def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean:
     owners = [_owner(model, n) for n in space.names]
     params = [p for kind, owner in owners for p in _params(kind, owner)]
     out = torch.zeros(len(targets), space.total, dtype=torch.float64)
-    for t in range(len(targets)):
-        nll = secret_nll(model, targets, torch.tensor([t]))
-        grads = torch.autograd.grad(nll.sum(), params)
-        out[t] = torch.cat([_per_channel(kind, owner, list(grads[3 * i:3 * i + 3])).cpu()
-                            for i, (kind, owner) in enumerate(owners)])
+    frozen = [p for p in params if not p.requires_grad]
+    try:  # a frozen weight still has a gradient to measure; it is frozen again after
+        for p in frozen:
+            p.requires_grad_(True)
+        for t in range(len(targets)):
+            nll = secret_nll(model, targets, torch.tensor([t]))
+            grads = torch.autograd.grad(nll.sum(), params)
+            out[t] = torch.cat([_per_channel(kind, owner, list(grads[3 * i:3 * i + 3])).cpu()
+                                for i, (kind, owner) in enumerate(owners)])
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     return out

@@ -28,6 +28,7 @@ from memkern.experiments.text.targets import SequenceTargets
 STEPS = 20
 
 
+@torch.enable_grad()
 def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean: torch.Tensor,
          *, seed: int = 0, steps: int = STEPS, rows: int = ROWS) -> torch.Tensor:
     """float ``[T, space.total]``: each channel's integrated gradient of the target's secret

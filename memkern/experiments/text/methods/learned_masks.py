@@ -50,6 +50,7 @@ def clean_choice(clean: torch.Tensor, windows: int, *, seed: int) -> torch.Tenso
     return clean[torch.randperm(len(clean), generator=gen)[:windows].sort().values]
 
 
+@torch.enable_grad()
 def learn_masks(model: nn.Module, space: ChannelSpace, targets: SequenceTargets,
                 clean: torch.Tensor, *, init: torch.Tensor, gate: Gate,
                 penalty: Callable[[torch.Tensor], torch.Tensor] | None = None,
