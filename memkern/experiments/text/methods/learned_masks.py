@@ -15,8 +15,9 @@ with ``g_t`` the objective's gradient. The channel pulled hardest moves by ``lr`
 in proportion (Adam would move every channel by about ``lr`` and lose the proportions), and a
 target the model predicts with near certainty, whose raw gradients are tiny, still moves; the
 penalty's weight is thereby relative to the strongest pull. Targets are independent (their
-steps are normalized apart) and a gate's noise comes from a generator seeded by (seed, target
-index), so batching targets changes nothing.
+steps are normalized apart) and a gate's noise comes from a generator seeded by (seed, the
+target's insert id), so neither batching targets nor scoring a subset of them (a resumed run)
+changes a target's result.
 """
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def learn_masks(model: nn.Module, space: ChannelSpace, targets: SequenceTargets,
     with row_masks(model, space) as ops:
         for start in range(0, len(targets), chunk):
             which = torch.arange(start, min(start + chunk, len(targets)))
-            gens = [torch.Generator().manual_seed(seed * 1_000_003 + int(t)) for t in which]
+            gens = [torch.Generator().manual_seed(seed * 1_000_003 + targets.ids[t])
+                    for t in which.tolist()]
             theta = init.to(device, dtype).repeat(len(which), 1).requires_grad_(True)
             for _ in range(steps):
                 masks = gate(theta, gens)
