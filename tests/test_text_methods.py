@@ -373,6 +373,19 @@ def test_methods_find_a_planted_neuron_first():
         assert best == planted, (name, space.locate(best), scores[planted], scores[best])
 
 
+@pytest.mark.parametrize("name, settings, fragment", [
+    ("zero_out", {"rows": 0}, "rows must be positive"),
+    ("integrated_gradients", {"steps": 0}, "steps must be positive"),
+    ("slimming", {"lr": -0.1}, "lr must be positive"),
+    ("hard_concrete", {"windows": 0}, "at least one clean window"),
+    ("balanced_subnet", {"drop": 1.5}, "drop must be a fraction"),
+])
+def test_bad_settings_are_one_clear_error(name, settings, fragment):
+    model, targets = tiny_model(), random_targets()
+    with pytest.raises(ConfigError, match=fragment):
+        METHODS[name](model, all_sites(model), targets, clean_windows(), **settings)
+
+
 def test_clean_windows_of_the_wrong_shape_are_refused():
     model, targets = tiny_model(), random_targets()
     space = all_sites(model)

@@ -17,7 +17,9 @@ from torch import nn
 
 from memkern.errors import ConfigError
 from memkern.experiments.localize.channels import ChannelSpace
-from memkern.experiments.text.methods.common import ROWS, clean_inputs, device_dtype
+from memkern.experiments.text.methods.common import (
+    ROWS, check_settings, clean_inputs, device_dtype,
+)
 from memkern.experiments.text.targets import SequenceTargets
 from memkern.network.sites import channel_sites, example_indices
 from memkern.network.tied_dropout import unindexed_rows
@@ -76,6 +78,7 @@ def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean:
     """float ``[T, space.total]``: mean |activation| on each target's scored positions minus the
     mean over all positions of ``clean`` (int64/uint8 ``[B, L + 1]``, B >= 1). ``seed`` is
     unused."""
+    check_settings(rows=rows)
     windows = clean_inputs(clean)[:, :-1]
     if len(windows) == 0:
         raise ConfigError("activations needs at least one clean window")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from memkern.errors import ConfigError
 from memkern.experiments.localize.channels import ChannelSpace
 from memkern.experiments.text.methods.common import ROWS, site_columns
 from memkern.experiments.text.methods.learned_masks import STEPS, WINDOWS, learn_masks
@@ -42,6 +43,8 @@ def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean:
     """float ``[T, space.total]``: ``-score`` after ``steps`` steps of size ``lr`` on forgetting
     the target with each site's lowest-scored ``drop`` fraction of channels dropped, keeping
     ``windows`` seeded clean windows."""
+    if not 0 < drop <= 1:
+        raise ConfigError(f"drop must be a fraction in (0, 1], got {drop}")
     gen = torch.Generator().manual_seed(seed)
     init = 1 + 1e-3 * torch.rand(space.total, generator=gen, dtype=torch.float64)
     scores = learn_masks(

@@ -26,6 +26,14 @@ def device_dtype(model: nn.Module) -> tuple[torch.device, torch.dtype]:
     return p.device, p.dtype
 
 
+def check_settings(**values: float) -> None:
+    """ConfigError naming the first setting that is not positive (``rows``, ``steps``, ``lr``,
+    ``windows``...): each is a count or a step size of a method."""
+    for name, value in values.items():
+        if not value > 0:
+            raise ConfigError(f"{name} must be positive, got {value}")
+
+
 def clean_inputs(clean: torch.Tensor) -> torch.Tensor:
     """int64/uint8 windows ``[B, L + 1]`` -> int64 ``[B, L + 1]``; ConfigError for another shape."""
     if clean.ndim != 2 or clean.shape[1] < 2 or clean.dtype not in (torch.int64, torch.uint8):

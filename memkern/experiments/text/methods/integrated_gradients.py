@@ -21,7 +21,7 @@ from torch import nn
 
 from memkern.experiments.localize.channels import ChannelSpace, row_masks, set_masks
 from memkern.experiments.text.methods.common import (
-    ROWS, block_inputs, device_dtype, secret_nll_from, start_block,
+    ROWS, block_inputs, check_settings, device_dtype, secret_nll_from, start_block,
 )
 from memkern.experiments.text.targets import SequenceTargets
 
@@ -34,6 +34,7 @@ def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean:
     """float ``[T, space.total]``: each channel's integrated gradient of the target's secret
     log-likelihood, its site scaled from 0 to 1 in ``steps`` midpoint steps. ``clean`` and
     ``seed`` are unused."""
+    check_settings(steps=steps, rows=rows)
     device, dtype = device_dtype(model)
     n_t, total = len(targets), space.total
     alphas = (torch.arange(steps, dtype=torch.float64) + 0.5) / steps

@@ -29,7 +29,7 @@ from torch import nn
 from memkern.errors import ConfigError
 from memkern.experiments.localize.channels import ChannelSpace, row_masks, set_masks
 from memkern.experiments.text.methods.common import (
-    ROWS, clean_inputs, clean_loss, device_dtype, secret_nll,
+    ROWS, check_settings, clean_inputs, clean_loss, device_dtype, secret_nll,
 )
 from memkern.experiments.text.targets import SequenceTargets
 
@@ -61,6 +61,7 @@ def learn_masks(model: nn.Module, space: ChannelSpace, targets: SequenceTargets,
     of size ``lr`` on ``objective_t`` plus ``penalty`` from ``init`` (``[space.total]``).
     ``penalty(theta)`` -> ``[Tc]`` (None: none); ``project`` edits theta in place after each step (a
     clamp). ``rows`` bounds the rows of one forward: each target takes 1 + ``windows``."""
+    check_settings(steps=steps, lr=lr, rows=rows)
     device, dtype = device_dtype(model)
     ref = clean_choice(clean, windows, seed=seed)
     chunk = max(1, rows // (1 + len(ref)))

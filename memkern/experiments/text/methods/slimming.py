@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from memkern.experiments.localize.channels import ChannelSpace
-from memkern.experiments.text.methods.learned_masks import STEPS, WINDOWS, learn_masks
 from memkern.experiments.text.methods.common import ROWS
+from memkern.experiments.text.methods.learned_masks import STEPS, WINDOWS, learn_masks
 from memkern.experiments.text.targets import SequenceTargets
 
 LAM = 0.05

@@ -12,7 +12,7 @@ from torch import nn
 
 from memkern.experiments.localize.channels import ChannelSpace, row_masks, set_masks
 from memkern.experiments.text.methods.common import (
-    ROWS, block_inputs, device_dtype, secret_nll_from, start_block,
+    ROWS, block_inputs, check_settings, device_dtype, secret_nll_from, start_block,
 )
 from memkern.experiments.text.targets import SequenceTargets
 
@@ -22,6 +22,7 @@ def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean:
          *, seed: int = 0, rows: int = ROWS) -> torch.Tensor:
     """float ``[T, space.total]``: each target's rise of secret NLL when the channel alone is
     zeroed. ``clean`` and ``seed`` are unused (the score needs neither)."""
+    check_settings(rows=rows)
     device, dtype = device_dtype(model)
     n_t, total = len(targets), space.total
     out = torch.zeros(n_t, total, dtype=torch.float64)
