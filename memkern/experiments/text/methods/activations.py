@@ -56,7 +56,8 @@ def _recorders(model: nn.Module, space: ChannelSpace) -> Iterator[dict[str, _Pos
         yield ops
     finally:
         for n, op in ops.items():
-            sites[n].detach(op)
+            if any(held is op for held in sites[n].ops):
+                sites[n].detach(op)
 
 
 def _weighted_sums(model, space, ops, inputs, weights, ids, rows) -> torch.Tensor:
