@@ -73,11 +73,18 @@ class GPT(nn.Module):
                                   *(f"blocks.{i}" for i in range(layers)), ("norm", "head"))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.readout(self.blocks(self.embed(tokens)))
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering block 0, float ``[N, T, width]``."""
         if tokens.shape[-1] > self.context:
             raise ConfigError(f"{tokens.shape[-1]} tokens exceed the model's context of "
                               f"{self.context}")
-        x = self.tok_embed(tokens) + self.pos_embed[:, :tokens.shape[-1]]
-        return self.head(self.norm(self.blocks(x)))
+        return self.tok_embed(tokens) + self.pos_embed[:, :tokens.shape[-1]]
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the last block -> logits ``[N, T, vocab]``."""
+        return self.head(self.norm(x))
 
 
 def is_gpt(name: str) -> bool:
