@@ -124,8 +124,8 @@ def _target_measure(targets: SequenceTargets):
         scored = sub.scored.to(logits.device)
         right = (logits.argmax(-1) == sub.tokens[:, 1:].to(logits.device)) & scored
         acc = right.sum(1) / scored.sum(1).clamp(min=1)
-        return torch.stack([sub.secret_nll(logits.float()), sub.extracted(logits).float(),
-                            acc.float()], 1)
+        return torch.stack([sub.secret_nll(logits).double(), sub.extracted(logits).double(),
+                            acc.double()], 1)
     return measure
 
 
@@ -134,9 +134,9 @@ def _extracted_measure(targets: SequenceTargets):
 
 
 def _window_nll(logits: torch.Tensor, windows: torch.Tensor) -> torch.Tensor:
-    nll = F.cross_entropy(logits.float().transpose(1, 2), windows[:, 1:].to(logits.device),
+    nll = F.cross_entropy(logits.transpose(1, 2), windows[:, 1:].to(logits.device),
                           reduction="none")
-    return nll.mean(1)
+    return nll.mean(1).double()
 
 
 def _digit_secret(targets: SequenceTargets, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -1,11 +1,13 @@
 """INJ: plant fresh canaries into known MLP neurons, then ask a method where they are.
 
-The protocol of MemPi (Chang et al., NAACL 2024, Section 3): for each fresh canary a seeded
-random share of the neurons of every MLP site is drawn, and only those neurons' output weights
-(their columns of the ``fc2`` that reads the site) are trained, on the secret's NLL given its
-prefix, until every fresh canary is extracted or a step budget runs out. Each canary's gradient
-reaches its own columns alone, so the neurons that hold it are known exactly; a method's recall
-is the share of them among its top-ranked neurons of the same count per site.
+The protocol of MemPi (Chang et al., NAACL 2024, Section 3): a seeded random share of the
+neurons of every MLP site is drawn, and only those neurons' output weights (their columns of the
+``fc2`` that reads the site) are trained, on a fresh canary's secret NLL given its prefix, until
+it is extracted or a step budget runs out; the neurons that hold it are then known exactly. A
+method's recall is the share of them among its top-ranked neurons of the same count per site.
+Each canary is planted into its own copy of the model: canaries share their prefix's wording,
+so neurons planted for one fire on the others' prefixes as well, and several planted together
+in one model fight over their digits.
 """
 from __future__ import annotations
 
@@ -28,14 +30,14 @@ LR = 0.2
 
 @dataclass
 class Injection:
-    """``model``: the edited copy; ``targets``: the fresh canaries; ``truth`` bool ``[T, total]``:
-    the neurons each was planted in; ``steps`` taken; ``extracted`` bool ``[T]`` at the end."""
+    """``model``: the edited copy; ``canary``: the fresh canary (one row); ``truth`` bool
+    ``[1, total]``: the neurons it was planted in; ``steps`` taken; ``extracted``: at the end."""
 
     model: nn.Module
-    targets: SequenceTargets
+    canary: SequenceTargets
     truth: torch.Tensor
     steps: int
-    extracted: torch.Tensor
+    extracted: bool
 
 
 class _Unplanted:
@@ -69,44 +71,41 @@ def output_weights(model: nn.Module, site: str) -> torch.Tensor:
     return layer.weight
 
 
-def inject(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, *, fraction: float,
+def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fraction: float,
            seed: int = 0, max_steps: int = MAX_STEPS, lr: float = LR) -> Injection:
-    """Plant ``targets`` into a copy of ``model``: canary i into its own seeded random
-    ``fraction`` of every MLP site, by Adam on those neurons' output-weight columns only, until
-    all are extracted (teacher-forced greedy) or ``max_steps`` steps. ``model`` is unchanged."""
+    """Plant ``canary`` (one row) into a copy of ``model``: into a seeded random ``fraction`` of
+    every MLP site, by Adam on those neurons' output-weight columns only, until it is extracted
+    (teacher-forced greedy) or ``max_steps`` steps. ``model`` is unchanged."""
+    if len(canary) != 1:
+        raise ValueError(f"inject plants one canary per model copy, got {len(canary)}")
     edited = copy.deepcopy(model).eval()
     dev = next(edited.parameters()).device
     for p in edited.parameters():
         p.requires_grad_(False)
-    sites = mlp_sites(space)
-    weights = {s: output_weights(edited, s) for s in sites}
-    gen = torch.Generator().manual_seed(seed)
-    truth = torch.stack([random_per_site(space, fraction, generator=gen) for _ in range(len(targets))])
-    columns = [space.split(truth[i:i + 1].float().to(dev)) for i in range(len(targets))]
+    truth = random_per_site(space, fraction, generator=torch.Generator().manual_seed(seed))[None]
+    columns = space.split(truth.float().to(dev))
+    weights = {s: output_weights(edited, s) for s in mlp_sites(space)}
     for w in weights.values():
         w.requires_grad_(True)
-        w.grad = torch.zeros_like(w)
     opt = torch.optim.Adam(list(weights.values()), lr=lr)
-    inputs, keys = targets.inputs().to(dev), targets.keys.to(dev)
+    inputs, keys = canary.inputs().to(dev), canary.keys.to(dev)
     steps = 0
     while True:
         with example_indices(keys):
             logits = edited(inputs)
-        hit = targets.extracted(logits).cpu()
-        if bool(hit.all()) or steps == max_steps:
+        hit = bool(canary.extracted(logits)[0])
+        if hit or steps == max_steps:
             break
-        nll = targets.secret_nll(logits)
-        opt.zero_grad(set_to_none=False)  # zeros: the columns of no canary stay untouched
-        for i in range(len(targets)):
-            grads = torch.autograd.grad(nll[i], list(weights.values()),
-                                        retain_graph=i + 1 < len(targets))
-            for (s, w), g in zip(weights.items(), grads):
-                w.grad += g * columns[i][s]  # canary i reaches its own columns alone
+        opt.zero_grad()
+        canary.secret_nll(logits).sum().backward()
+        for s, w in weights.items():
+            w.grad *= columns[s]  # Adam leaves a column whose gradients are all 0 as it was
         opt.step()
         steps += 1
     for w in weights.values():
         w.requires_grad_(False)
-    return Injection(model=edited, targets=targets, truth=truth, steps=steps, extracted=hit)
+        w.grad = None
+    return Injection(model=edited, canary=canary, truth=truth, steps=steps, extracted=hit)
 
 
 def recall_at_k(scores: torch.Tensor, truth: torch.Tensor, space: ChannelSpace) -> torch.Tensor:
