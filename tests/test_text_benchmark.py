@@ -3,11 +3,13 @@ time, INJ trains only the chosen output columns until the fresh canaries are ext
 of an oracle is 1 and of random scores k/width, the runner resumes without duplicates, and bad
 input is one line."""
 import copy
+import json
 import math
+import shutil
 
 import pytest
 import torch
-from cli_checks import run_cli
+from cli_checks import assert_one_line_error, assert_unchanged, run_cli, snapshot
 
 from memkern.experiments.localize.channels import ChannelSpace, channel_space
 from memkern.experiments.text.benchmark.drop import (EXPOSURE_CANDIDATES, EXPOSURE_SAMPLES,
@@ -150,3 +152,110 @@ def test_recall_of_an_oracle_is_one_and_of_random_scores_k_over_width():
     got = recall_at_k(torch.tensor([[4.0, 2.0, 3.0, 1.0]]), torch.tensor([[1, 1, 0, 0]]).bool(),
                       small)
     assert got.tolist() == [0.5]
+
+
+def _random_rank(model, space, targets, clean, *, seed=0):
+    gen = torch.Generator().manual_seed(seed + sum(targets.ids))
+    return torch.rand(len(targets), space.total, generator=gen)
+
+
+def _fc2_norm_rank(model, space, targets, clean, *, seed=0):
+    """The same ranking for every target: each MLP neuron's output-weight norm (heads: 0)."""
+    parts = [model.get_submodule(n.rsplit(".", 1)[0]).fc2.weight.norm(dim=0)
+             if n.endswith("mlp_hidden") else torch.zeros(c)
+             for n, c in zip(space.names, space.counts)]
+    return torch.cat(parts)[None].expand(len(targets), -1).detach()
+
+
+def _lines(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def _key(line):
+    return line["kind"], line["method"], line["target"], line.get("fraction")
+
+
+ARGS = ("--fractions", "1,50", "--injections", "1", "--no-progress", "--device", "cpu")
+
+
+def test_runner_resumes_after_a_kill_without_duplicates_or_loss(lm_run, tmp_path, monkeypatch):
+    from memkern.experiments.text.benchmark import run as bench
+
+    calls = []
+
+    def killed(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return _fc2_norm_rank(*args, **kwargs)
+
+    monkeypatch.setattr(bench, "CHUNK", 1)
+    first, whole = tmp_path / "first", tmp_path / "whole"
+    shutil.copytree(lm_run, first)
+    shutil.copytree(lm_run, whole)
+    monkeypatch.setattr(bench, "registry", lambda: {"random": _random_rank, "norm": killed})
+    result = run_cli("benchmark-lm", "--run", first, *ARGS)
+    assert result.exit_code == 130, result.output
+    out = first / "lm_benchmark.jsonl"
+    kept = out.read_text()
+    assert [_key(x)[:2] for x in _lines(out)] == [("del", "random")] * 3 + [("del", "norm")]
+    assert not (first / "lm_benchmark.csv").exists()
+    monkeypatch.setattr(bench, "registry", lambda: {"random": _random_rank, "norm": _fc2_norm_rank})
+    assert run_cli("benchmark-lm", "--run", first, *ARGS).exit_code == 0
+    assert run_cli("benchmark-lm", "--run", whole, *ARGS).exit_code == 0
+    resumed, straight = _lines(out), _lines(whole / "lm_benchmark.jsonl")
+    assert out.read_text().startswith(kept)
+    assert len({_key(x) for x in resumed}) == len(resumed) == 2 * 3 + 2 * 2
+    timeless = lambda rows: {_key(x): {k: v for k, v in x.items() if k != "rank_s"} for x in rows}
+    assert timeless(resumed) == timeless(straight)
+    table = (first / "lm_benchmark.csv").read_text().splitlines()
+    assert table[0].startswith("benchmark,method,fraction_pct") and len(table) == 1 + 4 + 4
+    assert (first / "lm_benchmark.md").read_text().startswith("# memkern language-model")
+    assert b"memkern" in (first / "lm_benchmark.png").read_bytes()[:4096]
+    # a rerun with everything done computes nothing and appends nothing
+    monkeypatch.setattr(bench, "registry", lambda: {"random": killed, "norm": killed})
+    calls.clear()
+    again = run_cli("benchmark-lm", "--run", first, "--methods", "random", *ARGS)
+    assert again.exit_code == 0 and not calls and _lines(out) == resumed
+
+
+@pytest.fixture(scope="session")
+def plain_text_run(tmp_path_factory):
+    """A one-epoch text run without canaries."""
+    out = tmp_path_factory.mktemp("lm0") / "run"
+    result = run_cli("train", "--dataset", "text:stdlib", "--model", TINY, "--seq-len", "32",
+                     "--text-bytes", "8000", "--canaries", "0", "--epochs", "1", "--out", out,
+                     "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (("--methods", "random,nope"), "unknown method(s) nope"),
+    (("--fractions", "0"), "(0, 100]"),
+    (("--fractions", "0.5,150"), "150"),
+    (("--fractions", "half"), "percentages"),
+    (("--limit", "0"), "--limit"),
+    (("--settings-run",), "other settings"),
+    (("--image-run",), "text run"),
+    (("--plain-run",), "without canaries"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(lm_run, plain_text_run, run, tmp_path,
+                                                  monkeypatch, args, fragment):
+    from memkern.experiments.text.benchmark import run as bench
+
+    monkeypatch.setattr(bench, "registry", lambda: {"random": _random_rank})
+    target = tmp_path / "lm"
+    shutil.copytree(lm_run, target)
+    if args == ("--image-run",):
+        target, args = run, ()
+    elif args == ("--plain-run",):
+        target, args = plain_text_run, ()
+    elif args == ("--settings-run",):
+        assert run_cli("benchmark-lm", "--run", target, "--no-inject", *ARGS).exit_code == 0
+        args = ("--fractions", "2")
+    before = snapshot(target)
+    result = run_cli("benchmark-lm", "--run", target, "--no-progress", "--device", "cpu", *args)
+    assert_one_line_error(result, fragment)
+    assert_unchanged(before, target)
+    assert sorted(snapshot(target)) == sorted(before)
