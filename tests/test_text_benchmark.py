@@ -114,6 +114,7 @@ def test_inject_trains_only_the_chosen_columns_until_extracted(lm_run):
         row = fresh.subset(torch.tensor([t]))
         inj = inject(model, space, row, fraction=0.25, seed=t)
         assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+        assert all(p.requires_grad for p in inj.model.parameters())  # as the model's
         assert inj.extracted and 0 < inj.steps < 300
         assert int(inj.truth.sum()) == 2 * 16
         after = inj.model.state_dict()

@@ -80,6 +80,7 @@ def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fr
         raise ValueError(f"inject plants one canary per model copy, got {len(canary)}")
     edited = copy.deepcopy(model).eval()
     dev = next(edited.parameters()).device
+    wanted = [p.requires_grad for p in edited.parameters()]  # given back at the end
     for p in edited.parameters():
         p.requires_grad_(False)
     truth = random_per_site(space, fraction, generator=torch.Generator().manual_seed(seed))[None]
@@ -103,8 +104,9 @@ def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fr
         opt.step()
         steps += 1
     for w in weights.values():
-        w.requires_grad_(False)
         w.grad = None
+    for p, flag in zip(edited.parameters(), wanted):
+        p.requires_grad_(flag)
     return Injection(model=edited, canary=canary, truth=truth, steps=steps, extracted=hit)
 
 
