@@ -36,7 +36,7 @@ def _percentages(text: str) -> list[float]:
 @progress_option
 def benchmark_lm(ckpt, run_dir, methods, fractions, limit, inject, injections, out, seed, device,
                  progress):
-    """Localization methods side by side on a text run's memorized sequences (DEL and INJ, docs/text.md).
+    """Localization methods side by side on a text run's memorized texts (DEL, INJ; docs/text.md).
 
     DEL drops each method's top neurons of every MLP layer for one memorized target and measures
     the target's extraction and exposure, the other canaries and held-out perplexity; INJ plants

@@ -75,7 +75,7 @@ COMMANDS = {
                      "CPU; rerun the same command to resume: finished steps are not computed "
                      "again)."),
     "benchmark-lm": ("benchmark_lm", "Localization methods side by side on a text run's "
-                                     "memorized sequences (DEL and INJ, docs/text.md)."),
+                                     "memorized texts (DEL, INJ; docs/text.md)."),
     "sites": ("sites", "List a model's channel sites (stable order) and layer groups."),
     "env": ("env", "Print versions, devices and the Triton status."),
 }

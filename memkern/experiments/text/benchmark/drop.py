@@ -5,8 +5,8 @@ MLP site by the method's scores for that target (:func:`top_per_site`). All edit
 batched: row ``r`` of a forward carries its own edit through the row masks of
 :mod:`memkern.experiments.localize.channels`, so E edited models cost no model copy. Each edit
 is measured on the target (greedy extraction of its secret, the secret's NLL, the teacher-forced
-accuracy of its bytes: a paragraph's suffix accuracy), on the other canaries (the fraction
-extracted) and on a fixed set of held-out windows (bits per byte); a canary's exposure is
+accuracy of its bytes: a paragraph's suffix accuracy), on other memorized canaries (the fraction
+still extracted) and on a fixed set of held-out windows (bits per byte); a canary's exposure is
 searched one edit at a time with a bounded budget (docs/text.md).
 """
 from __future__ import annotations
@@ -38,7 +38,8 @@ EXPOSURE_CANDIDATES, EXPOSURE_SAMPLES = 200, 32
 class Measures:
     """One target on one model: ``extracted`` (greedy decoding gives the secret), the secret's
     summed ``nll`` (nats), ``acc`` (teacher-forced accuracy of its bytes), ``exposure`` (nan when
-    the secret is not digits), ``others`` (fraction of the other canaries extracted; nan: none)
+    the secret is not digits), ``others`` (fraction of the canaries of ``others`` but the
+    target that are extracted; nan: none)
     and ``bpb`` (held-out bits per byte)."""
 
     extracted: bool
@@ -205,7 +206,8 @@ def baseline(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, *,
              others: SequenceTargets, heldout: torch.Tensor, max_rows: int = MAX_ROWS,
              exposure_candidates: int = EXPOSURE_CANDIDATES) -> list[Measures]:
     """The measures of every target on the model as it is (what each edit is compared with).
-    ``others``: the run's canaries; ``heldout``: uint8 ``[H, L + 1]`` windows."""
+    ``others``: the canaries each edit should keep (the runner: those the model extracts);
+    ``heldout``: uint8 ``[H, L + 1]`` windows."""
     model.eval()
     return _measures(model, space, torch.ones(1, space.total), torch.arange(len(targets)),
                      targets=targets, others=others, heldout=heldout, max_rows=max_rows,

@@ -1,5 +1,5 @@
 """The figure both papers draw: efficacy (share of the extracted canaries forgotten) against the
-damage done (held-out perplexity change; the other canaries' extraction lost), one line per
+damage done (held-out perplexity change; the other extracted canaries lost), one line per
 method through its drop fractions, a marker per fraction."""
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def save_figure(rows: list[dict], path: str | Path, *, title: str) -> None:
     fractions = sorted({r["fraction_pct"] for r in rows})
     fig, axes = plt.subplots(1, 2, figsize=(WIDTH_IN, 3.4), layout="constrained", sharey=True)
     panels = (("ppl_change_pct", "held-out perplexity change (%)"),
-              ("others_change_pts", "other canaries' extraction change (points)"))
+              ("others_change_pts", "other extracted canaries: change (points)"))
     for ax, (key, label) in zip(axes, panels):
         for m, method in enumerate(methods):
             mine = [r for r in rows if r["method"] == method and _finite(r[key], r["efficacy"])]

@@ -34,7 +34,8 @@ def top_per_site(scores: torch.Tensor, space: ChannelSpace, fraction: float) -> 
     chosen = torch.zeros(scores.shape, dtype=torch.bool)
     for name in mlp_sites(space):
         off, width = space.offsets[space.names.index(name)], space.counts[space.names.index(name)]
-        top = scores[:, off:off + width].float().topk(per_site_count(width, fraction), dim=1).indices
+        k = per_site_count(width, fraction)
+        top = scores[:, off:off + width].float().topk(k, dim=1).indices
         chosen[:, off:off + width].scatter_(1, top.cpu(), True)
     return chosen
 

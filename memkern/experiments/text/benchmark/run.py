@@ -28,8 +28,8 @@ from memkern.experiments.text.benchmark.inject import (MAX_STEPS, fresh_canaries
                                                        recall_at_k)
 from memkern.experiments.text.benchmark.neurons import mlp_sites, per_site_count
 from memkern.experiments.text.benchmark.table import COLUMNS, TITLE, benchmark_table, markdown
-from memkern.experiments.text.targets import sequence_targets
-from memkern.network.sites import channel_sites
+from memkern.experiments.text.targets import SequenceTargets, sequence_targets
+from memkern.network.sites import channel_sites, example_indices
 from memkern.rundir.atomic import append_jsonl, atomic_write_text
 from memkern.rundir.context import load_trained
 from memkern.rundir.csv_tables import csv_text
@@ -115,6 +115,16 @@ def _clean_windows(data: TextData, seed: int) -> torch.Tensor:
     return data.train_windows[plain[pick[:CLEAN_WINDOWS]]].long()
 
 
+@torch.no_grad()
+def _extracted_canaries(model, data: TextData) -> SequenceTargets:
+    """The canaries the model extracts: the "other memorized sequences" each edit should keep."""
+    canaries = sequence_targets(data.canaries(), data)
+    dev = next(model.parameters()).device
+    with example_indices(canaries.keys.to(dev)):
+        hits = canaries.extracted(model(canaries.inputs().to(dev))).cpu()
+    return canaries.subset(torch.nonzero(hits).flatten())
+
+
 @locked(_lock)
 def benchmark_lm(*, ckpt: str | Path, methods: Sequence[str] | None = None,
                  fractions: Sequence[float] = FRACTIONS_PCT, limit: int | None = None,
@@ -152,7 +162,7 @@ def benchmark_lm(*, ckpt: str | Path, methods: Sequence[str] | None = None,
     space = channel_space(model, list(channel_sites(model)))
     mlp_sites(space)  # a model without MLP neuron sites fails here, before any work
     everything = sequence_targets(data.inserts, data)
-    others = sequence_targets(data.canaries(), data)
+    others = _extracted_canaries(model, data)
     heldout = data.heldout_windows[_evenly(HELDOUT_WINDOWS, len(data.heldout_windows))]
     clean = _clean_windows(data, seed)
     base = baseline(model, space, everything, others=others, heldout=heldout)

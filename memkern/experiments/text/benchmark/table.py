@@ -3,7 +3,8 @@ published numbers of the papers the benchmark follows (docs/text.md, "Localizati
 
 DEL (per method and fraction of each MLP site dropped): ``efficacy``, the share of the extracted
 canaries no longer extracted after their edit (memorization change = -100 x efficacy, TinyMem's
-measure); ``others_change_pts``, the change in points of the other canaries' extraction;
+measure); ``others_change_pts``, the change in points of the extraction of the other canaries
+the model extracted;
 ``ppl_change_pct``, of held-out per-byte perplexity (2^bits-per-byte); ``exposure_change`` (bits)
 of the extracted canaries; ``suffix_acc_change_pts`` for duplicated paragraphs (all after minus
 before). INJ: ``recall`` of the planted neurons within
@@ -103,7 +104,8 @@ def markdown(rows: list[dict], *, run: str) -> str:
     MemPi's finding under INJ."""
     out = [f"{TITLE}: {run}", "",
            "## DEL: drop each method's top neurons of every MLP site for one target", "",
-           "| method | drop % | targets | forgotten | memorization | other canaries (pts) "
+           "| method | drop % | targets | forgotten | memorization "
+           "| other extracted canaries (pts) "
            "| perplexity | exposure (bits) | paragraph suffix acc (pts) | s / target "
            "| TinyMem 4-layer (published) |",
            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
