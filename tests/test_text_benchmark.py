@@ -261,3 +261,38 @@ def test_bad_input_is_one_line_and_writes_nothing(lm_run, plain_text_run, run, t
     assert_one_line_error(result, fragment)
     assert_unchanged(before, target)
     assert sorted(snapshot(target)) == sorted(before)
+
+
+def test_table_aggregates_lines_by_method_and_fraction():
+    from memkern.experiments.text.benchmark.table import benchmark_table, markdown
+
+    def drop(fraction, ext_before, ext_after, others_after, bpb_after, acc_after=0.5):
+        return {"fraction": fraction, "extracted_before": ext_before,
+                "extracted_after": ext_after, "others_before": 1.0, "others_after": others_after,
+                "bpb_before": 2.0, "bpb_after": bpb_after, "exposure_before": 20.0,
+                "exposure_after": 5.0, "acc_before": 1.0, "acc_after": acc_after}
+
+    lines = [
+        {"kind": "del", "method": "m", "target": 0, "target_kind": "canary", "rank_s": 1.0,
+         "drops": [drop(0.01, True, False, 0.5, 2.5)]},
+        {"kind": "del", "method": "m", "target": 1, "target_kind": "canary", "rank_s": 3.0,
+         "drops": [drop(0.01, True, True, 1.0, 2.0)]},
+        {"kind": "del", "method": "m", "target": 2, "target_kind": "canary", "rank_s": 2.0,
+         "drops": [drop(0.01, False, False, 1.0, 2.0)]},
+        {"kind": "del", "method": "m", "target": 3, "target_kind": "paragraph", "rank_s": 2.0,
+         "drops": [drop(0.01, False, False, None, 2.0, acc_after=0.25)]},
+        {"kind": "inj", "method": "m", "target": 0, "fraction": 0.01, "recall": 0.5,
+         "chance": 0.01, "extracted": True, "rank_s": 1.0},
+        {"kind": "inj", "method": "m", "target": 1, "fraction": 0.01, "recall": 1.0,
+         "chance": 0.01, "extracted": False, "rank_s": 3.0},
+    ]
+    dele, inj = benchmark_table(lines, ["m"])
+    assert dele["targets"] == 4 and dele["fraction_pct"] == pytest.approx(1.0)
+    assert dele["efficacy"] == 0.5 and dele["memorization_change_pct"] == -50.0
+    assert dele["others_change_pts"] == pytest.approx(-50 / 3)  # undefined for one: left out
+    assert dele["ppl_change_pct"] == pytest.approx(100 * (2 ** 0.5 - 1) / 4)
+    assert dele["exposure_change"] == -15.0 and dele["suffix_acc_change_pts"] == -75.0
+    assert dele["rank_s"] == 2.0
+    assert inj["recall"] == 0.75 and inj["reached"] == "1/2" and inj["rank_s"] == 2.0
+    text = markdown([dele, inj], run="r")
+    assert "| m | 1 | 4 | 0.50 | -50.0% | -16.7 | +10.36% | -15.0 | -75.0 | 2.00 |" in text

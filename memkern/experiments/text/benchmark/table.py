@@ -53,7 +53,8 @@ def _del_rows(lines: list[dict]) -> list[dict]:
             "benchmark": "DEL", "method": method, "fraction_pct": 100 * fraction,
             "targets": len(pairs), "efficacy": efficacy, "memorization_change_pct": -100 * efficacy,
             "others_change_pts": _mean([100 * (r["others_after"] - r["others_before"])
-                                        for r in canaries if r["others_before"] is not None]),
+                                        for _, r in pairs if r["others_after"] is not None
+                                        and r["others_before"] is not None]),
             "ppl_change_pct": _mean([100 * (2 ** (r["bpb_after"] - r["bpb_before"]) - 1)
                                      for _, r in pairs]),
             "exposure_change": _mean([r["exposure_after"] - r["exposure_before"] for r in held]),
