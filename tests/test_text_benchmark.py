@@ -238,6 +238,8 @@ def plain_text_run(tmp_path_factory):
     (("--fractions", "0.5,150"), "150"),
     (("--fractions", "half"), "percentages"),
     (("--limit", "0"), "--limit"),
+    (("--out", "table.csv"), ".jsonl"),
+    (("--foreign-table",), "not a memkern benchmark table"),
     (("--settings-run",), "other settings"),
     (("--image-run",), "text run"),
     (("--plain-run",), "without canaries"),
@@ -253,6 +255,9 @@ def test_bad_input_is_one_line_and_writes_nothing(lm_run, plain_text_run, run, t
         target, args = run, ()
     elif args == ("--plain-run",):
         target, args = plain_text_run, ()
+    elif args == ("--foreign-table",):
+        (target / "lm_benchmark.md").write_text("# my notes\n")
+        args = ()
     elif args == ("--settings-run",):
         assert run_cli("benchmark-lm", "--run", target, "--no-inject", *ARGS).exit_code == 0
         args = ("--fractions", "2")

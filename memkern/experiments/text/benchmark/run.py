@@ -94,7 +94,13 @@ def _check_methods(methods: Sequence[str] | None, known: dict) -> list[str]:
 
 
 def _require_markdown_output(path: Path) -> None:
-    if path.exists() and (not path.is_file() or not path.read_bytes().startswith(TITLE.encode())):
+    if not path.exists():
+        return
+    head = b""
+    if path.is_file():
+        with open(path, "rb") as f:
+            head = f.read(len(TITLE))
+    if head != TITLE.encode():
         raise OutputNotOursError(f"{path} exists and is not a memkern benchmark table; it was "
                                  f"left untouched: move it away or pass another --out")
 
@@ -144,6 +150,9 @@ def benchmark_lm(*, ckpt: str | Path, methods: Sequence[str] | None = None,
             raise ConfigError(f"{option} must be at least 1, got {value}")
     check_seed(seed, name="--seed")
     out = Path(out) if out is not None else default_output(ckpt)
+    if out.suffix != ".jsonl":
+        raise ConfigError(f"--out {out}: name a .jsonl file (the table, its markdown and the "
+                          f"figure are written beside it, named after it)")
     csv_path, md_path, png_path = output_paths(out)
     require_jsonl_output(out, keys=("kind", "method", "target", "settings"),
                          what="a benchmark-lm output")
