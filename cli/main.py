@@ -22,7 +22,7 @@ SHARDED = ("train", "grads", "localize")
 # How each command continues after Ctrl-C (the others have nothing to continue).
 _CONTINUE = {"train": "rerun with --resume to continue",
              **{c: "rerun the same command to continue" for c in
-                ("grads", "retrain", "localize", "demo")}}
+                ("grads", "retrain", "localize", "demo", "benchmark-lm")}}
 
 
 def _fail(message: str) -> None:
@@ -74,6 +74,8 @@ COMMANDS = {
     "demo": ("demo", "Run every experiment on the embedded digits data (minutes on a laptop "
                      "CPU; rerun the same command to resume: finished steps are not computed "
                      "again)."),
+    "benchmark-lm": ("benchmark_lm", "Localization methods side by side on a text run's "
+                                     "memorized texts (DEL, INJ; docs/text.md)."),
     "sites": ("sites", "List a model's channel sites (stable order) and layer groups."),
     "env": ("env", "Print versions, devices and the Triton status."),
 }
