@@ -17,6 +17,9 @@ from memkern.experiments.text.methods.learned_masks import WINDOWS, clean_choice
 from memkern.experiments.text.targets import SequenceTargets
 from memkern.network.models import build_text_model
 from memkern.network.sites import channel_sites, example_indices
+from memkern.experiments.localize.channels import row_masks, set_masks
+from memkern.experiments.localize.greedy import greedy_localize
+from memkern.experiments.text.objective import TextObjective
 from memkern.network.tied_dropout import (
     attach_tied_dropout, set_tied_dropout_mode, unindexed_rows,
 )
@@ -93,6 +96,10 @@ def test_every_method_gives_one_row_per_target_and_leaves_the_model_as_it_was(ti
     ops_before = held()
     assert space.total == 2 * 64 + 2 * 2
     for name, method in METHODS.items():
+        if tied and name == "greedy":  # its references carry no keys of their own
+            with pytest.raises(ConfigError, match="tied dropout"):
+                method(model, space, targets, clean, seed=0)
+            continue
         scores = method(model, space, targets, clean, seed=0)
         assert scores.shape == (3, space.total) and scores.is_floating_point(), name
         assert torch.isfinite(scores).all(), name
@@ -218,6 +225,43 @@ def test_gradient_magnitude_equals_autograd_on_the_parameters(tied):
             want = sum(p.abs().sum() for p in parts)
             torch.testing.assert_close(got[t, flat], want, rtol=1e-9, atol=1e-12)
     model.zero_grad(set_to_none=True)
+
+
+def test_greedy_ranks_its_zeroed_channels_first_then_by_the_first_gradient():
+    model = tiny_model(3)
+    targets, clean = random_targets(4), clean_windows(6)
+    # Targets the model has memorized: each secret is its own greedy continuation.
+    prompts = targets.tokens[:, :5]
+    with torch.no_grad(), example_indices(targets.keys):
+        seq = prompts
+        for _ in range(4):
+            seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
+    targets = make_targets([(bytes(p.tolist()), bytes(s.tolist()))
+                            for p, s in zip(prompts, seq[:, 5:])])
+    space = channel_space(model, ["blocks.0.mlp_hidden", "blocks.1.mlp_hidden"])
+    scores = METHODS["greedy"](model, space, targets, clean, max_channels=6)
+    objective = TextObjective(targets, clean, torch.arange(len(clean)))
+    ids = torch.tensor(targets.ids)
+    found = greedy_localize(model, objective, ids, space=space, max_channels=6)
+    for row, res in zip(scores, found):
+        order = row.argsort(descending=True)
+        chosen = [space.flat(s, c) for s, c in res.channels]
+        assert order[:len(chosen)].tolist() == chosen
+        assert len(chosen) >= 1
+    # The rest follow dL/dm at m = 1: compare with finite differences of the objective.
+    t = ids[:1]
+    with torch.no_grad():
+        base = float(objective(model(objective.inputs(t))[None], t)[0][0])
+    rest = [c for c in scores[0].argsort(descending=True).tolist()
+            if c not in {space.flat(s, k) for s, k in found[0].channels}][:3]
+    for c in rest:
+        with row_masks(model, space) as ops:
+            m = torch.ones(len(objective.inputs(t)), space.total, dtype=torch.float64)
+            m[:, c] = 1.0 - 1e-6
+            set_masks(ops, space, m)
+            with example_indices(objective.ids(t)), torch.no_grad():
+                moved = float(objective(model(objective.inputs(t))[None], t)[0][0])
+        assert float(scores[0, c]) == pytest.approx((base - moved) / 1e-6, rel=1e-3, abs=1e-6)
 
 
 def test_random_is_seeded():
@@ -365,7 +409,7 @@ def test_methods_find_a_planted_neuron_first():
         edited.blocks[0].fc2.weight[:, neuron] = 0
     assert nll[0] < 1.0 and nll_of(edited, targets)[0] > 10.0
     for name in ("zero_out", "activations", "integrated_gradients", "gradient_magnitude",
-                 "slimming", "hard_concrete", "balanced_subnet"):
+                 "slimming", "hard_concrete", "balanced_subnet", "greedy"):
         scores = METHODS[name](model, space, targets, clean, seed=1)[0]
         if name == "gradient_magnitude":  # a head owns 32x a neuron's weights: rank neurons only
             scores = torch.where(mlp, scores, -torch.inf)

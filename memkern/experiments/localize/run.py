@@ -36,7 +36,7 @@ from memkern.experiments.localize.summary import (fitted, require_summary_output
                                                   summary_paths, write_summary)
 from memkern.experiments.text.edits import edit_measures
 from memkern.experiments.text.localize_summary import summarize_text, write_text_summary
-from memkern.experiments.text.objective import TextObjective, clean_reference
+from memkern.experiments.text.objective import TextObjective, clean_reference, rows_per_pass
 from memkern.experiments.text.targets import sequence_targets
 from memkern.rundir.locks import for_checkpoint, hold_output, locked
 from memkern.rundir.ownership import require_jsonl_output, require_writable
@@ -46,9 +46,7 @@ from memkern.network.tied_dropout import tied_sites
 
 METHODS = ("greedy", "exhaustive")
 REF_BATCH = {"image": 512, "text": 64}  # reference examples / windows kept right by default
-# A text pass's rows are windows of seq_len tokens: rows per pass so one pass holds this many
-# tokens (activations of every site for each).
-TEXT_TOKENS_PER_PASS = 16_384
+
 
 
 @dataclass
@@ -188,7 +186,7 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
         objective = TextObjective(sequence_targets(data.inserts, data), data.train_windows,
                                   clean_reference(data, ref_batch, seed=seed))
         num_targets = len(data.inserts)
-        max_rows = max_rows or max(1, TEXT_TOKENS_PER_PASS // data.seq_len)
+        max_rows = max_rows or rows_per_pass(data.seq_len)
     else:
         targets = select_examples(data, examples, limit=limit).tolist()
         objective = LocalizationObjective(

@@ -21,6 +21,16 @@ from memkern.data.text import TextData
 from memkern.experiments.text.targets import SequenceTargets
 
 
+# Rows of a text pass are windows: a pass holds this many tokens (activations of every site for
+# each), so memory does not grow with the window length.
+TOKENS_PER_PASS = 16_384
+
+
+def rows_per_pass(length: int) -> int:
+    """Rows of ``length`` tokens per greedy/exhaustive pass."""
+    return max(1, TOKENS_PER_PASS // length)
+
+
 def clean_reference(data: TextData, size: int, *, seed: int) -> torch.Tensor:
     """``min(size, clean windows)`` distinct indices of windows holding no planted copy, sorted,
     from a seeded generator."""
@@ -36,14 +46,14 @@ class TextObjective:
     target_rows = 1  # no EoT copies: a byte sequence has no small Gaussian neighbourhood
 
     def __init__(self, targets: SequenceTargets, windows: torch.Tensor, ref: torch.Tensor):
-        length = windows.shape[1] - 1
-        if targets.tokens.shape[1] - 1 > length:
-            raise ValueError(f"targets of {targets.tokens.shape[1]} bytes exceed windows of "
-                             f"{length} + 1")
+        # One row length for targets and references; a reference window shorter than a target
+        # is padded and its loss taken over its own positions only.
+        length = max(windows.shape[1] - 1, targets.tokens.shape[1] - 1)
         self.targets, self.ref = targets, ref
         self._row = {insert: r for r, insert in enumerate(targets.ids)}
         self._inputs = F.pad(targets.inputs(), (0, length - targets.tokens.shape[1] + 1))
-        self._ref_windows = windows[ref].long()
+        self._ref_windows = F.pad(windows[ref].long(), (0, length + 1 - windows.shape[1]))
+        self._ref_positions = windows.shape[1] - 1
 
     @property
     def rows_per_target(self) -> int:
@@ -92,9 +102,11 @@ class TextObjective:
     def ref_sums(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits of reference rows under U masks ``[U, B, length, vocab]`` -> the sum of the
         windows' mean NLL per mask, ``[U]``."""
-        u, b, t, v = logits.shape
-        y = self._ref_windows[:, 1:].to(logits.device).repeat(u, 1)
-        nll = F.cross_entropy(logits.reshape(u * b, t, v).transpose(1, 2), y, reduction="none")
+        u, b, _, v = logits.shape
+        t = self._ref_positions
+        y = self._ref_windows[:, 1:t + 1].to(logits.device).repeat(u, 1)
+        nll = F.cross_entropy(logits[:, :, :t].reshape(u * b, t, v).transpose(1, 2), y,
+                              reduction="none")
         return nll.mean(1).view(u, b).sum(1)
 
     def in_ref(self, targets: torch.Tensor) -> torch.Tensor:

@@ -20,12 +20,13 @@ import torch
 
 from memkern.experiments.text.methods import (
     activations, balanced_subnet, gradient_magnitude, hard_concrete, integrated_gradients,
-    random_baseline, slimming, zero_out,
+    memkern_greedy, random_baseline, slimming, zero_out,
 )
 
 Method = Callable[..., torch.Tensor]
 
 METHODS: dict[str, Method] = {
+    "greedy": memkern_greedy.rank,
     "zero_out": zero_out.rank,
     "activations": activations.rank,
     "integrated_gradients": integrated_gradients.rank,
