@@ -48,6 +48,9 @@ def scores(run_dir, compute, grad_epochs, localize_top, top, benchmark, folds, c
                        grad_epochs=parse_epochs(grad_epochs, option="--grad-epochs"),
                        localize_top=localize_top, folds=folds, cv_epochs=cv_epochs,
                        device=device, data_dir=data_dir, progress=progress)
+    if hasattr(result, "benchmark_path"):  # a text run
+        click.echo(text_scores_summary(result))
+        return
     for line in result.computed:
         click.echo(f"computed: {line}")
     click.echo(f"scores of {len(result.table.signals)} signals saved to {result.path}")
@@ -63,6 +66,27 @@ def scores(run_dir, compute, grad_epochs, localize_top, top, benchmark, folds, c
         click.echo("how well each signal finds the flipped labels, best first:")
         click.echo(text_table(header, cells))
         click.echo(f"benchmark saved to {result.benchmark.csv} and {result.benchmark.figure}")
+
+
+def text_scores_summary(result) -> str:
+    """What `memkern scores` found on a text run, in lines."""
+    from memkern.report.summaries import text_table
+
+    lines = [f"scores of {len(result.signals)} signals for {len(result.rows)} windows saved to "
+             f"{result.path}"]
+    top = sorted(result.rows, key=lambda r: -r["memorization_score"])[:10]
+    lines.append("highest memorization score: " + ", ".join(
+        f"window {r['index']}" + (f" (insert {r['insert']}, {r['reps']} copies)"
+                                  if r["insert"] >= 0 else " (plain text)") for r in top))
+    if result.benchmark:
+        groups = [k for k in result.benchmark[0] if k.startswith("auroc_r")]
+        lines.append("how well each signal finds the planted windows, best first:")
+        lines.append(text_table(
+            ["signal", "windows", "AUROC", "AP", *[f"AUROC {g[6:]} copies" for g in groups]],
+            [[r["signal"], str(r["covered"]), f"{r['auroc']:.3f}", f"{r['ap']:.3f}",
+              *[f"{r[g]:.3f}" for g in groups]] for r in result.benchmark]))
+        lines.append(f"benchmark saved to {result.benchmark_path}")
+    return "\n".join(lines)
 
 
 def top_examples(table, k: int = 10) -> str:

@@ -45,6 +45,7 @@ ALGORITHMS = (
     "memkern/experiments/text/objective.py",
     "memkern/experiments/text/targets.py",
     "memkern/experiments/scores/signals.py",
+    "memkern/experiments/scores/text_signals.py",
     "memkern/experiments/text/methods",
     "memkern/training/evaluate.py",
 )

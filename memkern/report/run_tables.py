@@ -13,6 +13,7 @@ from memkern.rundir.paths import RunDir
 from memkern.experiments.gradients.run import SUMMARY_COLUMNS
 from memkern.experiments.localize.summary import LEGACY_SUMMARY, summary_paths
 from memkern.rundir.csv_tables import read_checked_csv, read_csv, read_table
+from memkern.experiments.scores.text_run import BENCHMARK_FILE as TEXT_BENCHMARK_FILE
 
 CURVES = ("clean_acc", "noisy_acc", "test_acc")
 
@@ -140,6 +141,17 @@ TEXT_LOCALIZE_FIELDS = ("count", "extracted", "flipped", "median_channels_flippe
                         "perplexity_rise", "perplexity_rise_max")
 
 
+def _text_benchmark(path: Path) -> list[dict] | None:
+    """``scores/text_benchmark.csv``: AUROC / AP per signal, numbers checked."""
+    rows = read_csv(path) if path.is_file() else []
+    try:
+        return [{k: (v if k == "signal" else float(v or "nan")) for k, v in r.items()}
+                for r in rows] or None
+    except (TypeError, ValueError):
+        raise RunDirError(f"{path} holds a row that is not numbers; was it edited? rerun "
+                          f"memkern scores --benchmark") from None
+
+
 def _text_tables(run: RunDir, config: TrainConfig, metrics: list[dict]) -> RunTables:
     """A text run's tables: its metrics (held-out bits per byte in every line) and its text
     localization summary."""
@@ -149,6 +161,8 @@ def _text_tables(run: RunDir, config: TrainConfig, metrics: list[dict]) -> RunTa
     path = run_summary_path(run)
     return RunTables(run=run, config=config, noise={}, metrics=metrics,
                      localize=_localize_summary(path, TEXT_LOCALIZE_FIELDS),
+                     scores=(run.root / "scores.csv").is_file(),
+                     benchmark=_text_benchmark(run.root / TEXT_BENCHMARK_FILE),
                      figures={k: run.root / p for k, p in FIGURES.items()
                               if (run.root / p).is_file()})
 

@@ -17,6 +17,9 @@ CAPTIONS = {
     "localize": "Greedy zeroing of MLP neurons until greedy decoding no longer gives the "
                 "target's secret (docs/text.md); the cost is measured on the edited model: the "
                 "other canaries' extraction and held-out perplexity.",
+    "scores": "Per training window, signals from every epoch's predictions (docs/scores.md, "
+              "\"Text runs\"); a planted window the model has by heart is predicted better than "
+              "ordinary text.",
     "tied": "A tied-dropout run evaluated with every memorization neuron kept (scaled as in "
             "training) and dropped: memorization that lives in the memorization neurons "
             "disappears when they are dropped.",
@@ -113,6 +116,24 @@ def tied_cell(t: RunTables) -> Cell:
         ["", "own masks", "kept", "dropped"], rows)])
 
 
+def scores_cell(t: RunTables) -> Cell:
+    if not t.benchmark:
+        return Cell(t.name, missing=("scores.csv holds the per-window signals; how well they "
+                                     "find the planted windows: " if t.scores else
+                                     "no scores: ")
+                    + f"memkern scores --run {printable(str(t.run.root))} --benchmark")
+    groups = [k for k in t.benchmark[0] if k.startswith("auroc_r")]
+    best = t.benchmark[0]
+    finding = (f"{best['signal']} finds the planted windows best: AUROC {num(best['auroc'])} "
+               f"over {int(best['covered'])} windows"
+               + "".join(f"; {g[7:]}-copy canaries {num(best[g])}" for g in groups) + ".")
+    return Cell(t.name, finding, tables=[Table(
+        "how well each signal finds the planted windows (AUROC: 0.5 is chance), best first",
+        ["signal", "windows", "AUROC", "AP", *[f"AUROC {g[7:]} copies" for g in groups]],
+        [[r["signal"], str(int(r["covered"])), num(r["auroc"]), num(r["ap"]),
+          *[num(r[g]) for g in groups]] for r in t.benchmark])])
+
+
 def text_headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
     def top(t):
         groups = reps_groups(t.last)
@@ -155,7 +176,8 @@ def describe_text(t: RunTables) -> str:
 
 TEXT_SECTIONS = (("training", "Training: what was planted and extracted", training_cell),
                  ("localize", "Localization: neurons that hold a secret", localize_cell),
-                 ("tied", "Example-tied dropout", tied_cell))
+                 ("tied", "Example-tied dropout", tied_cell),
+                 ("scores", "Which windows were memorized?", scores_cell))
 
 
 def text_sections(runs: list[RunTables]) -> list[Section]:

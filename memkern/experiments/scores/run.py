@@ -15,6 +15,7 @@ from memkern.experiments.scores.compute import compute_missing, scores_dir
 from memkern.experiments.scores.crossval import check_folds
 from memkern.report.figures.scores import write_grids
 from memkern.experiments.scores.table import SCORES_FILE, ScoreTable, collect_scores
+from memkern.experiments.scores.text_run import TextScores, score_text_run
 
 
 @dataclass
@@ -33,12 +34,15 @@ class ScoresResult:
 def score_run(*, run: str | Path, compute: bool = False, benchmark: bool = False, top: int = 32,
               grad_epochs: Sequence[int] | None = None, localize_top: int = 64, folds: int = 5,
               cv_epochs: int | None = None, device: str = "auto",
-              data_dir: str | Path | None = None, progress: bool = True) -> ScoresResult:
+              data_dir: str | Path | None = None, progress: bool = True
+              ) -> ScoresResult | TextScores:
     """Write ``<run>/scores.csv`` and the image grids of the ``top`` highest-ranked examples of
     every signal (``<run>/scores/*.png``); with ``compute``, first add the cheap signals the run
     lacks (:func:`memkern.experiments.scores.compute.compute_missing`); with ``benchmark``, measure every
     signal against the flipped labels beside cleanlab on ``folds``-fold cross-validation
-    (:func:`memkern.experiments.scores.benchmark.run_benchmark`)."""
+    (:func:`memkern.experiments.scores.benchmark.run_benchmark`). A text run is scored per
+    window instead (:func:`memkern.experiments.scores.text_run.score_text_run`; ``compute``,
+    ``top``, the folds and the gradient epochs do not apply)."""
     if top < 1:
         raise ConfigError(f"--top must be at least 1, got {top}")
     check_folds(folds)
@@ -46,6 +50,10 @@ def score_run(*, run: str | Path, compute: bool = False, benchmark: bool = False
         raise ConfigError(f"--cv-epochs must be at least 1, got {cv_epochs}")
     run = RunDir(run)
     config = run.load_config()
+    if config.text:
+        run.final_checkpoint()
+        resolve_device(device)
+        return score_text_run(run, benchmark=benchmark, device=device, progress=progress)
     require_table_start(run.root / SCORES_FILE, first="index", what="a memkern scores table")
     run.final_checkpoint()  # a clear error for a run without checkpoints
     resolve_device(device)  # a device that is not there fails before anything is written

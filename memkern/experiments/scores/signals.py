@@ -124,9 +124,12 @@ def tied_gap(model: torch.nn.Module, data: PreparedData) -> np.ndarray:
     return (margins["own"] - margins["keep"]).double().numpy()
 
 
-def oriented(name: str, values: np.ndarray) -> np.ndarray:
-    """``values`` of column ``name`` flipped where needed so that higher = more suspicious."""
-    return direction(name) * np.asarray(values, dtype=np.float64)
+def oriented(name: str, values: np.ndarray, directions: Mapping[str, int] | None = None
+             ) -> np.ndarray:
+    """``values`` of column ``name`` flipped where needed so that higher = more suspicious
+    (``directions``: another run kind's, such as a text run's; default the image one)."""
+    sign = directions[name] if directions is not None else direction(name)
+    return sign * np.asarray(values, dtype=np.float64)
 
 
 def percentile_ranks(values: np.ndarray) -> np.ndarray:
@@ -135,7 +138,9 @@ def percentile_ranks(values: np.ndarray) -> np.ndarray:
     return rankdata(values) / len(values)
 
 
-def combined_score(columns: dict[str, np.ndarray], names: list[str]) -> np.ndarray:
+def combined_score(columns: dict[str, np.ndarray], names: list[str],
+                   directions: Mapping[str, int] | None = None) -> np.ndarray:
     """Mean percentile rank of the signals ``names`` (each oriented so higher = more
-    suspicious), float64 ``[N]`` in (0, 1]."""
-    return np.mean([percentile_ranks(oriented(name, columns[name])) for name in names], axis=0)
+    suspicious, by ``directions`` when given), float64 ``[N]`` in (0, 1]."""
+    return np.mean([percentile_ranks(oriented(name, columns[name], directions))
+                    for name in names], axis=0)
