@@ -6,10 +6,12 @@ through its mask (:mod:`memkern.experiments.localize.objective`). Within one gre
 never recur across steps (every mask at step k has exactly k zeros) and are already shared
 within a step; what recurs are the masks of later calls, e.g. the runner's chunks: the all-ones
 mask each chunk starts from and the common prefixes of greedy paths (bench/README.md,
-"Greedy: reference passes reused across chunks"). Exact, not approximate: a mask's reference
-rows give the same numbers whichever other masks share their pass, so a reused entry is the
-value the pass would have computed (tests assert results with and without the cache equal bit
-for bit).
+"Greedy: reference passes reused across chunks"). Exact, not approximate: on CPU a mask's
+reference rows give the same numbers whichever other masks share their pass, so a reused entry
+is the value the pass would have computed (tests assert results with and without the cache
+equal bit for bit). A GPU library that picks its kernels by batch size may round a pass of
+another size differently; a reused entry then differs from a recomputed one by that rounding,
+as results of two ``--chunk`` sizes already may.
 
 Bounded: past ``max_bytes`` the masks with the most zeros go first, as they are the ones later
 calls share least (a path's deeper prefixes are common to fewer targets).
