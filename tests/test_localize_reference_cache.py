@@ -95,6 +95,22 @@ def test_eviction_order_and_kinds_of_pass():
     assert float(total) == 1.0 and torch.equal(grad, torch.ones(4, dtype=torch.float64))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_entries_come_back_as_put_while_the_gradient_block_grows(dtype):
+    gen = torch.Generator().manual_seed(3)
+    masks = torch.rand(150, 37, generator=gen) > 0.5
+    sums = torch.randn(150, generator=gen, dtype=torch.float64).to(dtype) * 1e3
+    grads = torch.randn(150, 37, generator=gen, dtype=torch.float64).to(dtype)
+    cache, keys = ReferenceCache(), ReferenceCache.keys(masks)
+    for i, key in enumerate(keys):  # 150 gradient rows: the block grows from 64 to 256
+        cache.put(key, int((~masks[i]).sum()), sums[i], grads[i] if i % 3 else None)
+    for i, key in enumerate(keys):
+        total, grad = cache.get(key, bool(i % 3))
+        assert torch.tensor(total, dtype=dtype) == sums[i]  # the same bits back
+        assert torch.equal(grad, grads[i]) if i % 3 else grad is None
+    assert len(cache) == 150 and cache.reused == 150
+
+
 def test_cache_serves_one_model_and_objective():
     model, objective, space = _case(torch.float32)
     cache = ReferenceCache()
