@@ -12,6 +12,9 @@
     32 targets (16 noisy, 16 clean), 512 references, cap 50 channels.
 (c) one greedy pass at 129 to 4,128 rows: rows per second, i.e. how much of the CPU one
     target's pass already uses.
+(d) greedy as the runner calls it, in chunks of 32 targets, on 32 and 288 targets of the same
+    run: every chunk runs its own reference passes vs the chunks sharing one ReferenceCache
+    (same lines, asserted before timing and again on the timed results).
 Peak memory: the process's resident high-water mark after each method (ru_maxrss), so only
 increases are attributable to the method run last.
 """
@@ -32,6 +35,7 @@ from memkern.experiments.localize.channels import row_masks, set_masks
 from memkern.experiments.localize.examples import select_examples
 from memkern.experiments.localize.greedy import frozen
 from memkern.experiments.localize.paper_loop import paper_localize
+from memkern.experiments.localize.reference_cache import ReferenceCache
 from memkern.training.train import train
 from memkern.network.sites import channel_sites
 
@@ -179,9 +183,9 @@ def test_scan_model_memkern(benchmark, scan_case, context_info):
 
 
 @pytest.fixture(scope="module")
-def digits_case(tmp_path_factory):
-    """A real digits run (cnn, 10% noise, 30 epochs; 3 in quick mode), noisy and clean targets
-    interleaved, the paper's reference batch of 512 (16 in quick mode)."""
+def digits_run(tmp_path_factory):
+    """A real digits run (cnn, 10% noise, 30 epochs; 3 in quick mode), the paper's reference
+    batch of 512 (16 in quick mode), cap 50 channels (3)."""
     out = tmp_path_factory.mktemp("greedy") / "run"
     epochs = 3 if QUICK else 30
     train(TrainConfig(epochs=epochs), out=out, progress=False, device="cpu")
@@ -189,8 +193,14 @@ def digits_case(tmp_path_factory):
     model, data = trained.model.eval(), trained.data
     refs = reference_indices(len(data.train_labels), 16 if QUICK else 512, seed=0)
     objective = LocalizationObjective(data.train_images, data.train_labels, refs)
+    return model, data, channel_space(model), objective, 3 if QUICK else 50
+
+
+@pytest.fixture(scope="module")
+def digits_case(digits_run):
+    """The run's first 32 targets (4 in quick mode), noisy and clean interleaved."""
+    model, data, space, objective, cap = digits_run
     targets = select_examples(data, "all", limit=4 if QUICK else 32)
-    space, cap = channel_space(model), 3 if QUICK else 50
     _assert_greedy_peers_agree(model, objective, targets[:4], space, cap)
     return model, space, objective, targets, cap
 
@@ -268,3 +278,64 @@ def test_greedy_pass_rows(benchmark, digits_case, context_info, rows):
     benchmark.extra_info.update({**context_info, "rows": rows,
                                  "rows_per_s": rows / benchmark.stats.stats.mean,
                                  "peak_rss_mib": _peak_mib()})
+
+
+CHUNK = 4 if QUICK else 32  # the runner's default chunk (quick: 4, so there are several)
+_CHUNKED: dict[int, list] = {}
+
+
+def _in_chunks(model, objective, targets, space, cap, cache):
+    return [r for part in torch.split(targets, CHUNK)
+            for r in greedy_localize(model, objective, part, space=space, max_channels=cap,
+                                     cache=cache)]
+
+
+def _lines(results):
+    return [(r.index, r.channels, r.flipped, r.trace) for r in results]
+
+
+@pytest.fixture(scope="module", params=[32, 288])
+def chunked_case(request, digits_run):
+    """``count`` targets (noisy and clean interleaved; 8 in quick mode). Before timing: the
+    first two chunks give the same lines, traces to the bit, with and without the cache."""
+    model, data, space, objective, cap = digits_run
+    targets = select_examples(data, "all", limit=8 if QUICK else request.param)
+    first = targets[:2 * CHUNK]
+    cache = ReferenceCache()
+    assert _lines(_in_chunks(model, objective, first, space, cap, cache)) == \
+        _lines(_in_chunks(model, objective, first, space, cap, None)), "the cache changed a line"
+    return request.param, model, space, objective, targets, cap
+
+
+def _chunked_info(context_info, objective, targets, cap):
+    return {**context_info, "targets": len(targets), "chunk": CHUNK,
+            "ref_batch": len(objective.ref), "max_channels": cap, "model": "cnn",
+            "dataset": "digits"}
+
+
+def test_greedy_chunks_each_own_references(benchmark, chunked_case, context_info):
+    count, model, space, objective, targets, cap = chunked_case
+    benchmark.group = f"greedy-chunks-{count}"
+    _CHUNKED[count] = benchmark.pedantic(_in_chunks, args=(model, objective, targets, space,
+                                                           cap, None), rounds=1, warmup_rounds=0)
+    _record(benchmark, f"chunks-{count}", "each_own",
+            _chunked_info(context_info, objective, targets, cap), len(targets), "targets")
+
+
+def test_greedy_chunks_shared_cache(benchmark, chunked_case, context_info):
+    count, model, space, objective, targets, cap = chunked_case
+    benchmark.group = f"greedy-chunks-{count}"
+    caches = []
+
+    def shared():
+        caches.append(ReferenceCache())
+        return _in_chunks(model, objective, targets, space, cap, caches[-1])
+
+    got = benchmark.pedantic(shared, rounds=1, warmup_rounds=0)
+    if count in _CHUNKED:
+        assert _lines(got) == _lines(_CHUNKED[count]), "the timed runs' lines differ"
+    benchmark.extra_info.update({"reused_masks": caches[-1].reused,
+                                 "cache_entries": len(caches[-1]),
+                                 "cache_mib": caches[-1].nbytes / 2**20})
+    _record(benchmark, f"chunks-{count}", "shared_cache",
+            _chunked_info(context_info, objective, targets, cap), len(targets), "targets")

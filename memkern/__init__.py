@@ -30,6 +30,7 @@ _PUBLIC = {
     "memkern.experiments.localize.channels": ("ChannelSpace", "channel_space"),
     "memkern.experiments.localize.objective": ("LocalizationObjective", "reference_indices"),
     "memkern.experiments.localize.greedy": ("Localization", "greedy_localize"),
+    "memkern.experiments.localize.reference_cache": ("ReferenceCache",),
     "memkern.experiments.localize.exhaustive": ("exhaustive_localize",),
     "memkern.experiments.localize.scan": ("ablation_scan",),
     "memkern.experiments.localize.edited": ("edited_accuracies",),

@@ -4,11 +4,12 @@ from memkern.experiments.localize.channels import ChannelSpace, channel_space
 from memkern.experiments.localize.exhaustive import exhaustive_localize
 from memkern.experiments.localize.greedy import Localization, greedy_localize
 from memkern.experiments.localize.objective import LocalizationObjective, reference_indices
+from memkern.experiments.localize.reference_cache import ReferenceCache
 from memkern.experiments.localize.run import LocalizeResult, localize
 from memkern.experiments.localize.scan import ablation_scan, naive_ablation_scan
 from memkern.experiments.localize.summary import format_table, summarize, write_summary
 
 __all__ = ["ChannelSpace", "LocalizationObjective", "Localization", "LocalizeResult",
-           "ablation_scan", "channel_space", "exhaustive_localize", "format_table",
-           "greedy_localize", "localize", "naive_ablation_scan", "reference_indices",
-           "summarize", "write_summary"]
+           "ReferenceCache", "ablation_scan", "channel_space", "exhaustive_localize",
+           "format_table", "greedy_localize", "localize", "naive_ablation_scan",
+           "reference_indices", "summarize", "write_summary"]

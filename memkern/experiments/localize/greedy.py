@@ -11,7 +11,9 @@ Work sharing, exact: the reference batch (B rows, nearly all the work when B >> 
 target only through its mask (:mod:`memkern.experiments.localize.objective`), so each step runs it once per
 distinct mask among the running targets, not once per target: every target shares it at step 0,
 and targets whose greedy paths coincide keep sharing. Targets that stop at a step need the
-reference rows forward only (their trace value), never backward.
+reference rows forward only (their trace value), never backward. A
+:class:`~memkern.experiments.localize.reference_cache.ReferenceCache` passed to several calls
+(the runner's chunks) carries the reference passes of one call over to the next.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from torch import nn
 
 from memkern.experiments.localize.channels import ChannelSpace, row_masks, set_masks
 from memkern.experiments.localize.objective import LocalizationObjective
+from memkern.experiments.localize.reference_cache import ReferenceCache
 from memkern.network.sites import example_indices
 
 # Rows per forward/backward pass. On CPU, passes that outgrow the caches run slower per row
@@ -69,15 +72,19 @@ def frozen(model: nn.Module) -> Iterator[None]:
 
 def greedy_localize(model: nn.Module, objective: LocalizationObjective, targets: torch.Tensor, *,
                     space: ChannelSpace, max_channels: int = 50, max_rows: int | None = None,
-                    on_step: Callable[[int], None] | None = None) -> list[Localization]:
+                    on_step: Callable[[int], None] | None = None,
+                    cache: ReferenceCache | None = None) -> list[Localization]:
     """Localize every target of ``targets`` (int64 ``[T]`` dataset indices) together; finished
     targets drop out. ``on_step(n)`` is told how many targets finished; ``max_rows`` caps the
-    rows of one pass (default :func:`rows_per_pass`)."""
+    rows of one pass (default :func:`rows_per_pass`); ``cache`` reuses (and keeps) reference
+    passes of earlier calls on the same model, objective and space, with the same results."""
     model.eval()
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     max_rows = max_rows or rows_per_pass(device)
-    passes = _Passes(model, objective, space, targets, device, dtype, max_rows)
+    if cache is not None:
+        cache.bind(model, objective, space)
+    passes = _Passes(model, objective, space, targets, device, dtype, max_rows, cache)
     on = torch.ones(len(targets), space.total, dtype=torch.bool, device=device)
     results = [Localization(int(i)) for i in targets]
     counts = torch.zeros(len(targets), dtype=torch.long)
@@ -110,9 +117,9 @@ def greedy_localize(model: nn.Module, objective: LocalizationObjective, targets:
 class _Passes:
     """The two kinds of forward/backward pass of one greedy step, chunked to ``max_rows``."""
 
-    def __init__(self, model, objective, space, targets, device, dtype, max_rows):
+    def __init__(self, model, objective, space, targets, device, dtype, max_rows, cache):
         self.model, self.objective, self.space, self.ids = model, objective, space, targets
-        self.max_rows, self.dtype = max_rows, dtype
+        self.max_rows, self.dtype, self.cache = max_rows, dtype, cache
         self.x_targets = model_input(objective.target_inputs(targets), device, dtype)
         self.id_targets = objective.target_ids(targets).to(device)
         self.x_ref = model_input(objective.ref_inputs(), device, dtype)
@@ -151,9 +158,11 @@ class _Passes:
         needs_grad[which[cont]] = True
         sums = torch.empty(len(masks), dtype=part.dtype, device=part.device)
         grads = torch.zeros(len(masks), self.space.total, dtype=part.dtype, device=part.device)
+        keys = self.cache.keys(masks) if self.cache is not None else None
+        todo = self._reuse(keys, needs_grad, sums, grads)
         per_pass = max(1, self.max_rows // len(self.x_ref))
         for grad_on in (True, False):
-            chosen = torch.nonzero(needs_grad == grad_on).flatten()
+            chosen = torch.nonzero(todo & (needs_grad == grad_on)).flatten()
             for chunk in torch.split(chosen, per_pass) if len(chosen) else ():
                 m = masks[chunk.to(masks.device)].to(part.dtype).requires_grad_(grad_on)
                 with torch.set_grad_enabled(grad_on):
@@ -161,12 +170,35 @@ class _Passes:
                 sums[chunk] = s.detach()
                 if grad_on:
                     (grads[chunk],) = torch.autograd.grad(s.sum(), m)
+                self._keep(keys, masks, chunk, sums, grads if grad_on else None)
         counts = self.objective.ref_counts(self.ids[active]).to(part.device, part.dtype)
         loss = sums[which.to(sums.device)] / counts + part
         if not cont.any():
             return loss, None
         grad = grads[which[cont].to(grads.device)] / counts[cont.to(counts.device), None]
         return loss, grad + self._target_grads(active, cont)
+
+    def _reuse(self, keys, needs_grad, sums, grads) -> torch.Tensor:
+        """Fill ``sums``/``grads`` of the masks the cache holds; bool ``[U]``: still to run."""
+        todo = torch.ones(len(sums), dtype=torch.bool)
+        if keys is None:
+            return todo
+        for u, key in enumerate(keys):
+            entry = self.cache.get(key, bool(needs_grad[u]))
+            if entry is not None:
+                todo[u] = False
+                sums[u] = entry[0]
+                if needs_grad[u]:
+                    grads[u] = entry[1]
+        return todo
+
+    def _keep(self, keys, masks, chunk, sums, grads) -> None:
+        """Hand the masks of ``chunk`` just run (and their gradients, if any) to the cache."""
+        if keys is None:
+            return
+        zeros = (~masks[chunk.to(masks.device)]).sum(1).tolist()
+        for u, z in zip(chunk.tolist(), zeros):
+            self.cache.put(keys[u], z, sums[u], None if grads is None else grads[u])
 
     def _ref_sums(self, m: torch.Tensor) -> torch.Tensor:
         b = len(self.x_ref)

@@ -30,6 +30,7 @@ from memkern.experiments.localize.examples import (CHOICES, INSERT_CHOICES, sele
 from memkern.experiments.localize.exhaustive import exhaustive_localize
 from memkern.experiments.localize.greedy import greedy_localize
 from memkern.experiments.localize.objective import LocalizationObjective, reference_indices
+from memkern.experiments.localize.reference_cache import ReferenceCache
 from memkern.experiments.localize.rows import check_rows
 from memkern.experiments.localize.settings import check_resumable, localize_settings
 from memkern.experiments.localize.summary import (fitted, require_summary_outputs, summarize,
@@ -213,6 +214,7 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
         # Every rank runs the same number of rounds (rank 0's shard is the longest) and sums
         # progress after each, so waits stay within one chunk and rank 0's bar counts all.
         longest = math.ceil(len(todo) / world.size)
+        cache = ReferenceCache()  # chunks share reference passes (exact; reference_cache.py)
         for start in range(0, longest, chunk):
             part = mine[start:start + chunk]
             shown = [0]
@@ -224,7 +226,8 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
             if len(part):
                 _localize_chunk(model, data, objective, part, sink, method=method, space=space,
                                 max_channels=max_channels, candidates=candidates,
-                                max_rows=max_rows, settings=settings, on_step=on_step, text=text)
+                                max_rows=max_rows, settings=settings, on_step=on_step,
+                                cache=cache, text=text)
             done_now = world.sum(len(part))
             bar.advance(done_now - shown[0])
             finished += done_now
@@ -267,11 +270,12 @@ def _selection(examples: str, limit: int | None) -> str:
 
 def _localize_chunk(model, data, objective, part: torch.Tensor, sink: Path, *, method: str,
                     space, max_channels: int, candidates: int | None, max_rows: int | None,
-                    settings: dict, on_step, text: bool) -> None:
+                    settings: dict, on_step, cache: ReferenceCache, text: bool) -> None:
     """Localize ``part`` (int64 target ids) and append one line per target to ``sink``."""
     if method == "greedy":
         results = greedy_localize(model, objective, part, space=space,
-                                  max_channels=max_channels, max_rows=max_rows, on_step=on_step)
+                                  max_channels=max_channels, max_rows=max_rows, on_step=on_step,
+                                  cache=cache)
     else:
         results = exhaustive_localize(model, objective, part, space=space,
                                       max_channels=max_channels, candidates=candidates,
