@@ -219,6 +219,11 @@ def test_runner_resumes_after_a_kill_without_duplicates_or_loss(lm_run, tmp_path
     calls.clear()
     again = run_cli("benchmark-lm", "--run", first, "--methods", "random", *ARGS)
     assert again.exit_code == 0 and not calls and _lines(out) == resumed
+    # the report shows the comparison: both tables and the figure
+    assert run_cli("report", "--run", first).exit_code == 0
+    page = (first / "report" / "index.html").read_text()
+    assert "DEL: drop each method" in page and "INJ: recall" in page
+    assert "forgotten against damage per method" in page
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ class RunTables:
     localize: dict | None = None
     scores: bool = False
     benchmark: list[dict] | None = None
+    lm_benchmark: list[dict] | None = None  # a text run's lm_benchmark.csv rows (strings)
     figures: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -51,7 +52,7 @@ class RunTables:
         return "noisy_acc_drop" in self.last
 
 
-FIGURES = {"summed_norms": "grads/summed_norms.png", "cosine": "grads/cosine.png",
+FIGURES = {"lm_benchmark": "lm_benchmark.png","summed_norms": "grads/summed_norms.png", "cosine": "grads/cosine.png",
            "live_summed_norms": "grads/live_summed_norms.png",
            "live_cosine": "grads/live_cosine.png", "rewind": "rewind.png",
            "retrain": "retrain.png", "localize": "localize.png",
@@ -161,6 +162,8 @@ def _text_tables(run: RunDir, config: TrainConfig, metrics: list[dict]) -> RunTa
     path = run_summary_path(run)
     return RunTables(run=run, config=config, noise={}, metrics=metrics,
                      localize=_localize_summary(path, TEXT_LOCALIZE_FIELDS),
+                     lm_benchmark=read_csv(run.root / "lm_benchmark.csv")
+                     if (run.root / "lm_benchmark.csv").is_file() else None,
                      scores=(run.root / "scores.csv").is_file(),
                      benchmark=_text_benchmark(run.root / TEXT_BENCHMARK_FILE),
                      figures={k: run.root / p for k, p in FIGURES.items()

@@ -20,6 +20,10 @@ CAPTIONS = {
     "scores": "Per training window, signals from every epoch's predictions (docs/scores.md, "
               "\"Text runs\"); a planted window the model has by heart is predicted better than "
               "ordinary text.",
+    "lm_benchmark": "Every published localization method ranks the MLP neurons for each "
+                    "memorized target; DEL drops each method's top neurons and measures what is "
+                    "forgotten and what it costs, INJ plants fresh canaries into known neurons "
+                    "and measures each method's recall of them (docs/text.md).",
     "tied": "A tied-dropout run evaluated with every memorization neuron kept (scaled as in "
             "training) and dropped: memorization that lives in the memorization neurons "
             "disappears when they are dropped.",
@@ -134,6 +138,55 @@ def scores_cell(t: RunTables) -> Cell:
           *[num(r[g]) for g in groups]] for r in t.benchmark])])
 
 
+def _float(text: str) -> float | None:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        return None
+    return None if value != value else value
+
+
+def lm_benchmark_cell(t: RunTables) -> Cell:
+    rows = t.lm_benchmark
+    if not rows:
+        return Cell(t.name, missing=f"no method comparison: memkern benchmark-lm --run "
+                                    f"{printable(str(t.run.root))}")
+    dropped = [r for r in rows if r.get("benchmark") == "DEL"]
+    injected = [r for r in rows if r.get("benchmark") == "INJ"]
+    best = max(dropped, key=lambda r: (_float(r["efficacy"]) or 0.0), default=None)
+    if best is None:
+        finding = None
+    elif not _float(best["efficacy"]):
+        finding = (f"No method forgot any of the {best['targets']} targets by dropping up to "
+                   f"{max(_float(r['fraction_pct']) or 0.0 for r in dropped):g}% of each MLP "
+                   f"layer's neurons.")
+    else:
+        finding = (f"Dropping {best['method']}'s top {best['fraction_pct']}% of each MLP layer "
+                   f"forgot {_pct(_float(best['efficacy']))} of {best['targets']} targets, the "
+                   f"most of any method and fraction, at a held-out perplexity change of "
+                   f"{num(_float(best['ppl_change_pct']))}%.")
+    tables = []
+    if dropped:
+        tables.append(Table(
+            "DEL: drop each method's top neurons of every MLP layer for one target",
+            ["method", "drop %", "targets", "forgotten", "other canaries (points)",
+             "perplexity change %", "exposure change (bits)", "s / target"],
+            [[r["method"], r["fraction_pct"], r["targets"], _pct(_float(r["efficacy"])),
+              num(_float(r["others_change_pts"])), num(_float(r["ppl_change_pct"])),
+              num(_float(r["exposure_change"])), num(_float(r["rank_s"]))] for r in dropped],
+            collapsed=len(dropped) > 12))
+    if injected:
+        tables.append(Table(
+            "INJ: recall of the neurons fresh canaries were planted in",
+            ["method", "planted %", "injections", "recall", "chance", "extracted"],
+            [[r["method"], r["fraction_pct"], r["targets"], num(_float(r["recall"])),
+              num(_float(r["chance"])), r["reached"]] for r in injected],
+            collapsed=len(injected) > 12))
+    figures = [figure("forgotten against damage per method", t.figures["lm_benchmark"]
+                      .read_bytes())] if "lm_benchmark" in t.figures else []
+    return Cell(t.name, finding, figures, tables)
+
+
 def text_headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
     def top(t):
         groups = reps_groups(t.last)
@@ -177,7 +230,9 @@ def describe_text(t: RunTables) -> str:
 TEXT_SECTIONS = (("training", "Training: what was planted and extracted", training_cell),
                  ("localize", "Localization: neurons that hold a secret", localize_cell),
                  ("tied", "Example-tied dropout", tied_cell),
-                 ("scores", "Which windows were memorized?", scores_cell))
+                 ("scores", "Which windows were memorized?", scores_cell),
+                 ("lm_benchmark", "Localization methods side by side (DEL, INJ)",
+                  lm_benchmark_cell))
 
 
 def text_sections(runs: list[RunTables]) -> list[Section]:
