@@ -1,6 +1,7 @@
 """``memkern demo``: every experiment of the paper on the embedded digits data, on a plain run and
-on an example-tied-dropout run, and the memorization scores of both, in minutes on a laptop CPU.
-Each step resumes, so a killed demo picks up where it was."""
+on an example-tied-dropout run, and the memorization scores of both, in minutes on a laptop CPU;
+``--text``: the same study of a byte GPT with planted canaries (docs/text.md). Each step
+resumes, so a killed demo picks up where it was."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -18,6 +19,40 @@ LOCALIZE_CLEAN = 144  # as many clean examples as the 10% noise flips on digits'
 LOCALIZE_REF_BATCH = 128  # a quarter of the paper's 512: digits' localization in minutes on CPU
 GRADS_EPOCHS = [0, 5, 10, 15, 20, 25, 30]
 RUNS = {"plain": "cnn-digits", "tied": "cnn-digits-tied"}
+TEXT_RUNS = {"plain": "gpt-stdlib", "tied": "gpt-stdlib-tied"}
+
+
+def _trained(name: str, preset: str, out: Path, *, device: str, progress: bool,
+             say: Callable[[str], None]) -> RunDir:
+    """The demo's run ``name`` of ``preset``, trained (or resumed) to the preset's last epoch."""
+    config = TrainConfig.from_name(preset)
+    run = RunDir(out / name)
+    if not run.epochs() or run.epochs()[-1] < config.epochs:
+        say(f"[demo] training {name}: {config.model} on {config.dataset}"
+            + (" with example-tied dropout" if config.tied_dropout else ""))
+        train(None if run.has_content() else config, out=run.root,
+              resume=run.has_content(), device=device, progress=progress)
+    return run
+
+
+def run_text_demo(*, out: str | Path, device: str = "auto", progress: bool = True,
+                  say: Callable[[str], None] = print) -> Path:
+    """Train a byte GPT with 8 planted canaries with and without example-tied dropout, then
+    localize every canary and score every window of both; returns the report page that shows
+    both runs side by side, ``<out>/report/index.html``."""
+    from memkern.experiments.localize.run import localize
+    from memkern.experiments.scores.run import score_run
+
+    for name, preset in TEXT_RUNS.items():
+        run = _trained(name, preset, Path(out), device=device, progress=progress, say=say)
+        say(f"[demo] {name}: localizing every canary in the MLP neurons")
+        localize(ckpt=run.final_checkpoint(), examples="canaries", device=device,
+                 progress=progress)
+        say(f"[demo] {name}: scoring every window, benchmarked on the planted ones")
+        score_run(run=run.root, benchmark=True, device=device, progress=progress)
+    say("[demo] report: plain and tied runs side by side")
+    return write_report(run=Path(out) / "plain", compare=Path(out) / "tied",
+                        out=Path(out) / "report")
 
 
 def run_demo(*, out: str | Path, device: str = "auto", progress: bool = True,
@@ -32,12 +67,7 @@ def run_demo(*, out: str | Path, device: str = "auto", progress: bool = True,
 
     for name, preset in RUNS.items():
         config = TrainConfig.from_name(preset)
-        run = RunDir(Path(out) / name)
-        if not run.epochs() or run.epochs()[-1] < config.epochs:
-            say(f"[demo] training {name}: {config.model} on {config.dataset}"
-                + (" with example-tied dropout" if config.tied_dropout else ""))
-            train(None if run.has_content() else config, out=run.root,
-                  resume=run.has_content(), device=device, progress=progress)
+        run = _trained(name, preset, Path(out), device=device, progress=progress, say=say)
         final = run.final_checkpoint()
         if config.tied_dropout:
             for mode in ("keep", "drop"):

@@ -202,3 +202,26 @@ def test_localize_refuses_bad_text_input_in_one_line(text_run, tmp_path, extra, 
 def test_canaries_on_an_image_run_are_refused(run):
     assert_one_line_error(run_cli("localize", "--run", run, "--examples", "canaries",
                                   "--no-progress"), "takes a text run")
+
+
+def test_text_demo_trains_localizes_scores_and_reports_both_runs(tmp_path, monkeypatch):
+    import dataclasses
+
+    import memkern.demo as demo
+    from memkern.training.config import PRESETS, TrainConfig
+
+    corpus = write_works(tmp_path / "c", count=5, lines=40)
+    tiny = TrainConfig(dataset=f"text:{corpus}", model=TINY, noise=0.0, seq_len=32,
+                       canaries=4, canary_reps=(1, 8), epochs=1, batch_size=32, lr=0.3)
+    monkeypatch.setitem(PRESETS, "tiny-text", tiny)
+    monkeypatch.setitem(PRESETS, "tiny-text-tied", dataclasses.replace(tiny, tied_dropout=True))
+    monkeypatch.setattr(demo, "TEXT_RUNS", {"plain": "tiny-text", "tied": "tiny-text-tied"})
+    result = run_cli("demo", "--text", "--out", tmp_path / "d", "--no-progress",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    for name in ("plain", "tied"):
+        assert (tmp_path / "d" / name / "localize.summary.json").is_file()
+        assert (tmp_path / "d" / name / "scores" / "text_benchmark.csv").is_file()
+    page = (tmp_path / "d" / "report" / "index.html").read_text()
+    assert "neurons that hold a secret" in page and "memorization neurons kept" in page
+    assert "plain run" in result.output and "tied run" in result.output

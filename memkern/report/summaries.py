@@ -177,6 +177,9 @@ def run_findings(run: str | Path) -> list[str]:
     from memkern.report.run_tables import load_run_tables
 
     t = load_run_tables(run)
+    if t.config.text:
+        from memkern.report.text_page import text_findings
+        return text_findings(t)
     lines = [findings.memorization_caveat(t.last),
              findings.training_finding(t.last, epochs=t.last["epoch"],
                                        noisy=len(t.noise["noisy_indices"]),

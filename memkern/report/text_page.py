@@ -235,6 +235,12 @@ TEXT_SECTIONS = (("training", "Training: what was planted and extracted", traini
                   lm_benchmark_cell))
 
 
+def text_findings(t: RunTables) -> list[str]:
+    """The page's caveat and each section's finding for one text run, in page order."""
+    return text_warnings([t]) + [c.finding for _, _, cell in TEXT_SECTIONS
+                                 if (c := cell(t)).finding]
+
+
 def text_sections(runs: list[RunTables]) -> list[Section]:
     return [Section(key, title, CAPTIONS[key], [cell(t) for t in runs])
             for key, title, cell in TEXT_SECTIONS]

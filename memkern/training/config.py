@@ -256,7 +256,17 @@ PRESETS: dict[str, TrainConfig] = {
                                    batch_size=32, lr=0.3, weight_decay=0.0, warmup=0.05,
                                    epochs=12, canaries=96, canary_reps=(1, 4, 16, 64),
                                    text_bytes=250_000),
+    # `memkern demo --text`: a 2-layer byte GPT on 20 KB of the standard library's sources with
+    # 8 canaries, half planted once and half 128 times. Measured (README, "Language models"):
+    # the 128-copy canaries are extracted from epoch 5 on, the 1-copy ones never.
+    "gpt-stdlib": TrainConfig(dataset="text:stdlib", model="gpt?layers=2&width=64&heads=2&mlp=256",
+                              noise=0.0, batch_size=32, lr=0.3, weight_decay=0.0, warmup=0.05,
+                              epochs=14, seq_len=64, canaries=8, canary_reps=(1, 128),
+                              text_bytes=20_000),
 }
+# ... and with example-tied dropout on its MLP neurons (docs/text.md): every copy of a canary
+# shares one mask.
+PRESETS["gpt-stdlib-tied"] = dataclasses.replace(PRESETS["gpt-stdlib"], tied_dropout=True)
 
 
 def preset_for(model: str, dataset: str) -> TrainConfig:

@@ -168,7 +168,8 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
     if text and eot:
         raise ConfigError("--eot averages noisy copies of an image; a text run's targets are "
                           "byte sequences: leave --eot at 0")
-    examples = examples or ("canaries" if text else "noisy")
+    if examples is None:
+        examples = "canaries" if text else "noisy"
     ref_batch = ref_batch or REF_BATCH["text" if text else "image"]
     if examples in ("noisy", "clean") and not text:
         require_noisy_split(trained.config, f"--examples {examples}")
