@@ -30,6 +30,10 @@ CAPTIONS = {
 }
 
 
+def _times(n: int) -> str:
+    return "once" if n == 1 else f"{n} times"
+
+
 def _count(value) -> str:
     return "-" if value is None else f"{value:g}"
 
@@ -46,8 +50,8 @@ def training_cell(t: RunTables) -> Cell:
     if groups:
         top, low = groups[-1], groups[0]
         finding = (f"After epoch {last['epoch']}, {_pct(last.get(f'extracted_r{top}'))} of the "
-                   f"canaries planted {top} times are extracted exactly, "
-                   f"{_pct(last.get(f'extracted_r{low}'))} of those planted {low} times; "
+                   f"canaries planted {_times(top)} are extracted exactly, "
+                   f"{_pct(last.get(f'extracted_r{low}'))} of those planted {_times(low)}; "
                    f"held-out text costs {num(last.get('heldout_bpb'))} bits per byte.")
     else:
         finding = (f"No canary was planted; held-out text costs {num(last.get('heldout_bpb'))} "
@@ -112,9 +116,12 @@ def tied_cell(t: RunTables) -> Cell:
                                          for m in ("", "_keep", "_drop")]])
     top = groups[-1] if groups else None
     finding = None if top is None else (
-        f"With the memorization neurons dropped, {_pct(last.get(f'extracted_r{top}_drop'))} of "
-        f"the {top}-copy canaries are extracted, against "
-        f"{_pct(last.get(f'extracted_r{top}_keep'))} with them kept.")
+        f"With the memorization neurons dropped, {_pct(last.get(f'extracted_r{top}_drop'))} "
+        f"of the {top}-copy canaries are extracted, against "
+        f"{_pct(last.get(f'extracted_r{top}'))} under each copy's own mask (as trained) and "
+        f"{_pct(last.get(f'extracted_r{top}_keep'))} with every memorization neuron kept "
+        f"(scaled by p_mem); held-out text costs {num(last.get('heldout_bpb_drop'))} bits per "
+        f"byte with them dropped.")
     return Cell(t.name, finding, tables=[Table(
         "canaries extracted with the run's own masks, memorization neurons kept and dropped",
         ["", "own masks", "kept", "dropped"], rows)])
@@ -202,9 +209,19 @@ def text_headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
                 f"{_count(e['median_channels_flipped'])} neurons, perplexity +"
                 f"{_pct(e['perplexity_rise'])}")
 
-    return [("held-out bits per byte", [num(t.last.get("heldout_bpb")) for t in runs]),
-            ("canaries extracted, most-copied group", [top(t) for t in runs]),
-            ("extracted targets stopped by zeroing neurons", [stopped(t) for t in runs])]
+    def dropped(t):
+        groups = reps_groups(t.last)
+        if not groups or f"extracted_r{groups[-1]}_drop" not in t.last:
+            return "-"
+        return num(t.last[f"extracted_r{groups[-1]}_drop"])
+
+    lines = [("held-out bits per byte", [num(t.last.get("heldout_bpb")) for t in runs]),
+             ("canaries extracted, most-copied group", [top(t) for t in runs])]
+    if any("heldout_bpb_drop" in t.last for t in runs):
+        lines.append(("... with the memorization neurons dropped (tied dropout)",
+                      [dropped(t) for t in runs]))
+    return lines + [
+        ("extracted targets stopped by zeroing neurons", [stopped(t) for t in runs])]
 
 
 def text_warnings(runs: list[RunTables]) -> list[str]:
