@@ -130,7 +130,7 @@ def read_measure_table(path: str | Path) -> list[dict]:
         except (TypeError, ValueError):  # a short row (None) or a non-number
             raise RunDirError(f"{path}, line {n}: not a row of group, epoch and numbers; was it "
                               f"edited? move it away and rerun") from None
-        if None in r or row["group"] is None:  # a long row
+        if None in r:  # a long row: DictReader keeps the extra cells under None
             raise RunDirError(f"{path}, line {n}: more cells than columns; was it edited? move "
                               f"it away and rerun")
         key = (row["group"], row["epoch"])

@@ -61,8 +61,9 @@ def rewind(*, run: str | Path, epochs: list[int] | None = None,
     """Evaluate every (group, rewind epoch) of ``run``; write ``rewind.csv`` and ``rewind.png``
     into it. Returns the rows: the baseline (``group == "final"``, the final epoch) first, then
     ``{"group", "epoch", "clean_acc", "noisy_acc", "test_acc"}`` (a text run: ``{"group",
-    "epoch", **text measures}``) per configuration, grouped by epoch. Each checkpoint and the dataset are read once; when rewind.csv already holds these
-    configurations of these checkpoints, its rows are returned without evaluating again."""
+    "epoch", **text measures}``) per configuration, grouped by epoch. Each checkpoint and the
+    dataset are read once; when rewind.csv already holds these configurations of these
+    checkpoints, its rows are returned without evaluating again."""
     run = RunDir(run)
     require_history(run.load_config(), "rewind")
     require_json_output(run.root / "rewind.json", keys=("epochs", "groups"),
