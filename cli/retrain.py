@@ -28,7 +28,9 @@ from memkern.experiments.retrain.run import DEFAULT_EPOCHS, DEFAULT_FROM_EPOCH
 def retrain(run_dir, groups, from_epoch, epochs, lr, overwrite, data_dir, device, progress):
     """Reset one layer group at a time to an early checkpoint, freeze the rest, fine-tune the
     group on clean examples only; write retrain.csv and retrain.png into the run directory.
-    A killed call resumes: groups already in retrain.csv are skipped.
+    A killed call resumes: groups already in retrain.csv are skipped. On a text run the group
+    is retrained on the windows holding no planted copy, and the table holds held-out bits per
+    byte and the canaries' extraction and exposure by reps group (docs/text.md).
 
     \b
     Example:
@@ -37,10 +39,12 @@ def retrain(run_dir, groups, from_epoch, epochs, lr, overwrite, data_dir, device
     """
     from memkern.experiments.retrain.run import retrain as run_retrain
     from memkern.report.summaries import retrain_summary
+    from memkern.report.text_summaries import is_text_metrics, text_retrain_summary
 
     rows = run_retrain(run=run_dir, groups=split_names(groups), from_epoch=from_epoch,
                        epochs=epochs, lr=lr, device=device, data_dir=data_dir,
                        overwrite=overwrite, progress=progress)
-    click.echo(retrain_summary(rows))
+    text = bool(rows) and is_text_metrics(rows[0])
+    click.echo((text_retrain_summary if text else retrain_summary)(rows))
     click.echo(f"{len({r['group'] for r in rows})} groups retrained; wrote {run_dir}/retrain.csv "
                f"and {run_dir}/retrain.png")

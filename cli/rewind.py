@@ -25,6 +25,9 @@ def rewind(run_dir, epochs, groups, data_dir, device, progress):
     """Rewind each layer group (weights and BatchNorm statistics) of a run's final model to
     earlier checkpoints; write rewind.csv and rewind.png into the run directory.
 
+    On a text run the table holds held-out bits per byte and the canaries' extraction and
+    exposure by reps group instead of accuracies (docs/text.md).
+
     \b
     Example:
       memkern rewind --run runs/digits
@@ -32,9 +35,11 @@ def rewind(run_dir, epochs, groups, data_dir, device, progress):
     """
     from memkern.experiments.rewind.run import rewind as run_rewind
     from memkern.report.summaries import rewind_summary
+    from memkern.report.text_summaries import is_text_metrics, text_rewind_summary
 
     rows = run_rewind(run=run_dir, epochs=parse_epochs(epochs), groups=split_names(groups),
                       device=device, data_dir=data_dir, progress=progress)
-    click.echo(rewind_summary(rows))
+    text = bool(rows) and is_text_metrics(rows[0])
+    click.echo((text_rewind_summary if text else rewind_summary)(rows))
     click.echo(f"{len(rows) - 1} configurations evaluated; wrote {run_dir}/rewind.csv and "
                f"{run_dir}/rewind.png")

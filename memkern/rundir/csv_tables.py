@@ -2,7 +2,9 @@
 previous table or the new one).
 
 Accuracy tables (rewind.csv, retrain.csv) have one row per (group, epoch):
-``group, epoch, clean_acc, noisy_acc, test_acc``.
+``group, epoch, clean_acc, noisy_acc, test_acc``. A text run's tables (measure tables) have
+``group, epoch`` and then the text measures of the run (docs/text.md), whose columns vary with
+its reps groups.
 """
 from __future__ import annotations
 
@@ -14,9 +16,11 @@ from typing import Callable, Sequence
 
 from memkern.rundir.atomic import atomic_write_text
 from memkern.errors import RunDirError
-from memkern.rundir.ownership import require_table_output
+from memkern.rundir.ownership import require_table_output, require_table_start
 
 COLUMNS = ("group", "epoch", "clean_acc", "noisy_acc", "test_acc")
+KEYS = ("group", "epoch")  # a measure table's first columns
+MEASURE_TABLE = "a memkern measure table"
 
 
 def csv_text(rows: list[dict], columns: Sequence[str]) -> str:
@@ -88,6 +92,47 @@ def read_table(path: str | Path) -> list[dict]:
         if off:
             raise RunDirError(f"{path}, line {n}: {off[0]} is {r[off[0]]}, not an accuracy in "
                               f"[0, 1]; was it edited? move it away and rerun")
+        key = (row["group"], row["epoch"])
+        if key in seen:
+            raise RunDirError(f"{path}, line {n}: group {key[0]} at epoch {key[1]} appears a "
+                              f"second time; was it edited? move it away and rerun")
+        seen.add(key)
+        rows.append(row)
+    return rows
+
+
+def write_measure_table(path: str | Path, rows: list[dict]) -> None:
+    """Replace ``path`` (a measure table, or nothing) by ``rows``: ``group``, ``epoch``, then the
+    other keys of the first row in their order (every row has the same keys)."""
+    require_table_start(path, first=KEYS[0], what=MEASURE_TABLE)
+    columns = [*KEYS, *(k for k in (rows[0] if rows else {}) if k not in KEYS)]
+    if any(set(r) != set(columns) for r in rows):
+        raise ValueError("the rows of a measure table must all have the same keys")
+    atomic_write_text(path, csv_text(rows, columns))
+
+
+def read_measure_table(path: str | Path) -> list[dict]:
+    """Rows with ``epoch`` as int and every measure as float (nan: undefined); a missing file is
+    an empty table."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    reader = csv.DictReader(io.StringIO(path.read_text()))
+    header = tuple(reader.fieldnames or ())
+    if header[:2] != KEYS or len(set(header)) != len(header):
+        raise RunDirError(f"{path} is not {MEASURE_TABLE} (columns {list(header)}, expected "
+                          f"group, epoch and the measures); move it away and rerun")
+    rows, seen = [], set()
+    for n, r in enumerate(reader, 2):
+        try:
+            row = {"group": r["group"], "epoch": int(r["epoch"]),
+                   **{k: float(r[k]) for k in header[2:]}}
+        except (TypeError, ValueError):  # a short row (None) or a non-number
+            raise RunDirError(f"{path}, line {n}: not a row of group, epoch and numbers; was it "
+                              f"edited? move it away and rerun") from None
+        if None in r:  # a long row: DictReader keeps the extra cells under None
+            raise RunDirError(f"{path}, line {n}: more cells than columns; was it edited? move "
+                              f"it away and rerun")
         key = (row["group"], row["epoch"])
         if key in seen:
             raise RunDirError(f"{path}, line {n}: group {key[0]} at epoch {key[1]} appears a "

@@ -1,10 +1,15 @@
-"""Figures of the layer experiments: rewinding heatmaps and retraining curves (PNG, Agg)."""
+"""Figures of the layer experiments: rewinding heatmaps and retraining curves (PNG, Agg); on a
+text run (docs/text.md, "Rewinding and retraining"), extraction of the most-repeated canaries
+against held-out bits per byte."""
 from __future__ import annotations
 
 import math
 from pathlib import Path
 
 from memkern.report.figures.style import SPLITS, WIDTH_IN, save_png
+from memkern.report.text_summaries import reps_groups
+
+MARKERS = "osD^v<>p*hX"
 
 
 def _pyplot():
@@ -80,4 +85,64 @@ def plot_retrain(rows: list[dict], path: str | Path, *, title: str) -> None:
     handles, labels = axes[0][0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncol=3, fontsize=8)
     fig.suptitle(title)
+    save_png(fig, path)
+
+
+def _extraction_key(row: dict) -> tuple[str, str]:
+    """The key and axis label of the most-repeated canaries' extraction (held-out bpb when the
+    run has no canaries)."""
+    groups = reps_groups(row)
+    if not groups:
+        return "heldout_bpb", "held-out bits per byte"
+    return f"extracted_r{groups[-1]}", f"canaries with {groups[-1]} copies extracted (fraction)"
+
+
+def plot_text_rewind(rows: list[dict], path: str | Path, *, title: str) -> None:
+    """One point per (group, rewind epoch): held-out bits per byte across, extraction of the
+    most-repeated canaries up; one marker per group, each point labelled with its epoch, the
+    final model a star. A group whose rewinding removes the memory and keeps the text sits low
+    and left."""
+    base, configs = rows[0], rows[1:]
+    key, label = _extraction_key(base)
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 4.2), layout="constrained")
+    ax.scatter([base["heldout_bpb"]], [base[key]], marker="*", s=160, color="black",
+               label=f"final model (epoch {base['epoch']})", zorder=3)
+    for k, group in enumerate(_ordered(r["group"] for r in configs)):
+        mine = [r for r in configs if r["group"] == group]
+        ax.scatter([r["heldout_bpb"] for r in mine], [r[key] for r in mine],
+                   marker=MARKERS[k % len(MARKERS)], s=36, label=f"{group} rewound")
+        for r in mine:
+            ax.annotate(str(r["epoch"]), (r["heldout_bpb"], r[key]), fontsize=7,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("held-out bits per byte (lower: text kept)")
+    ax.set_ylabel(label)
+    if key != "heldout_bpb":
+        ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    ax.set_title(title, fontsize=10)
+    save_png(fig, path)
+
+
+def plot_text_retrain(rows: list[dict], path: str | Path, *, title: str) -> None:
+    """Two panels against retraining epoch (0 = reset), one line per group: extraction of the
+    most-repeated canaries, held-out bits per byte."""
+    key, label = _extraction_key(rows[0])
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(WIDTH_IN, 3.4), layout="constrained")
+    for k, group in enumerate(_ordered(r["group"] for r in rows)):
+        mine = sorted((r for r in rows if r["group"] == group), key=lambda r: r["epoch"])
+        for ax, column in zip(axes, (key, "heldout_bpb")):
+            ax.plot([r["epoch"] for r in mine], [r[column] for r in mine],
+                    marker=MARKERS[k % len(MARKERS)], ms=4, label=group)
+    for ax, ylabel in zip(axes, (label, "held-out bits per byte")):
+        ax.set_xlabel("retraining epoch (0 = reset)", fontsize=9)
+        ax.set_ylabel(ylabel, fontsize=9)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+    if key != "heldout_bpb":
+        axes[0].set_ylim(-0.02, 1.02)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
     save_png(fig, path)
