@@ -156,6 +156,12 @@ def test_cli_writes_tables_and_figures_and_reruns_idempotently(run_copy, monkeyp
     written = (run_copy / "retrain.csv").read_bytes()
     assert run_cli(*args).exit_code == 0 and calls == ["blocks.0", "tok_embed", "norm"]
     assert (run_copy / "retrain.csv").read_bytes() == written
+    # the report shows both tables and figures
+    assert run_cli("report", "--run", run_copy).exit_code == 0
+    page = (run_copy / "report" / "index.html").read_text()
+    assert "each group rewound to an earlier epoch" in page
+    assert "each group reset and retrained on clean windows" in page
+    assert "no rewinding" not in page and "no retraining" not in page
 
 
 def test_bad_input_is_one_line(run_copy):

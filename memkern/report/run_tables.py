@@ -12,7 +12,8 @@ from memkern.report.findings import TOTAL
 from memkern.rundir.paths import RunDir
 from memkern.experiments.gradients.run import SUMMARY_COLUMNS
 from memkern.experiments.localize.summary import LEGACY_SUMMARY, summary_paths
-from memkern.rundir.csv_tables import read_checked_csv, read_csv, read_table
+from memkern.rundir.csv_tables import (read_checked_csv, read_csv, read_measure_table,
+                                       read_table)
 from memkern.experiments.scores.text_run import BENCHMARK_FILE as TEXT_BENCHMARK_FILE
 
 CURVES = ("clean_acc", "noisy_acc", "test_acc")
@@ -166,6 +167,8 @@ def _text_tables(run: RunDir, config: TrainConfig, metrics: list[dict]) -> RunTa
                      if (run.root / "lm_benchmark.csv").is_file() else None,
                      scores=(run.root / "scores.csv").is_file(),
                      benchmark=_text_benchmark(run.root / TEXT_BENCHMARK_FILE),
+                     rewind=read_measure_table(run.root / "rewind.csv") or None,
+                     retrain=read_measure_table(run.root / "retrain.csv") or None,
                      figures={k: run.root / p for k, p in FIGURES.items()
                               if (run.root / p).is_file()})
 

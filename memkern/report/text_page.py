@@ -14,6 +14,11 @@ CAPTIONS = {
                 "secret greedy decoding from the prefix reproduces exactly, their mean exposure "
                 "(log2 of the 10^8 possible secrets minus log2 of the secret's rank) and held-out "
                 "bits per byte.",
+    "rewind": "Each layer group's weights set back to an earlier epoch's, the rest final: "
+              "where rewinding removes the canaries and what it costs on held-out text.",
+    "retrain": "Each layer group reset to its first weights and retrained on windows with no "
+               "planted copy, the rest frozen: a canary extracted again was kept by the "
+               "frozen groups.",
     "localize": "Greedy zeroing of MLP neurons until greedy decoding no longer gives the "
                 "target's secret (docs/text.md); the cost is measured on the edited model: the "
                 "other canaries' extraction and held-out perplexity.",
@@ -194,6 +199,49 @@ def lm_benchmark_cell(t: RunTables) -> Cell:
     return Cell(t.name, finding, figures, tables)
 
 
+def _layers_table(rows: list[dict], title: str) -> Table:
+    groups = reps_groups(rows[0])
+    return Table(title, ["group", "epoch", "held-out bits/byte",
+                         *[f"extracted ({r} copies)" for r in groups]],
+                 [[r["group"], str(r["epoch"]), num(r["heldout_bpb"]),
+                   *[num(r.get(f"extracted_r{g}")) for g in groups]] for r in rows],
+                 collapsed=len(rows) > 12)
+
+
+def rewind_cell(t: RunTables) -> Cell:
+    if not t.rewind:
+        return Cell(t.name, missing=f"no rewinding: memkern rewind --run "
+                                    f"{printable(str(t.run.root))}")
+    groups = reps_groups(t.rewind[0])
+    top = groups[-1] if groups else None
+    finding = None
+    if top is not None:
+        final = t.rewind[0]
+        # the rewind that removes the most, and among those the one costing least
+        worst = min(t.rewind[1:], key=lambda r: (r.get(f"extracted_r{top}", 1.0),
+                                                 r["heldout_bpb"]), default=None)
+        if worst is not None:
+            finding = (f"Rewinding {worst['group']} to epoch {worst['epoch']} leaves "
+                       f"{_pct(worst.get(f'extracted_r{top}'))} of the {top}-copy canaries "
+                       f"extracted (final model: {_pct(final.get(f'extracted_r{top}'))}) at "
+                       f"{num(worst['heldout_bpb'])} held-out bits per byte (final: "
+                       f"{num(final['heldout_bpb'])}).")
+    figures = [figure("extraction against held-out bits per byte per rewound group",
+                      t.figures["rewind"].read_bytes())] if "rewind" in t.figures else []
+    return Cell(t.name, finding, figures,
+                [_layers_table(t.rewind, "each group rewound to an earlier epoch")])
+
+
+def retrain_cell(t: RunTables) -> Cell:
+    if not t.retrain:
+        return Cell(t.name, missing=f"no retraining: memkern retrain --run "
+                                    f"{printable(str(t.run.root))}")
+    figures = [figure("extraction and held-out bits per byte while retraining",
+                      t.figures["retrain"].read_bytes())] if "retrain" in t.figures else []
+    return Cell(t.name, None, figures,
+                [_layers_table(t.retrain, "each group reset and retrained on clean windows")])
+
+
 def text_headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
     def top(t):
         groups = reps_groups(t.last)
@@ -245,6 +293,8 @@ def describe_text(t: RunTables) -> str:
 
 
 TEXT_SECTIONS = (("training", "Training: what was planted and extracted", training_cell),
+                 ("rewind", "Layer rewinding", rewind_cell),
+                 ("retrain", "Retraining one group on clean windows", retrain_cell),
                  ("localize", "Localization: neurons that hold a secret", localize_cell),
                  ("tied", "Example-tied dropout", tied_cell),
                  ("scores", "Which windows were memorized?", scores_cell),
