@@ -88,6 +88,8 @@ def test_grads_on_a_text_run_writes_resumes_and_matches_autograd(text_run, monke
     result = run_cli("grads", "--run", text_run, "--epochs", "2", "--batch-size", "64",
                      "--no-progress", "--device", "cpu")
     assert result.exit_code == 0, result.output
+    assert ("summed gradients of the clean and the planted (noisy) windows at epoch 2"
+            in result.output)
     out = text_run / "grads"
     for name in ("summary.csv", "per_example_epoch_002.csv", "summed_norms.png", "cosine.png"):
         assert (out / name).stat().st_size > 0, name
