@@ -23,9 +23,10 @@ def grads(run_dir, epochs, mode, batch_size, data_dir, device, progress):
 
     Writes RUN/grads/: summary.csv (per epoch x layer group: summed clean and noisy gradient
     norms, their cosine, per-example norm statistics), per_example_epoch_NNN.csv (every
-    example's per-group norms), summed_norms.png and cosine.png. Complete epochs are skipped
-    on a rerun. Under torchrun the examples are split over the ranks and rank 0 writes the
-    files, equal to one process's.
+    example's per-group norms), summed_norms.png and cosine.png. On a text run an example is a
+    window (its mean next-byte loss) and the noisy split its planted windows (docs/text.md).
+    Complete epochs are skipped on a rerun. Under torchrun the examples are split over the
+    ranks and rank 0 writes the files, equal to one process's.
 
     \b
     Example:
@@ -42,5 +43,5 @@ def grads(run_dir, epochs, mode, batch_size, data_dir, device, progress):
                               batch_size=batch_size, device=device, data_dir=data_dir,
                               progress=progress)
     if World.from_env().main:  # under torchrun, rank 0 wrote the files
-        click.echo(accounting_summary(read_csv(summary_path(run))))
+        click.echo(accounting_summary(read_csv(summary_path(run)), text=run.load_config().text))
         click.echo(f"gradient accounting saved to {run.grads}")

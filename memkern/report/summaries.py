@@ -74,9 +74,10 @@ def training_summary(metrics: list[dict]) -> str:
             + text_table(("accuracy", *ACCURACY_HEADER), rows))
 
 
-def accounting_summary(rows: list[dict]) -> str:
+def accounting_summary(rows: list[dict], *, text: bool = False) -> str:
     """Clean vs noisy summed gradients at the last epoch of grads/summary.csv's ``rows``: per
-    group the two norms, their ratio (noisy / clean) and their cosine."""
+    group the two norms, their ratio (noisy / clean) and their cosine; ``text``: a text run's
+    (its noisy split: the windows holding a planted copy)."""
     if not rows:
         return "no epoch accounted"
     last = max(int(r["epoch"]) for r in rows)
@@ -88,7 +89,8 @@ def accounting_summary(rows: list[dict]) -> str:
         table.append([r["group"], number(clean, ".4g"), number(noisy, ".4g"),
                       number(noisy / clean if clean > 0 else float("nan"), ".2f"),
                       number(r["cosine"], ".3f")])
-    return (f"summed gradients of the clean and the noisy examples at epoch {last}\n"
+    split = "clean and the planted (noisy) windows" if text else "clean and the noisy examples"
+    return (f"summed gradients of the {split} at epoch {last}\n"
             + text_table(("group", "clean norm", "noisy norm", "noisy/clean", "cosine"), table))
 
 

@@ -4,8 +4,9 @@ noisy loss terms with their norms and cosine. No files, locks or progress:
 :mod:`memkern.experiments.gradients.run` owns the run directory.
 
 The summed gradients take the whole training set as the batch: loss terms
-``(1/N) sum_clean CE`` and ``(1/N) sum_noisy CE``, accumulated over chunks in float64, so
-clean + noisy is the full-data mean-loss gradient.
+``(1/N) sum_clean loss`` and ``(1/N) sum_noisy loss`` (a text window's loss: its mean
+next-byte NLL; its noisy split: the windows that hold a planted canary or paragraph copy),
+accumulated over chunks in float64, so clean + noisy is the full-data mean-loss gradient.
 
 Under torchrun the chunks are dealt round-robin to the ranks: each chunk is computed exactly as
 one process computes it (the same rows together), so per-example norms are bit-identical, and
@@ -17,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from memkern.data import PreparedData, iterate_batches
+from memkern.data.text import TextData
 from memkern.experiments.gradients.norms import per_example_grad_norms
 from memkern.experiments.gradients.subset import subset_gradients, subset_stats
 from memkern.network.models.groups import LayerGroup
@@ -36,12 +38,14 @@ def _norm_stats(values: torch.Tensor, prefix: str) -> dict[str, float]:
             **{f"{prefix}_q{round(q * 100):02d}": float(v) for q, v in zip(QUANTILES, qs)}}
 
 
-def account_epoch(model: torch.nn.Module, data: PreparedData, groups: list[LayerGroup], *,
-                  mode: str, batch_size: int, world: World = World()
+def account_epoch(model: torch.nn.Module, data: PreparedData | TextData,
+                  groups: list[LayerGroup], *, mode: str, batch_size: int, world: World = World()
                   ) -> tuple[torch.Tensor, list[dict]] | None:
     """Gradient accounting of ``model`` as it is (its current weights: load a state to account
     it; eval mode for the paper's setup) on ``data``'s training set, in chunks of
-    ``batch_size`` rows whose positions are their dataset indices (tied-dropout masks).
+    ``batch_size`` rows keyed by their dataset indices (tied-dropout masks; a text run's rows
+    by its mask keys, every copy of an insert alike). A text window's loss is its mean
+    next-byte NLL and its noisy split the windows holding a planted copy (``data.noisy_mask``).
 
     Returns the per-example norms float ``[N, G]`` (``G = len(groups)``; ``mode``: see
     :func:`memkern.experiments.gradients.norms.per_example_grad_norms`) and one summary row per
@@ -55,14 +59,17 @@ def account_epoch(model: torch.nn.Module, data: PreparedData, groups: list[Layer
     clean_sum = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     noisy_sum = {k: torch.zeros_like(p, dtype=torch.float64) for k, p in params.items()}
     norms, rows_of = [], []
+    # Tied-dropout keys of the rows: dataset indices, or a text run's mask keys (one per insert)
+    keys = data.mask_keys if isinstance(data, TextData) else torch.arange(n)
     batches = iterate_batches(data.train_images, data.train_labels, batch_size)
     for i, (x, y, idx) in enumerate(batches):
         if i % world.size != world.rank:
             continue
-        x, y, noisy, idx = x.to(device), y.to(device), noisy_mask[idx].to(device), idx.to(device)
-        norms.append(per_example_grad_norms(model, x, y, ids=idx, mode=mode, groups=groups).cpu())
+        x, y, noisy = x.to(device), y.to(device), noisy_mask[idx].to(device)
+        key = keys[idx].to(device)
+        norms.append(per_example_grad_norms(model, x, y, ids=key, mode=mode, groups=groups).cpu())
         rows_of.append(idx.cpu())
-        with example_indices(idx):
+        with example_indices(key):
             logits = model(x)
         for total, part in ((noisy_sum, noisy), (clean_sum, ~noisy)):
             for k, g in subset_gradients(model, logits, y, part, 1.0 / n,

@@ -2,11 +2,13 @@
 Experiment 1).
 
 Per chosen epoch, with the checkpoint in eval mode (the same model the per-example norms see;
-a tied-dropout run's rows carry their dataset indices, so each example keeps its own mask):
+a tied-dropout run's rows carry their dataset indices, so each example keeps its own mask; a
+text run's windows carry their mask keys, docs/text.md, "Gradient accounting"):
 
 - ``grads/per_example_epoch_NNN.csv``: every training example's per-group gradient norm
-  (``index, noisy, label, <group>..., total``; ``label`` is the trained, possibly noisy label),
-  so examples can be ranked by suspected memorization;
+  (``index, noisy, label, <group>..., total``; ``label`` is the trained, possibly noisy label;
+  a text run's windows have ``insert`` instead: the planted insert a window holds, -1 for
+  plain text), so examples can be ranked by suspected memorization;
 - ``grads/summary.csv``: one row per epoch x group (and ``total``): the norms of the summed
   clean and noisy gradients and their cosine, and clean vs noisy per-example norm statistics.
 
@@ -27,6 +29,7 @@ from typing import Sequence
 import torch
 
 from memkern.data import PreparedData
+from memkern.data.text import TextData
 from memkern.errors import ConfigError, RunDirError
 from memkern.experiments.gradients.accounting import account_epoch
 from memkern.experiments.gradients.norms import MODES
@@ -73,14 +76,17 @@ def summary_path(run: RunDir) -> Path:
     return run.grads / "summary.csv"
 
 
-def _per_example_rows(norms: torch.Tensor, data: PreparedData,
+def _per_example_rows(norms: torch.Tensor, data: PreparedData | TextData,
                       groups: list[LayerGroup]) -> list[dict]:
+    """An image example's ``label`` is its trained label; a text window's ``insert`` is the id
+    of the planted insert it holds (canaries.json), -1 for plain text."""
     total = norms.square().sum(1).sqrt()
     noisy = data.noisy_mask.tolist()
-    labels = data.train_labels.tolist()
-    return [{"index": i, "noisy": int(noisy[i]), "label": labels[i],
+    kind, values = (("insert", data.owner.tolist()) if isinstance(data, TextData)
+                    else ("label", data.train_labels.tolist()))
+    return [{"index": i, "noisy": int(noisy[i]), kind: values[i],
              **{g.name: f"{float(v):.6g}" for g, v in zip(groups, norms[i])},
-             TOTAL: f"{float(total[i]):.6g}"} for i in range(len(labels))]
+             TOTAL: f"{float(total[i]):.6g}"} for i in range(len(values))]
 
 
 def _lock(args: dict):
@@ -116,7 +122,7 @@ def gradient_accounting(*, run: str | Path, epochs: Sequence[int] | None = None,
         run.require_checkpoint(e)
     world = World.from_env()
     place = world.place(resolve_device(device))
-    ctx = open_run(run.root, epoch=epochs[0], device=place, data_dir=data_dir)
+    ctx = open_run(run.root, epoch=epochs[0], device=place, data_dir=data_dir, text_ok=True)
     model, data = ctx.model, ctx.data
     groups = layer_groups(model)
     summary = read_checked_csv(summary_path(run), SUMMARY_COLUMNS,

@@ -10,9 +10,9 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from memkern.experiments.gradients.norms.loss import summed_loss
 from memkern.network.models.groups import LayerGroup
 
 TOTAL = "total"  # the row over all groups together
@@ -38,12 +38,13 @@ def subset_stats(clean: dict[str, torch.Tensor], noisy: dict[str, torch.Tensor],
 def subset_gradients(model: nn.Module, logits: torch.Tensor, targets: torch.Tensor,
                      noisy: torch.Tensor, scale: float,
                      retain_graph: bool = False) -> dict[str, torch.Tensor]:
-    """Gradient of ``scale * sum over rows where noisy of CE(logits, targets)`` for every
-    parameter that requires grad (zeros when no row is noisy). ``noisy``: bool ``[B]``."""
+    """Gradient of ``scale * sum over rows where noisy of the row's loss`` (see
+    :mod:`memkern.experiments.gradients.norms.loss`) for every parameter that requires grad
+    (zeros when no row is noisy). ``noisy``: bool ``[B]``."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if not bool(noisy.any()):
         return {n: torch.zeros_like(p) for n, p in params.items()}
-    loss = F.cross_entropy(logits[noisy], targets[noisy], reduction="sum") * scale
+    loss = summed_loss(logits[noisy], targets[noisy]) * scale
     grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True,
                                 retain_graph=retain_graph)
     return {n: torch.zeros_like(p) if g is None else g for (n, p), g in zip(params.items(), grads)}

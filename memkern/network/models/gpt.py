@@ -59,6 +59,9 @@ class GPTBlock(nn.Module):
 class GPT(nn.Module):
     """int64 tokens ``[N, T]`` (T <= ``context``) -> next-token logits float ``[N, T, vocab]``."""
 
+    # enters the forward only broadcast over the batch (ghost gradient norms read a copy per row)
+    batch_broadcast_parameters = ("pos_embed",)
+
     def __init__(self, *, vocab: int, context: int, layers: int = 4, width: int = 256,
                  heads: int = 4, mlp: int = 1024):
         super().__init__()

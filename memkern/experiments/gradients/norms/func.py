@@ -8,10 +8,10 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
+from memkern.experiments.gradients.norms.loss import summed_loss
 from memkern.network.sites import example_indices
 
 # Per-example bytes ~ (gradient + autograd temporaries) per parameter element plus activations
@@ -42,7 +42,7 @@ def func_sq_norms(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor,
     def loss(params, x, y, i):
         with example_indices(None if i is None else i.unsqueeze(0)):
             logits = functional_call(model, (params, constants), (x.unsqueeze(0),))
-        return F.cross_entropy(logits, y.unsqueeze(0), reduction="sum")
+        return summed_loss(logits, y.unsqueeze(0))
 
     def sq_norms(params, x, y, i):
         return {n: g.square().sum() for n, g in grad(loss)(params, x, y, i).items()}

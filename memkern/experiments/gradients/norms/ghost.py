@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
 from memkern.experiments.gradients.norms.rules import Rule, covered_parameters, rule_for, temp_bytes_per_example
+from memkern.experiments.gradients.norms.loss import summed_loss
 from memkern.network.sites import example_indices
 
 
@@ -103,7 +103,7 @@ def ghost_sq_norms(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
         with torch.enable_grad(), example_indices(ids):
             x = inputs.detach().requires_grad_(True) if inputs.is_floating_point() else inputs
             logits = functional_call(model, copies, (x,)) if copies else model(x)
-            loss = F.cross_entropy(logits, targets, reduction="sum")
+            loss = summed_loss(logits, targets)
             # Differentiating w.r.t. the input (or, for integer inputs, the ruled outputs) makes
             # the backward skip every parameter's gradient; the hooks see every output gradient.
             ends = [x] if x.requires_grad else [c.output for c in captures if c.output is not None]

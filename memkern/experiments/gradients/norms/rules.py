@@ -85,6 +85,8 @@ def temp_bytes_per_example(module: nn.Module, a: torch.Tensor, g: torch.Tensor) 
     """Rough size of a rule's temporaries for one example (patches, Gram or gradient)."""
     if isinstance(module, (nn.Conv1d, nn.Conv2d)):
         return conv_temp_bytes_per_example(module, a, g)
+    if isinstance(module, nn.Embedding):  # token-match and gradient Gram matrices
+        return 2 * a[0].numel() ** 2 * g.element_size()
     k = 1
     for size in getattr(module, "kernel_size", ()):
         k *= size
@@ -116,6 +118,28 @@ def linear_rule(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> SquaredN
     if "bias" in covered_parameters(module):
         out["bias"] = g.sum(2).square().sum(1)
     return out
+
+
+def _plain_embedding(module: nn.Embedding) -> bool:
+    """A lookup whose gradient is the scatter of the output gradient (no renorm, scaling, pad)."""
+    return (module.padding_idx is None and module.max_norm is None
+            and not module.scale_grad_by_freq and not module.sparse)
+
+
+@register(nn.Embedding, supports=_plain_embedding)
+def embedding_rule(module: nn.Embedding, tokens: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
+    """Tokens ``[B, ...]``: example b's weight gradient adds ``g_t`` at row ``tokens_t``, so
+
+        ||grad||^2 = sum_{t,s: tokens_t = tokens_s} g_t . g_s
+
+    (positions holding the same token add up before squaring, as on a sequence's Linear)."""
+    if "weight" not in covered_parameters(module):
+        return {}
+    b = tokens.shape[0]
+    tokens = tokens.reshape(b, -1)
+    g = g.reshape(b, tokens.shape[1], -1)
+    same = tokens.unsqueeze(2) == tokens.unsqueeze(1)
+    return {"weight": ((g @ g.transpose(1, 2)) * same).sum((1, 2))}
 
 
 @register(nn.Conv1d, nn.Conv2d)
