@@ -132,6 +132,10 @@ def test_grads_on_a_text_run_writes_resumes_and_matches_autograd(text_run, monke
     assert (out / "per_example_epoch_002.csv").stat().st_mtime_ns == before
     assert sorted({r["epoch"] for r in _rows(out / "summary.csv")}) == ["0", "1", "2"]
     assert len(torch.cat(seen)) == 2 * w  # epochs 0 and 1 only
+    # the report shows the accounting in the words of a text run
+    assert run_cli("report", "--run", text_run).exit_code == 0
+    page = (text_run / "report" / "index.html").read_text()
+    assert "planted windows&#39; summed gradient" in page and "no gradient accounting" not in page
 
 
 @pytest.mark.parametrize("args,fragment", [

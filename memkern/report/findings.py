@@ -86,10 +86,12 @@ def _by_epoch(summary: list[dict]) -> dict[int, dict[str, dict]]:
     return out
 
 
-def accounting_finding(summary: list[dict]) -> str | None:
+def accounting_finding(summary: list[dict], *, memorized: str = "noisy",
+                       kind: str = "example") -> str | None:
     """At the epoch where the noisy/clean summed-gradient norm ratio peaks
     (:func:`accounting_ratio_peak`, the headline's number): that ratio, the ratio of their
-    mean per-example norms, and the sign of the clean-noisy cosine per group."""
+    mean per-example norms, and the sign of the clean-noisy cosine per group. ``memorized`` and
+    ``kind`` name the split and its items (a text run: "planted" "window")."""
     epochs = _by_epoch(summary)
     peak = accounting_ratio_peak(summary)
     if peak is None:
@@ -98,14 +100,16 @@ def accounting_finding(summary: list[dict]) -> str | None:
     rows = epochs[epoch]
     groups = [g for g in rows if g != TOTAL]
     whole = rows.get(TOTAL) or rows[groups[0]]
-    text = (f"The noisy examples' summed gradient has at most {num(ratio)} times the norm of "
-            f"the clean examples' (at epoch {epoch}, of {len(epochs)} epochs accounted)")
+    text = (f"The {memorized} {kind}s' summed gradient has at most {num(ratio)} times the norm "
+            f"of the clean {kind}s' (at epoch {epoch}, of {len(epochs)} epochs accounted)")
     if whole.get("clean_mean") and float(whole["clean_mean"]) > 0:
         per_example = float(whole["noisy_mean"]) / float(whole["clean_mean"])
-        text += f"; there a noisy example's own gradient is {num(per_example)} times a clean one's"
+        text += (f"; there a {memorized} {kind}'s own gradient is {num(per_example)} times a "
+                 f"clean one's")
     cosines = [float(rows[g]["cosine"]) for g in groups]
     negative = [g for g, c in zip(groups, cosines) if c < 0]
-    text += (f". The cosine between the clean and noisy sums is {num(float(whole['cosine']))} "
+    text += (f". The cosine between the clean and {memorized} sums is "
+             f"{num(float(whole['cosine']))} "
              f"over all layers, negative in {len(negative)} of {len(groups)} groups"
              + (f" ({', '.join(negative)})." if negative else "."))
     return text

@@ -160,14 +160,15 @@ def training_cell(t: RunTables) -> Cell:
                        columns, rows)])
 
 
-def grads_cell(t: RunTables) -> Cell:
+def grads_cell(t: RunTables, *, memorized: str = "noisy", kind: str = "example") -> Cell:
+    """``memorized`` / ``kind``: the split's words (a text run: "planted" "window")."""
     if not t.grads:
         return Cell(t.name, missing=f"no gradient accounting: memkern grads --run "
                                     f"{printable(str(t.run.root))}")
     last = last_accounted(t.grads)
-    key = Table(f"epoch {last[0]['epoch']}: summed gradients of clean and noisy examples",
-                ["group", "clean norm", "noisy norm", "noisy / clean", "cosine",
-                 "per-example noisy / clean"],
+    key = Table(f"epoch {last[0]['epoch']}: summed gradients of clean and {memorized} {kind}s",
+                ["group", "clean norm", f"{memorized} norm", f"{memorized} / clean", "cosine",
+                 f"per-{kind} {memorized} / clean"],
                 [[r["group"], _g(r["clean_norm"]), _g(r["noisy_norm"]),
                   num(float(r["noisy_norm"]) / float(r["clean_norm"])
                       if float(r["clean_norm"]) > 0 else None),
@@ -175,9 +176,9 @@ def grads_cell(t: RunTables) -> Cell:
                   num(float(r["noisy_mean"]) / float(r["clean_mean"])
                       if r.get("clean_mean") and float(r["clean_mean"]) > 0 else None)]
                  for r in last])
-    return Cell(t.name, findings.accounting_finding(t.grads),
+    return Cell(t.name, findings.accounting_finding(t.grads, memorized=memorized, kind=kind),
                 _figures(t, ("summed_norms", "norm of the summed gradient per group"),
-                         ("cosine", "cosine between the clean and noisy sums"),
+                         ("cosine", f"cosine between the clean and {memorized} sums"),
                          ("live_summed_norms", "during training: summed gradient norms"),
                          ("live_cosine", "during training: cosine")),
                 [key, *_grads_tables(t.grads)])

@@ -167,6 +167,7 @@ def _text_tables(run: RunDir, config: TrainConfig, metrics: list[dict]) -> RunTa
                      if (run.root / "lm_benchmark.csv").is_file() else None,
                      scores=(run.root / "scores.csv").is_file(),
                      benchmark=_text_benchmark(run.root / TEXT_BENCHMARK_FILE),
+                     grads=_grads_summary(run),
                      rewind=read_measure_table(run.root / "rewind.csv") or None,
                      retrain=read_measure_table(run.root / "retrain.csv") or None,
                      figures={k: run.root / p for k, p in FIGURES.items()

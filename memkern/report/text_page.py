@@ -5,7 +5,7 @@ from __future__ import annotations
 from memkern.errors import printable
 from memkern.report.figures.text import text_training_png
 from memkern.report.findings import num
-from memkern.report.page import Cell, Section, Table, figure
+from memkern.report.page import Cell, Section, Table, figure, grads_cell as page_grads_cell
 from memkern.report.run_tables import RunTables
 from memkern.report.text_summaries import reps_groups
 
@@ -14,6 +14,9 @@ CAPTIONS = {
                 "secret greedy decoding from the prefix reproduces exactly, their mean exposure "
                 "(log2 of the 10^8 possible secrets minus log2 of the secret's rank) and held-out "
                 "bits per byte.",
+    "grads": "Per layer group, the norm of the summed gradient of the planted windows and of "
+             "the clean windows (mean next-byte loss), their cosine, and the windows' own "
+             "gradient norms, at each accounted checkpoint.",
     "rewind": "Each layer group's weights set back to an earlier epoch's, the rest final: "
               "where rewinding removes the canaries and what it costs on held-out text.",
     "retrain": "Each layer group reset to its first weights and retrained on windows with no "
@@ -208,6 +211,10 @@ def _layers_table(rows: list[dict], title: str) -> Table:
                  collapsed=len(rows) > 12)
 
 
+def grads_cell(t: RunTables) -> Cell:
+    return page_grads_cell(t, memorized="planted", kind="window")
+
+
 def rewind_cell(t: RunTables) -> Cell:
     if not t.rewind:
         return Cell(t.name, missing=f"no rewinding: memkern rewind --run "
@@ -293,6 +300,7 @@ def describe_text(t: RunTables) -> str:
 
 
 TEXT_SECTIONS = (("training", "Training: what was planted and extracted", training_cell),
+                 ("grads", "Gradient accounting: planted against clean windows", grads_cell),
                  ("rewind", "Layer rewinding", rewind_cell),
                  ("retrain", "Retraining one group on clean windows", retrain_cell),
                  ("localize", "Localization: neurons that hold a secret", localize_cell),
