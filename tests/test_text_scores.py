@@ -70,6 +70,13 @@ def test_scores_cli_on_a_text_run_writes_every_window_and_resumes(text_run, monk
                         lambda *a, **k: pytest.fail("recomputed a saved epoch"))
     again = run_cli("scores", "--run", text_run, "--no-progress")
     assert again.exit_code == 0, again.output
+    # with gradient accounting done, its per-window norms join the signals
+    monkeypatch.undo()
+    assert run_cli("grads", "--run", text_run, "--epochs", "1,3", "--no-progress").exit_code == 0
+    assert run_cli("scores", "--run", text_run, "--no-progress").exit_code == 0
+    header = (text_run / "scores.csv").read_text().splitlines()[0].split(",")
+    assert {"grad_total_e001", "grad_total_e003"} <= set(header)
+    assert not any(h.startswith("grad_insert") for h in header)
     reported = run_cli("report", "--run", text_run)
     assert reported.exit_code == 0, reported.output
     assert "finds the planted windows best" in \

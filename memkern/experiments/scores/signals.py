@@ -42,9 +42,10 @@ DIRECTION = {
 COMBINED = ("aum", "forgetting_events", "learned_epoch", "confidence", "final_loss", "tied_gap")
 
 
-def direction(name: str) -> int:
-    """The direction of a score column (``grad_<group>_eNNN`` columns are gradient norms)."""
-    return DIRECTION["grad" if name.startswith("grad_") else name]
+def direction(name: str, directions: Mapping[str, int] | None = None) -> int:
+    """The direction of a score column (``grad_<group>_eNNN`` columns are gradient norms), in
+    ``directions`` (default: an image run's, :data:`DIRECTION`)."""
+    return (directions or DIRECTION)["grad" if name.startswith("grad_") else name]
 
 
 def aum(margin: torch.Tensor) -> np.ndarray:
@@ -128,8 +129,7 @@ def oriented(name: str, values: np.ndarray, directions: Mapping[str, int] | None
              ) -> np.ndarray:
     """``values`` of column ``name`` flipped where needed so that higher = more suspicious
     (``directions``: another run kind's, such as a text run's; default the image one)."""
-    sign = directions[name] if directions is not None else direction(name)
-    return sign * np.asarray(values, dtype=np.float64)
+    return direction(name, directions) * np.asarray(values, dtype=np.float64)
 
 
 def percentile_ranks(values: np.ndarray) -> np.ndarray:

@@ -112,7 +112,7 @@ def grad_columns(run: RunDir, num_train: int) -> dict[str, np.ndarray]:
         if len(rows) != num_train:
             raise RunDirError(f"{path} has {len(rows)} rows for {num_train} training examples; "
                               f"rerun `memkern grads`")
-        groups = [k for k in rows[0] if k not in ("index", "noisy", "label")]
+        groups = [k for k in rows[0] if k not in ("index", "noisy", "label", "insert")]
         rows = read_checked_csv(path, {"index": int, **dict.fromkeys(groups, float)},
                                 fix="move it away and rerun `memkern grads`")
         index = [int(r["index"]) for r in rows]

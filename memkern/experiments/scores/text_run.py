@@ -22,6 +22,7 @@ from memkern.experiments.localize.rows import check_rows
 from memkern.experiments.scores.detection import auroc, average_precision
 from memkern.experiments.scores.signals import (COMBINED, combined_score, dynamics_signals,
                                                 oriented)
+from memkern.experiments.scores.table import grad_columns
 from memkern.experiments.scores.text_signals import (TEXT_DIRECTION, WindowStats, tied_gap,
                                                      window_dynamics, window_stats)
 from memkern.network.tied_dropout import has_tied_dropout
@@ -137,6 +138,8 @@ def score_text_run(run: RunDir, *, benchmark: bool, device: str,
     columns = dynamics_signals(window_dynamics([stats[e] for e in epochs], epochs))
     if has_tied_dropout(ctx.model):  # the final epoch's weights are loaded last
         columns["tied_gap"] = tied_gap(ctx.model, data.train_windows, data.mask_keys)
+    # per-window gradient norms of the accounted epochs (memkern grads), as on an image run
+    columns.update(grad_columns(run, len(data.owner)))
     flips = _channels_to_flip(run, data)
     if flips is not None:
         columns["channels_to_flip"] = flips

@@ -27,7 +27,7 @@ from memkern.network.tied_dropout import tied_dropout_mode
 # where a memorized (flipped) label is fitted late and with a high loss.
 TEXT_DIRECTION = {"aum": +1, "forgetting_events": -1, "learned_epoch": -1, "confidence": +1,
                   "variability": +1, "final_loss": -1, "tied_gap": +1, "channels_to_flip": -1,
-                  "memorization_score": +1}
+                  "grad": -1, "memorization_score": +1}
 LEARNED_ACCURACY = 0.5  # a window counts as learned when the model predicts half its bytes
 ROWS = 64
 
