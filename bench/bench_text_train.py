@@ -4,7 +4,6 @@ step on the same model, weights and batches (the ratio is what memkern's step ad
 ids, its loss, its optimizer settings)."""
 import copy
 
-import pytest
 import torch
 import torch.nn.functional as F
 from conftest import rounds
