@@ -179,7 +179,9 @@ def lm_benchmark_cell(t: RunTables) -> Cell:
         finding = (f"Dropping {best['method']}'s top {best['fraction_pct']}% of each MLP layer "
                    f"forgot {_pct(_float(best['efficacy']))} of {best['targets']} targets, the "
                    f"most of any method and fraction, at a held-out perplexity change of "
-                   f"{num(_float(best['ppl_change_pct']))}%.")
+                   f"{num(_float(best['ppl_change_pct']))}% and a change of "
+                   f"{num(_float(best['others_change_pts']))} points in the other canaries' "
+                   f"extraction.")
     tables = []
     if dropped:
         tables.append(Table(
