@@ -84,11 +84,10 @@ def channel_space(model: nn.Module, sites: Sequence[str] | None = None) -> Chann
 
 
 @contextlib.contextmanager
-def row_masks(model: nn.Module, space: ChannelSpace) -> Iterator[dict[str, RowMask]]:
-    """Push a :class:`RowMask` on top of every site of ``space`` (above any tied dropout, which
-    keeps acting); remove exactly those on exit."""
+def attached(model: nn.Module, ops: dict[str, nn.Module]) -> Iterator[dict[str, nn.Module]]:
+    """Push each op of ``ops`` (site name -> op) on top of its site; remove exactly those on
+    exit."""
     sites: dict[str, ChannelSite] = channel_sites(model)
-    ops = {n: RowMask(sites[n].channel_dim) for n in space.names}
     try:
         for n, op in ops.items():
             sites[n].attach(op)
@@ -97,6 +96,14 @@ def row_masks(model: nn.Module, space: ChannelSpace) -> Iterator[dict[str, RowMa
         for n, op in ops.items():
             if any(held is op for held in sites[n].ops):
                 sites[n].detach(op)
+
+
+def row_masks(model: nn.Module, space: ChannelSpace
+              ) -> contextlib.AbstractContextManager[dict[str, RowMask]]:
+    """Push a :class:`RowMask` on top of every site of ``space`` (above any tied dropout, which
+    keeps acting); remove exactly those on exit."""
+    sites = channel_sites(model)
+    return attached(model, {n: RowMask(sites[n].channel_dim) for n in space.names})
 
 
 def set_masks(ops: dict[str, RowMask], space: ChannelSpace, flat: torch.Tensor | None) -> None:

@@ -10,13 +10,12 @@ the next layer sees it. Cost: one forward of the targets and one of the clean wi
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
 
 import torch
 from torch import nn
 
 from memkern.errors import ConfigError
-from memkern.experiments.localize.channels import ChannelSpace
+from memkern.experiments.localize.channels import ChannelSpace, attached
 from memkern.experiments.text.methods.common import (
     ROWS, check_settings, clean_inputs, device_dtype,
 )
@@ -42,22 +41,13 @@ class _PositionWeightedAbs(nn.Module):
         return x
 
 
-@contextlib.contextmanager
-def _recorders(model: nn.Module, space: ChannelSpace) -> Iterator[dict[str, _PositionWeightedAbs]]:
+def _recorders(model: nn.Module, space: ChannelSpace
+               ) -> contextlib.AbstractContextManager[dict[str, _PositionWeightedAbs]]:
     sites = channel_sites(model)
-    ops = {}
     for n in space.names:
         if sites[n].channel_dim not in (1, -1):
             raise ConfigError(f"site {n!r}: activations reads [N, P, C] or [N, C, P, ...] layouts")
-        ops[n] = _PositionWeightedAbs(sites[n].channel_dim)
-    try:
-        for n, op in ops.items():
-            sites[n].attach(op)
-        yield ops
-    finally:
-        for n, op in ops.items():
-            if any(held is op for held in sites[n].ops):
-                sites[n].detach(op)
+    return attached(model, {n: _PositionWeightedAbs(sites[n].channel_dim) for n in space.names})
 
 
 def _weighted_sums(model, space, ops, inputs, weights, ids, rows) -> torch.Tensor:
