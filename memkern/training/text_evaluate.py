@@ -20,7 +20,7 @@ from torch import nn
 from memkern.data.text import TextData
 from memkern.data.text.inserts import PARAGRAPH, Insert
 from memkern.experiments.text.exposure import secret_exposure
-from memkern.experiments.text.extraction import extracted, suffix_accuracy
+from memkern.experiments.text.extraction import byte_tokens, extracted, suffix_accuracy
 from memkern.network.tied_dropout import has_tied_dropout, tied_dropout_mode, unindexed_rows
 
 EVAL_ROWS = 64
@@ -53,10 +53,6 @@ def heldout_bpb(model: nn.Module, data: TextData) -> float:
         return float(window_nll(model, data.heldout_windows).mean()) / math.log(2)
 
 
-def _tokens(raw: bytes) -> torch.Tensor:
-    return torch.tensor(list(raw), dtype=torch.long)
-
-
 def _group_means(values: list[float], reps: list[int], name: str) -> dict[str, float]:
     return {f"{name}_r{r}": float(np.mean([v for v, k in zip(values, reps) if k == r]))
             for r in sorted(set(reps))}
@@ -71,11 +67,11 @@ def canary_results(model: nn.Module, data: TextData, *, max_candidates: int = EP
         return []
     model.eval()
     keys = data.mask_keys[[data.copies(c.id)[0] for c in canaries]]
-    hits = extracted(model, torch.stack([_tokens(c.prefix) for c in canaries]),
-                     torch.stack([_tokens(c.secret) for c in canaries]), keys=keys)
+    hits = extracted(model, torch.stack([byte_tokens(c.prefix) for c in canaries]),
+                     torch.stack([byte_tokens(c.secret) for c in canaries]), keys=keys)
     out = []
     for c, hit, key in zip(canaries, hits.tolist(), keys.tolist()):
-        e = secret_exposure(model, _tokens(c.prefix), _tokens(c.secret), key=key,
+        e = secret_exposure(model, byte_tokens(c.prefix), byte_tokens(c.secret), key=key,
                             max_candidates=max_candidates, samples=samples, seed=c.id)
         out.append({"id": c.id, "reps": c.reps, "extracted": hit, "exposure": e.exposure,
                     "rank": e.rank, "exact": e.exact})
@@ -85,7 +81,7 @@ def canary_results(model: nn.Module, data: TextData, *, max_candidates: int = EP
 def paragraph_accuracy(model: nn.Module, data: TextData) -> float:
     """Mean teacher-forced suffix accuracy over the duplicated paragraphs (nan: none)."""
     paragraphs: list[Insert] = [i for i in data.inserts if i.kind == PARAGRAPH and i.secret]
-    accs = [float(suffix_accuracy(model, _tokens(p.prefix + p.secret)[None], len(p.prefix),
+    accs = [float(suffix_accuracy(model, byte_tokens(p.prefix + p.secret)[None], len(p.prefix),
                                   keys=data.mask_keys[data.copies(p.id)[:1]])[0])
             for p in paragraphs]
     return float(np.mean(accs)) if accs else float("nan")

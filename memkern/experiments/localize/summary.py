@@ -28,7 +28,7 @@ GROUPS = ("noisy", "clean")
 ACCS = ("clean_acc", "noisy_acc", "test_acc")
 
 
-def _mean(values: list[float]) -> float | None:
+def mean_or_none(values: list[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
@@ -120,20 +120,20 @@ def summarize(rows: list[dict], *, site_order: Sequence[str] | None = None,
         entry = {
             "count": len(everyone),
             "unfitted": len(everyone) - len(rs),
-            "flip_rate": _mean([float(r["flipped"]) for r in rs]),
+            "flip_rate": mean_or_none([float(r["flipped"]) for r in rs]),
             "median_channels_flipped": statistics.median(flipped) if flipped else None,
-            "mean_channels_flipped": _mean([float(v) for v in flipped]),
+            "mean_channels_flipped": mean_or_none([float(v) for v in flipped]),
             "n_channels": [r["n_channels"] for r in rs],
             "flipped": [r["flipped"] for r in rs],
             "site_fraction": {s: (zeroed.count(s) / len(zeroed) if zeroed else 0.0) for s in sites},
-            "mean_sites_per_example": _mean([float(len({s for s, _ in r["channels"]})) for r in rs
-                                             if r["channels"]]),
+            "mean_sites_per_example": mean_or_none(
+                [float(len({s for s, _ in r["channels"]})) for r in rs if r["channels"]]),
         }
         if site_widths:
             entry["site_enrichment"] = {
                 s: entry["site_fraction"][s] * total_width / site_widths[s] for s in sites}
         for a in ACCS:
-            entry[f"edited_{a}"] = _mean([r[a] for r in rs if r[a] is not None])
+            entry[f"edited_{a}"] = mean_or_none([r[a] for r in rs if r[a] is not None])
         if tied:
             entry["tied"] = _tied_entry(rs, tied)
         out["groups"][g] = entry

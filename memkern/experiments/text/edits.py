@@ -19,7 +19,7 @@ from memkern.data.text import TextData
 from memkern.data.text.inserts import CANARY, Insert
 from memkern.experiments.localize.channels import ChannelSpace, RowMask, row_masks, set_masks
 from memkern.experiments.text.exposure import secret_exposure
-from memkern.experiments.text.extraction import extracted, suffix_accuracy
+from memkern.experiments.text.extraction import byte_tokens, extracted, suffix_accuracy
 from memkern.network.tied_dropout import unindexed_rows
 
 HELDOUT_WINDOWS = 64  # evenly spaced over the held-out windows: the edit's perplexity cost
@@ -52,10 +52,6 @@ class _Probe:
     heldout: torch.Tensor
 
 
-def _tokens(raw: bytes) -> torch.Tensor:
-    return torch.tensor(list(raw), dtype=torch.long)
-
-
 def _probe(data: TextData) -> _Probe:
     canaries = data.canaries()
     held = data.heldout_windows
@@ -63,8 +59,8 @@ def _probe(data: TextData) -> _Probe:
     keys = torch.tensor([int(data.mask_keys[data.copies(c.id)[0]]) for c in canaries],
                         dtype=torch.long)
     return _Probe(canaries,
-                  torch.stack([_tokens(c.prefix) for c in canaries]) if canaries else None,
-                  torch.stack([_tokens(c.secret) for c in canaries]) if canaries else None,
+                  torch.stack([byte_tokens(c.prefix) for c in canaries]) if canaries else None,
+                  torch.stack([byte_tokens(c.secret) for c in canaries]) if canaries else None,
                   keys, held[torch.from_numpy(pick)].long())
 
 
@@ -81,10 +77,10 @@ def _own(model: nn.Module, data: TextData, insert: Insert) -> dict:
     """The insert's own measure: its exposure (canary) or suffix accuracy (paragraph)."""
     key = int(data.mask_keys[data.copies(insert.id)[0]])
     if insert.kind == CANARY:
-        e = secret_exposure(model, _tokens(insert.prefix), _tokens(insert.secret), key=key,
+        e = secret_exposure(model, byte_tokens(insert.prefix), byte_tokens(insert.secret), key=key,
                             max_candidates=CANDIDATES, samples=SAMPLES, seed=insert.id)
         return {"exposure": e.exposure, "exposure_exact": e.exact}
-    row = _tokens(insert.prefix + insert.secret)[None]
+    row = byte_tokens(insert.prefix + insert.secret)[None]
     return {"suffix_acc": float(suffix_accuracy(model, row, len(insert.prefix),
                                                 keys=torch.tensor([key]))[0])}
 

@@ -13,6 +13,11 @@ from memkern.network.sites import example_indices
 ROWS = 256
 
 
+def byte_tokens(raw: bytes) -> torch.Tensor:
+    """int64 ``[len(raw)]``: the bytes as token ids."""
+    return torch.tensor(list(raw), dtype=torch.long)
+
+
 def _device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 

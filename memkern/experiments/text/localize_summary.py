@@ -12,12 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Sequence
 
-from memkern.experiments.localize.summary import fitted, summary_paths
+from memkern.experiments.localize.summary import fitted, mean_or_none, summary_paths
 from memkern.rundir.atomic import atomic_write_json
-
-
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
 
 
 def group_of(row: dict) -> str:
@@ -37,23 +33,23 @@ def _entry(rows: list[dict], total: int | None, sites: list[str]) -> dict:
     zeroed = [s for r in done for s, _ in r["channels"]]
 
     def mean_of(key: str, of: list[dict]) -> float | None:
-        return _mean([float(r[key]) for r in of if r.get(key) is not None])
+        return mean_or_none([float(r[key]) for r in of if r.get(key) is not None])
 
     rise = [2.0 ** (r["heldout_bpb_after"] - r["heldout_bpb_before"]) - 1.0 for r in done]
     others = [r["others_extracted_after"] - r["others_extracted_before"] for r in done
               if "others_extracted_after" in r]
     return {
         "count": len(rows), "extracted": len(done), "flipped": [r["flipped"] for r in done],
-        "flip_rate": _mean([float(r["flipped"]) for r in done]),
+        "flip_rate": mean_or_none([float(r["flipped"]) for r in done]),
         "n_channels": [r["n_channels"] for r in done],
         "median_channels_flipped": statistics.median([r["n_channels"] for r in flipped])
         if flipped else None,
-        "share_flipped": _mean([r["n_channels"] / total for r in flipped]) if total else None,
+        "share_flipped": mean_or_none([r["n_channels"] / total for r in flipped]) if total else None,
         "exposure_before": mean_of("exposure_before", done),
         "exposure_after": mean_of("exposure_after", done),
         "suffix_acc_before": mean_of("suffix_acc_before", done),
         "suffix_acc_after": mean_of("suffix_acc_after", done),
-        "others_change": _mean(others), "perplexity_rise": _mean(rise),
+        "others_change": mean_or_none(others), "perplexity_rise": mean_or_none(rise),
         "perplexity_rise_max": max(rise) if rise else None,
         "site_fraction": {s: (zeroed.count(s) / len(zeroed) if zeroed else 0.0) for s in sites},
     }
