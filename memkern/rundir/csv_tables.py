@@ -78,20 +78,32 @@ def read_table(path: str | Path) -> list[dict]:
     if tuple(reader.fieldnames or ()) != COLUMNS:
         raise RunDirError(f"{path} is not a memkern accuracy table (columns {reader.fieldnames}, "
                           f"expected {', '.join(COLUMNS)}); move it away and rerun")
-    rows, seen = [], set()
-    for n, r in enumerate(reader, 2):
-        try:
-            row = {"group": r["group"], "epoch": int(r["epoch"]),
-                   **{k: float(r[k]) for k in COLUMNS[2:]}}
-        except (TypeError, ValueError):  # a short row (None) or a non-number
-            raise RunDirError(f"{path}, line {n}: not a row of group, epoch and three "
-                              f"accuracies; was it edited? move it away and rerun") from None
+
+    def in_range(row: dict, r: dict, n: int) -> None:
         # NaN: undefined, only the accuracy of the noisy set of a run without noisy examples
         off = [k for k in COLUMNS[2:] if not (0.0 <= row[k] <= 1.0 or (
             k == "noisy_acc" and math.isnan(row[k])))]
         if off:
             raise RunDirError(f"{path}, line {n}: {off[0]} is {r[off[0]]}, not an accuracy in "
                               f"[0, 1]; was it edited? move it away and rerun")
+
+    return _group_epoch_rows(path, reader, COLUMNS[2:], "group, epoch and three accuracies",
+                             in_range)
+
+
+def _group_epoch_rows(path: Path, reader: csv.DictReader, measures, row_words: str,
+                      check) -> list[dict]:
+    """The rows of a group x epoch table: ``epoch`` int, ``measures`` float, ``check(row, raw,
+    line)`` on each; a bad cell or a repeated (group, epoch) is a RunDirError naming the line."""
+    rows, seen = [], set()
+    for n, r in enumerate(reader, 2):
+        try:
+            row = {"group": r["group"], "epoch": int(r["epoch"]),
+                   **{k: float(r[k]) for k in measures}}
+        except (TypeError, ValueError):  # a short row (None) or a non-number
+            raise RunDirError(f"{path}, line {n}: not a row of {row_words}; was it edited? move "
+                              f"it away and rerun") from None
+        check(row, r, n)
         key = (row["group"], row["epoch"])
         if key in seen:
             raise RunDirError(f"{path}, line {n}: group {key[0]} at epoch {key[1]} appears a "
@@ -122,21 +134,10 @@ def read_measure_table(path: str | Path) -> list[dict]:
     if header[:2] != KEYS or len(set(header)) != len(header):
         raise RunDirError(f"{path} is not {MEASURE_TABLE} (columns {list(header)}, expected "
                           f"group, epoch and the measures); move it away and rerun")
-    rows, seen = [], set()
-    for n, r in enumerate(reader, 2):
-        try:
-            row = {"group": r["group"], "epoch": int(r["epoch"]),
-                   **{k: float(r[k]) for k in header[2:]}}
-        except (TypeError, ValueError):  # a short row (None) or a non-number
-            raise RunDirError(f"{path}, line {n}: not a row of group, epoch and numbers; was it "
-                              f"edited? move it away and rerun") from None
+
+    def full(row: dict, r: dict, n: int) -> None:
         if None in r:  # a long row: DictReader keeps the extra cells under None
             raise RunDirError(f"{path}, line {n}: more cells than columns; was it edited? move "
                               f"it away and rerun")
-        key = (row["group"], row["epoch"])
-        if key in seen:
-            raise RunDirError(f"{path}, line {n}: group {key[0]} at epoch {key[1]} appears a "
-                              f"second time; was it edited? move it away and rerun")
-        seen.add(key)
-        rows.append(row)
-    return rows
+
+    return _group_epoch_rows(path, reader, header[2:], "group, epoch and numbers", full)
