@@ -21,10 +21,11 @@ def _acc(row):
     return {k: row[k] for k in COLUMNS[2:]}
 
 
-def test_rewind_to_the_final_epoch_changes_nothing(tiny_run):
-    final = load_trained(RunDir(tiny_run).final_checkpoint(), device="cpu")
+def test_rewind_to_the_final_epoch_changes_nothing(run):
+    # a copy: rewind writes rewind.csv, which the session's shared run must not gain
+    final = load_trained(RunDir(run).final_checkpoint(), device="cpu")
     expected = split_accuracies(final.model, final.data)
-    rows = rewind(run=tiny_run, epochs=[3], device="cpu", progress=False)
+    rows = rewind(run=run, epochs=[3], device="cpu", progress=False)
     assert rows[0]["group"] == "final" and rows[0]["epoch"] == 3
     assert len(rows) == 1 + len(layer_groups(final.model))
     for row in rows:
@@ -45,10 +46,11 @@ def test_rewinding_every_group_to_init_is_the_initial_model(tiny_run):
     assert got != split_accuracies(final.model, final.data)
 
 
-def test_functional_rewind_equals_deep_copy_and_load(tiny_run):
-    """Every configuration, weights and BatchNorm statistics, against a naive model copy."""
-    run = RunDir(tiny_run)
-    rows = rewind(run=tiny_run, epochs=[0, 1, 2], device="cpu", progress=False)
+def test_functional_rewind_equals_deep_copy_and_load(run):
+    """Every configuration, weights and BatchNorm statistics, against a naive model copy (of a
+    copy of the run: rewind writes into it)."""
+    rows = rewind(run=run, epochs=[0, 1, 2], device="cpu", progress=False)
+    run = RunDir(run)
     final = load_trained(run.final_checkpoint(), device="cpu")
     groups = {g.name: g for g in layer_groups(final.model)}
     assert any(g.buffer_names for g in groups.values())
@@ -98,15 +100,16 @@ def test_unknown_group_names_the_known_ones(tiny_run):
         rewind(run=tiny_run, epochs=[0], groups=["block9"], device="cpu", progress=False)
 
 
-def test_cli_writes_csv_and_png(tiny_run, tmp_path):
-    result = CliRunner().invoke(main, ["rewind", "--run", str(tiny_run), "--epochs", "0,2",
+def test_cli_writes_csv_and_png(run, tmp_path):
+    # a copy of the session's run: its rewind.csv must not reach the tests that copy it later
+    result = CliRunner().invoke(main, ["rewind", "--run", str(run), "--epochs", "0,2",
                                        "--groups", "hidden1,head", "--device", "cpu",
                                        "--no-progress"])
     assert result.exit_code == 0, result.output
-    rows = read_table(tiny_run / "rewind.csv")
+    rows = read_table(run / "rewind.csv")
     assert [(r["group"], r["epoch"]) for r in rows] == [
         ("final", 3), ("hidden1", 0), ("head", 0), ("hidden1", 2), ("head", 2)]
-    assert (tiny_run / "rewind.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (run / "rewind.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_cli_missing_epoch_is_one_line_and_exit_2(tiny_run):
