@@ -1,6 +1,7 @@
 """``memkern train`` under torchrun (2 ranks, gloo on CPU) on real digits: the same run as one
 process with the same global batch (weights, momentum and BatchNorm statistics within float
-tolerance, tied-dropout masks of each example's own index), written once by rank 0; a rank
+tolerance, tied-dropout masks of each example's own index; a tied text run's canary measures too),
+written once by rank 0; a rank
 killed mid-run, resumed with another world size, ends equal to an uninterrupted run;
 one-process commands refuse a world of 2.
 
@@ -20,7 +21,7 @@ import torch
 from cli_checks import assert_one_line_error, run_cli
 from memkern.rundir.atomic import read_jsonl
 from memkern.training.checkpoints import load_checkpoint
-from memkern.training.config import TrainConfig
+from memkern.training.config import TrainConfig, config_from_options
 from memkern.errors import ConfigError
 from memkern.training.train import train
 from torchrun_launch import start_torchrun, torchrun
@@ -66,6 +67,34 @@ def test_two_ranks_equal_one_process(tmp_path):
         assert g["epoch"] == w["epoch"]
         assert abs(g["train_loss"] - w["train_loss"]) < 1e-5
         assert abs(g["noisy_acc_drop"] - w["noisy_acc_drop"]) < 1e-6  # the tied masks agree
+
+
+# A text run: a 1-layer byte GPT, tied dropout keyed by canary id on its MLP neurons.
+TEXT = dict(dataset="text:stdlib", model="gpt?layers=1&width=32&heads=2&mlp=64", seq_len=32,
+            text_bytes=4000, canaries=4, canary_reps=(1, 8), epochs=2, batch_size=16,
+            tied_dropout=True)
+TEXT_OPTS = ["--dataset", "text:stdlib", "--model", "gpt?layers=1&width=32&heads=2&mlp=64",
+             "--seq-len", "32", "--text-bytes", "4000", "--canaries", "4", "--canary-reps", "1,8",
+             "--epochs", "2", "--batch-size", "16", "--tied-dropout"]
+
+
+def test_two_ranks_equal_one_process_on_a_tied_text_run(tmp_path):
+    # the CLI's defaults for a text dataset (the gpt-shakespeare preset's), as torchrun gets
+    ref = train(config_from_options(TEXT), out=tmp_path / "one", device="cpu", progress=False)
+    res = torchrun(["train", "--out", tmp_path / "two", "--device", "cpu", "--no-progress",
+                    *TEXT_OPTS])
+    assert res.returncode == 0, res.stderr
+    two = tmp_path / "two"
+    assert (two / "canaries.json").read_bytes() == ref.canaries_path.read_bytes()
+    for epoch in (0, 1, 2):
+        _assert_same_state(two / "checkpoints" / f"epoch_{epoch:03d}.safetensors",
+                           ref.checkpoint_path(epoch))
+    got, want = read_jsonl(two / "metrics.jsonl"), read_jsonl(ref.metrics_path)
+    assert [sorted(r) for r in got] == [sorted(r) for r in want]
+    for g, w in zip(got, want):  # canary measures under own, kept and dropped masks agree
+        for key in w:
+            if key.startswith(("exposure_", "extracted_", "heldout_bpb", "train_loss")):
+                assert abs(g[key] - w[key]) < 1e-4, key
 
 
 def _worker_pids(launcher_pid: int) -> dict[int, int]:
