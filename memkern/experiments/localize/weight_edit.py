@@ -50,9 +50,7 @@ def _zero_inputs(layer: nn.Module, columns: torch.Tensor) -> None:
 
 
 def _zero_norm(norm: nn.Module, channels: torch.Tensor) -> None:
-    if norm.weight is None or norm.bias is None:
-        raise ConfigError(f"{type(norm).__name__} without an affine scale and shift cannot "
-                          f"output 0 for a channel; leave out --save-edited")
+    """A block's BatchNorm / GroupNorm (always affine: memkern builds them)."""
     norm.weight[channels] = 0.0
     norm.bias[channels] = 0.0
 
@@ -120,9 +118,7 @@ def without_channels(model: nn.Module, space: ChannelSpace, zeroed: torch.Tensor
     for name, part in space.split(zeroed.reshape(1, -1)).items():
         channels = torch.nonzero(part[0]).flatten()
         if len(channels):
-            found = _rule(edited, name, sites[name])
-            if found is None:
-                check_editable(edited, [name])
-            holder, rule = found
+            check_editable(edited, [name])
+            holder, rule = _rule(edited, name, sites[name])
             rule(holder, channels.to(next(edited.parameters()).device))
     return edited
