@@ -63,7 +63,7 @@ def require_edited_output(out: str | Path) -> None:
 
 
 def _record(row: dict, source: Path) -> dict:
-    return {"format": FORMAT, "source_checkpoint": str(source), "index": row["index"],
+    return {"format": FORMAT, "source_checkpoint": str(source.resolve()), "index": row["index"],
             "kind": row.get("kind", "example"), "flipped": row["flipped"],
             "channels": row["channels"], "settings": row["settings"]}
 
