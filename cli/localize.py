@@ -31,11 +31,15 @@ from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_o
               help="Targets localized together (and saved) at a time.")
 @click.option("--seed", type=int, default=0, show_default=True,
               help="Seed of the reference batch and the EoT noise.")
+@click.option("--save-edited", is_flag=True,
+              help="Also keep each target's edited model: a run directory X.edited/<target>/ "
+                   "beside the output X.jsonl whose checkpoint has the target's channels "
+                   "removed from its weights; open it with --run like any run.")
 @device_option
 @data_dir_option
 @progress_option
 def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batch, candidates,
-             sites, out, chunk, seed, device, data_dir, progress):
+             sites, out, chunk, seed, save_edited, device, data_dir, progress):
     """Find the channels whose zeroing flips each example's prediction (docs/method.md, Experiment 4).
 
     Appends one line per example to the output (a killed run resumes where it stopped),
@@ -45,13 +49,16 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
     results into the output and prints the table.
     On a text run the targets are its canaries (or duplicated paragraphs), the sites its MLP
     neurons, and each line adds what the edit cost (docs/text.md).
+    --save-edited keeps every edited model as a run of its own (docs/method.md, "Keeping the
+    edited model").
 
     \b
     Example:
       memkern localize --ckpt runs/digits/checkpoints/epoch_030.safetensors \\
           --examples all --limit 288
       memkern localize --run runs/digits --examples noisy
-      memkern localize --run runs/lm --examples canaries
+      memkern localize --run runs/lm --examples canaries --save-edited
+      memkern evaluate --run runs/lm/localize.edited/canary_000
       torchrun --nproc-per-node 2 -m memkern.cli localize \\
           --ckpt runs/digits/checkpoints/epoch_030.safetensors --examples all
     """
@@ -64,7 +71,7 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
         max_channels=max_channels,
         eot=eot, ref_batch=ref_batch, candidates=candidates,
         sites=[s for v in sites for s in v.split(",") if s] or None, out=out, chunk=chunk,
-        seed=seed, device=device, data_dir=data_dir, progress=progress)
+        seed=seed, device=device, data_dir=data_dir, progress=progress, save_edited=save_edited)
     if result.summary is None:  # another rank of a torchrun launch: rank 0 reports
         return
     click.echo((format_text_table if result.summary.get("text") else format_table)(
@@ -72,3 +79,6 @@ def localize(ckpt, run_dir, examples, limit, method, max_channels, eot, ref_batc
     summary, figure = summary_paths(result.path)
     click.echo(f"results: {result.path}; summary of all its results (what `memkern report` "
                f"shows for the run's own output): {summary}, figure: {figure}")
+    if result.edited is not None:
+        where = result.edited[0].parent if result.edited else "none (no targets)"
+        click.echo(f"edited models ({len(result.edited)} runs, one per target): {where}")

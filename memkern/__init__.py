@@ -34,6 +34,7 @@ _PUBLIC = {
     "memkern.experiments.localize.exhaustive": ("exhaustive_localize",),
     "memkern.experiments.localize.scan": ("ablation_scan",),
     "memkern.experiments.localize.edited": ("edited_accuracies",),
+    "memkern.experiments.localize.weight_edit": ("without_channels",),
     "memkern.experiments.scores.signals": ("channels_to_flip", "combined_score",
                                            "dynamics_signals", "tied_gap"),
     # the runners (one per command)

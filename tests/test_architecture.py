@@ -38,6 +38,7 @@ ALGORITHMS = (
     "memkern/experiments/localize/scan.py",
     "memkern/experiments/localize/scan_delta.py",
     "memkern/experiments/localize/scan_plan.py",
+    "memkern/experiments/localize/weight_edit.py",
     "memkern/experiments/scores/detection.py",
     "memkern/experiments/text/edits.py",
     "memkern/experiments/text/exposure.py",

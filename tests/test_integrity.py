@@ -347,7 +347,7 @@ def test_localize_noisy_on_a_run_without_noise_is_refused(tmp_path):
 
 
 def test_a_killed_imports_staging_folder_is_removed_by_the_next(tmp_path):
-    from memkern.training.import_weights import remove_dead_staging
+    from memkern.rundir.staging import remove_dead_staging
 
     out = tmp_path / "imported"
     dead = tmp_path / f".imported.importing-{dead_pid()}-0123abcd"

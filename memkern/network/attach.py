@@ -123,6 +123,17 @@ def detach_sites(model: nn.Module) -> None:
             delattr(model, attr)
 
 
+def hooked_on(host: nn.Module, site: ChannelSite) -> str | None:
+    """``"output"`` or ``"input"``: what of ``host`` ``site`` acts on through a hook that
+    :func:`attach_sites` placed; None when it has no such hook there."""
+    if any(isinstance(h, _OutputHook) and h.site is site for h in host._forward_hooks.values()):
+        return "output"
+    if any(isinstance(h, _InputHook) and h.site is site
+           for h in host._forward_pre_hooks.values()):
+        return "input"
+    return None
+
+
 def _hook(host: nn.Module, site: ChannelSite, found: FoundSite) -> None:
     if found.acts_on == INPUT:
         host.register_forward_pre_hook(_InputHook(site))

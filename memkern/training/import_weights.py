@@ -11,19 +11,16 @@ dataset's, kept as ``train_labels.npy`` in the run.
 from __future__ import annotations
 
 import io
-import os
 import pickle
-import re
-import shutil
-import uuid
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from memkern.rundir.atomic import json_text, process_alive
+from memkern.rundir.atomic import json_text
 from memkern.rundir.manifest import write_recorded
+from memkern.rundir.staging import built_in_place
 from memkern.training.checkpoints import save_checkpoint
 from memkern.training.config import TrainConfig
 from memkern.training.finite import first_nonfinite
@@ -96,23 +93,6 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def staging_folder(out: Path) -> Path:
-    """Where the run is built before it is renamed to ``out``: the pid of the importing
-    process in the name lets the next import remove what a killed one left."""
-    return out.parent / f".{out.name}.importing-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-
-
-def remove_dead_staging(out: Path) -> None:
-    """Remove staging folders of ``out`` whose importing process no longer runs."""
-    pattern = re.compile(re.escape(f".{out.name}.importing-") + r"(\d+)-[0-9a-f]{8}")
-    if not out.parent.is_dir():
-        return
-    for p in out.parent.iterdir():
-        m = pattern.fullmatch(p.name)
-        if m and p.is_dir() and not p.is_symlink() and not process_alive(int(m.group(1))):
-            shutil.rmtree(p, ignore_errors=True)
-
-
 def check_weights_fit(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
                       model_name: str) -> None:
     """CheckpointError naming the first few missing, unexpected and mis-shaped tensors."""
@@ -161,10 +141,7 @@ def import_weights(*, weights: str | Path, model: str, dataset: str, out: str | 
     check_weights_fit(net, state, source=str(weights), model_name=model)
     net.load_state_dict(state)
 
-    remove_dead_staging(run.root)
-    staging = staging_folder(run.root)
-    staging.mkdir(parents=True)
-    try:
+    with built_in_place(run.root, doing="importing") as staging:
         built = RunDir(staging)
         if labels is not None:
             write_recorded(built.root, built.root / LABELS_FILE, _npy_bytes(labels.numpy()))
@@ -175,10 +152,4 @@ def import_weights(*, weights: str | Path, model: str, dataset: str, out: str | 
         built.checkpoints.mkdir()
         save_checkpoint(built.checkpoint_path(IMPORTED_EPOCH), net, config=config,
                         epoch=IMPORTED_EPOCH, run=built.root)
-        if run.root.is_dir():
-            run.root.rmdir()  # empty (checked above); rename cannot replace it otherwise
-        os.rename(staging, run.root)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return run

@@ -32,9 +32,12 @@ from memkern.experiments.localize.greedy import greedy_localize
 from memkern.experiments.localize.objective import LocalizationObjective, reference_indices
 from memkern.experiments.localize.reference_cache import ReferenceCache
 from memkern.experiments.localize.rows import check_rows
+from memkern.experiments.localize.save_edited import require_edited_output
+from memkern.experiments.localize.save_edited import save_edited as save_edited_models
 from memkern.experiments.localize.settings import check_resumable, localize_settings
 from memkern.experiments.localize.summary import (fitted, require_summary_outputs, summarize,
                                                   summary_paths, write_summary)
+from memkern.experiments.localize.weight_edit import check_editable
 from memkern.experiments.text.edits import edit_measures
 from memkern.experiments.text.localize_summary import summarize_text, write_text_summary
 from memkern.experiments.text.objective import TextObjective, clean_reference, rows_per_pass
@@ -52,10 +55,12 @@ REF_BATCH = {"image": 512, "text": 64}  # reference examples / windows kept righ
 
 @dataclass
 class LocalizeResult:
-    """``summary`` is None on ranks other than 0 of a torchrun launch (rank 0 writes it)."""
+    """``summary`` is None on ranks other than 0 of a torchrun launch (rank 0 writes it);
+    ``edited``: the edited models' run folders of the targets asked for (``save_edited``)."""
 
     path: Path
     summary: dict | None
+    edited: list[Path] | None = None
 
 
 def default_output(ckpt: str | Path) -> Path:
@@ -130,7 +135,7 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
              candidates: int | None = None, sites: Sequence[str] | None = None,
              out: str | Path | None = None, chunk: int = 32, seed: int = 0,
              max_rows: int | None = None, device: str = "auto", data_dir: str | Path | None = None,
-             progress: bool = True) -> LocalizeResult:
+             progress: bool = True, save_edited: bool = False) -> LocalizeResult:
     """Localize the selected examples of ``ckpt``; append one line per example to ``out``
     (default :func:`default_output`), then write the summary of every line of the output (JSON
     + PNG, what the report shows) beside it, named after it
@@ -147,7 +152,12 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
     :class:`memkern.experiments.text.objective.TextObjective`, the default sites are the MLP
     neurons and each line adds the edit's cost (:mod:`memkern.experiments.text.edits`). Defaults
     that differ by kind of run (None here): ``examples`` (``noisy`` / ``canaries``),
-    ``ref_batch`` (512 images / 64 windows)."""
+    ``ref_batch`` (512 images / 64 windows).
+
+    ``save_edited``: also keep the edited model of every target asked for, a run directory
+    with the target's channels removed from the weights
+    (:mod:`memkern.experiments.localize.save_edited`); sites no weight edit removes exactly
+    are refused before any work."""
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     for name, value, low in (("max-channels", max_channels, 1), ("eot", eot, 0),
@@ -161,6 +171,8 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
                          what="a localize output")
     require_summary_outputs(out or default_output(ckpt))
     require_writable(out or default_output(ckpt), *summary_paths(out or default_output(ckpt)))
+    if save_edited:
+        require_edited_output(out or default_output(ckpt))
     world = World.from_env()
     place = world.place(resolve_device(device))
     trained = load_trained(ckpt, device=place, data_dir=data_dir, text_ok=True)
@@ -179,6 +191,8 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
     # are defined (docs/method.md, Experiment 5); a text model's default is its MLP neurons.
     space = channel_space(model, sites or list(tied) or
                           (list(model.default_dropout_sites) if text else None))
+    if save_edited:
+        check_editable(model, space.names)
     out = Path(out) if out is not None else default_output(ckpt)
     settings = localize_settings(ckpt=ckpt, method=method, max_channels=max_channels, eot=eot,
                                  ref_batch=ref_batch, candidates=candidates, sites=space.names,
@@ -240,6 +254,8 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
         rows = merge_parts(out, targets)
     check_rows(rows, out, num_train=num_targets)
     asked = set(targets)
+    edited = save_edited_models([r for r in rows if r["index"] in asked], out, model=model,
+                                ckpt=trained.checkpoint, space=space) if save_edited else None
     if text:
         common = dict(site_order=space.names, site_widths=dict(zip(space.names, space.counts)),
                       settings=settings)
@@ -247,7 +263,7 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
                            **common)
         return LocalizeResult(path=out, summary=summarize_text(
             [r for r in rows if r["index"] in asked], selection=_selection(examples, limit),
-            **common))
+            **common), edited=edited)
     common = dict(site_order=space.names, base=split_accuracies(model, data),
                   site_widths=dict(zip(space.names, space.counts)),
                   tied={s: dict(channels=op.channels, seed=op.seed, p_gen=op.p_gen, p_mem=op.p_mem)
@@ -259,7 +275,7 @@ def localize(*, ckpt: str | Path, examples: str | None = None, limit: int | None
                   selection=f"every result in {out.name} ({len(rows)})", **common)
     summary = summarize([r for r in rows if r["index"] in asked],
                         selection=_selection(examples, limit), **common)
-    return LocalizeResult(path=out, summary=summary)
+    return LocalizeResult(path=out, summary=summary, edited=edited)
 
 
 def _selection(examples: str, limit: int | None) -> str:

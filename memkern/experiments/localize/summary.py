@@ -305,12 +305,16 @@ SUMMARY_KEYS = ("examples", "sites", "groups")  # what marks a summary as memker
 LEGACY_SUMMARY = "localize_summary.json"  # the run's summary before it was named after its output
 
 
+def output_stem(out: str | Path) -> str:
+    """What the files of localize output ``out`` are named after: ``X`` of ``X.jsonl``."""
+    name = Path(out).name
+    return name[:-len(".jsonl")] if name.endswith(".jsonl") and name != ".jsonl" else name
+
+
 def summary_paths(out: str | Path) -> tuple[Path, Path]:
     """The summary and the figure of localize output ``out``, named after it: ``X.jsonl`` ->
     ``X.summary.json``, ``X.png`` (never a fixed name, so outputs in one folder keep theirs)."""
-    out = Path(out)
-    stem = out.name[:-len(".jsonl")] if out.name.endswith(".jsonl") and out.name != ".jsonl" \
-        else out.name
+    out, stem = Path(out), output_stem(out)
     return out.with_name(f"{stem}.summary.json"), out.with_name(f"{stem}.png")
 
 
