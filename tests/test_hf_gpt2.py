@@ -28,6 +28,7 @@ from memkern.network.sites import channel_sites, example_indices
 from memkern.network.tied_dropout import attach_tied_dropout, set_tied_dropout_mode
 from memkern.rundir.context import open_run
 from memkern.training.checkpoints import load_checkpoint, load_model_state
+from memkern.training.config import TrainConfig
 
 SPEC = "hf:gpt2?n_layer=2&n_embd=32&n_head=2"
 NATIVE = "gpt?layers=1&width=32&heads=2&mlp=64"
@@ -91,6 +92,8 @@ def test_settings_are_config_fields_of_fixed_kinds():
     assert (s["n_layer"], s["n_inner"], s["activation_function"]) == (3, 48, "relu")
     assert s["resid_pdrop"] == s["embd_pdrop"] == s["attn_pdrop"] == 0.0 and s["n_embd"] == 256
     check_file_spec("hf:gpt2?n_layer=2", source="config.json")  # data: no trust needed
+    with pytest.raises(ConfigError, match="reads text"):
+        TrainConfig(dataset="digits", model=SPEC)
     for spec, words in [("hf:gpt2?n_layers=2", "unknown keyword 'n_layers'"),
                         ("hf:gpt2?n_positions=64", "--seq-len"),
                         ("hf:gpt2?vocab_size=300", "byte vocabulary"),
