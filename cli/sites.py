@@ -12,7 +12,7 @@ from memkern.cli.options import model_option
 @click.option("--image-size", type=click.IntRange(1, 4096), default=8, show_default=True)
 @click.option("--num-classes", type=click.IntRange(2, 1_000_000), default=10, show_default=True)
 @click.option("--seq-len", type=click.IntRange(1, 1_000_000), default=128, show_default=True,
-              help="A text model's context (gpt).")
+              help="A text model's context (gpt, hf:gpt2).")
 def sites(model, in_channels, image_size, num_classes, seq_len):
     """List a model's channel sites (stable order) and layer groups.
 
@@ -22,13 +22,14 @@ def sites(model, in_channels, image_size, num_classes, seq_len):
       memkern sites --model 'timm:vit_tiny_patch16_224?img_size=32&patch_size=4' \\
         --in-channels 3 --image-size 32
       memkern sites --model 'gpt?layers=2&width=64'
+      memkern sites --model 'hf:gpt2?n_layer=2&n_embd=64&n_head=2'
     """
     from memkern.data.text import VOCAB
-    from memkern.network.models import (build_model, build_text_model, check_fits_memory, is_gpt,
-                                        layer_groups)
+    from memkern.network.models import (build_model, build_text_model, check_fits_memory,
+                                        is_text_model, layer_groups)
     from memkern.network.sites import channel_sites
 
-    if is_gpt(model):
+    if is_text_model(model):
         built = build_text_model(model, vocab=VOCAB, context=seq_len)
     else:
         check_fits_memory(model, num_classes=num_classes, in_channels=in_channels,

@@ -150,6 +150,32 @@ def test_shared_layer_falls_back_in_auto_and_is_refused_in_ghost():
                                torch.tensor([0, 1, 2]), mode="ghost")
 
 
+class SharedPositions(nn.Module):
+    """A position embedding looked up once as ``[1, T]`` and broadcast over the rows: its
+    output gradient sums over the batch, so no per-example rule may read it."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok = nn.Embedding(7, 5)
+        self.pos = nn.Embedding(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        positions = torch.arange(x.shape[1]).unsqueeze(0)
+        return self.head(self.tok(x) + self.pos(positions)).mean(1)
+
+
+def test_a_batch_shared_lookup_falls_back_in_auto_and_is_refused_in_ghost():
+    torch.manual_seed(0)
+    model = SharedPositions().double()
+    x, y = torch.randint(0, 7, (5, 4)), torch.randint(0, 3, (5,))
+    ref = per_example_grad_norms(model, x, y, mode="loop")
+    assert_close_verbose(per_example_grad_norms(model, x, y, mode="auto"), ref, 1e-10,
+                         ["tok", "pos", "head"])
+    with pytest.raises(UnsupportedLayerError, match=r"pos\.weight"):
+        per_example_grad_norms(model, x, y, mode="ghost")
+
+
 def test_ghost_names_the_unsupported_layer():
     model = nn.Sequential(nn.Conv3d(1, 2, 2), nn.Flatten(), nn.Linear(2 * 2 * 2 * 2, 3))
     x, y = torch.randn(2, 1, 3, 3, 3), torch.tensor([0, 2])

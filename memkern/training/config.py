@@ -137,11 +137,13 @@ class TrainConfig:
         if not self.canary_reps or any(r < 1 for r in self.canary_reps):
             raise ConfigError(f"canary reps must be positive integers such as 1,4,16,64,256, "
                               f"got {','.join(map(str, self.canary_reps)) or 'none'}")
-        gpt = self.model.partition("?")[0] == "gpt"
-        if self.text and not gpt:
+        # a string test, like the trust check: nothing is built or imported for it
+        lm = self.model.partition("?")[0] == "gpt" or self.model.startswith("hf:")
+        if self.text and not lm:
             raise ConfigError(f"model {self.model!r} reads images; a text dataset needs --model "
-                              f"gpt (sizes as gpt?layers=2&width=64&heads=2&mlp=256)")
-        if gpt and not self.text:
+                              f"gpt (sizes as gpt?layers=2&width=64&heads=2&mlp=256) or "
+                              f"hf:gpt2[?n_layer=4&n_embd=256...]")
+        if lm and not self.text:
             raise ConfigError(f"model {self.model!r} reads text: train it on --dataset "
                               f"text:shakespeare, text:stdlib or text:PATH")
         if self.text:

@@ -4,6 +4,8 @@
 also name a model elsewhere (``torchvision:resnet18``, ``timm:...``, ``package.module:factory``;
 see :mod:`memkern.network.models.zoo`), whose sites are found and attached by hooks.
 ``layer_groups(model)`` and ``memkern.network.sites.site_infos(model)`` describe it.
+Text models: ``gpt[?...]`` (:mod:`memkern.network.models.gpt`) and ``hf:gpt2[?...]``
+(:mod:`memkern.network.models.hf_gpt2`), built by ``build_text_model``.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from memkern.errors import ConfigError
 from memkern.network.models.blocks import NORMS
 from memkern.network.models.gpt import build_gpt, is_gpt
 from memkern.network.models.groups import LayerGroup, layer_groups
+from memkern.network.models.hf_gpt2 import build_hf_gpt2, is_hf_spec
 from memkern.network.models.resnet9 import ResNet9
 from memkern.network.models.resnet50 import ResNet50
 from memkern.network.models.small import MLP, SmallCNN
@@ -21,10 +24,15 @@ from memkern.network.models.zoo import build_zoo_model, is_spec
 from memkern.network.sites import name_sites
 
 MODELS = {"cnn": SmallCNN, "mlp": MLP, "resnet9": ResNet9, "resnet50": ResNet50, "vit": ViT}
-TEXT_MODELS = ("gpt",)
+TEXT_MODELS = ("gpt", "hf:gpt2")
 
 __all__ = ["MODELS", "TEXT_MODELS", "LayerGroup", "build_model", "build_text_model",
-           "check_fits_memory", "is_gpt", "layer_groups"]
+           "check_fits_memory", "is_gpt", "is_text_model", "layer_groups"]
+
+
+def is_text_model(name: str) -> bool:
+    """Whether ``name`` names a language model (``gpt[?...]`` or ``hf:...``)."""
+    return is_gpt(name) or is_hf_spec(name)
 
 
 def check_fits_memory(name: str, *, num_classes: int, in_channels: int, image_size: int) -> None:
@@ -51,7 +59,7 @@ def check_fits_memory(name: str, *, num_classes: int, in_channels: int, image_si
 def build_model(name: str, *, num_classes: int, in_channels: int, image_size: int,
                 norm: str = "batch") -> nn.Module:
     """A freshly initialized model; its sites are named after their module paths."""
-    if is_gpt(name):
+    if is_text_model(name):
         raise ConfigError(f"model {name!r} reads text: train it on --dataset text:shakespeare, "
                           f"text:stdlib or text:PATH")
     if is_spec(name):
@@ -72,7 +80,9 @@ def build_model(name: str, *, num_classes: int, in_channels: int, image_size: in
 
 def build_text_model(name: str, *, vocab: int, context: int) -> nn.Module:
     """A freshly initialized language model over ``vocab`` tokens with ``context`` positions."""
+    if is_hf_spec(name):
+        return build_hf_gpt2(name, vocab=vocab, context=context)
     if not is_gpt(name):
         raise ConfigError(f"model {name!r} reads images; a text dataset needs --model gpt "
-                          f"(sizes as gpt?layers=2&width=64&heads=2&mlp=256)")
+                          f"(sizes as gpt?layers=2&width=64&heads=2&mlp=256) or hf:gpt2[?...]")
     return build_gpt(name, vocab=vocab, context=context)

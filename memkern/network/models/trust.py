@@ -2,9 +2,10 @@
 
 A spec typed by the user (``--model``, or a notebook's ``build_model``) is the user's choice. A
 spec read from a file (config.json, a checkpoint's metadata) is honoured only when it names one
-of memkern's models, a ``torchvision:``/``timm:`` model by its plain name, or a factory this
-user allowed: ``--trust-model-code`` on the command, or ``MEMKERN_TRUSTED_FACTORIES`` (comma-
-separated ``package.module:factory``, or ``package.module:*`` for every factory of a module).
+of memkern's models (``hf:gpt2?...`` among them: its keywords are config values of fixed
+kinds), a ``torchvision:``/``timm:`` model by its plain name, or a factory this user allowed:
+``--trust-model-code`` on the command, or ``MEMKERN_TRUSTED_FACTORIES`` (comma-separated
+``package.module:factory``, or ``package.module:*`` for every factory of a module).
 The check reads strings only; nothing is imported before it passes. See README, "Safety".
 """
 from __future__ import annotations
@@ -13,6 +14,7 @@ import os
 import re
 
 from memkern.errors import ConfigError
+from memkern.network.models.hf_gpt2 import hf_gpt2_settings, is_hf_spec
 from memkern.network.models.zoo import ZOO_SOURCES, is_spec, parse_spec
 
 TRUST_ENV = "MEMKERN_TRUSTED_FACTORIES"
@@ -40,6 +42,9 @@ def check_file_spec(model: str, *, source: str) -> None:
     """ConfigError unless the model ``model``, read from ``source`` (a file), may be built."""
     if not is_spec(model):
         return  # a name: memkern's own models only (an unknown one is refused when built)
+    if is_hf_spec(model):
+        hf_gpt2_settings(model)  # fixed config fields of fixed kinds: data, no code named
+        return
     spec = parse_spec(model)
     if spec.source in ZOO_SOURCES:
         if not _ZOO_NAME.match(spec.name):

@@ -26,6 +26,7 @@ class _Capture:
     rule: Rule
     budget: int
     keep_output: bool  # only integer inputs need the outputs as ends of the backward
+    rows: int  # the batch's; a layer called on another leading size is not per example
     calls: int = 0
     activation: torch.Tensor | None = None
     output: torch.Tensor | None = None
@@ -33,6 +34,8 @@ class _Capture:
 
     def on_forward(self, module, args, output):
         self.calls += 1
+        if args[0].shape[:1] != (self.rows,):  # a batch-shared input (a [1, T] position lookup):
+            self.calls += 1  # its output gradient sums over rows, as a shared layer's over calls
         if self.calls > 1:  # a shared layer: its gradient sums over calls, leave it to torch.func
             self.activation = self.output = None
             return
@@ -64,14 +67,14 @@ def _shared_parameter_ids(model: nn.Module) -> set[int]:
     return {i for i, n in owners.items() if n > 1}
 
 
-def _captures(model: nn.Module, budget: int, keep_output: bool) -> list[_Capture]:
+def _captures(model: nn.Module, budget: int, keep_output: bool, rows: int) -> list[_Capture]:
     shared = _shared_parameter_ids(model)
     out = []
     for prefix, module in model.named_modules():
         rule = rule_for(module)
         covered = covered_parameters(module) if rule is not None else ()
         if covered and not any(id(getattr(module, n)) in shared for n in covered):
-            out.append(_Capture(prefix, module, rule, budget, keep_output))
+            out.append(_Capture(prefix, module, rule, budget, keep_output, rows))
     return out
 
 
@@ -93,7 +96,8 @@ def ghost_sq_norms(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor
                    memory_budget: int, ids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """``{parameter name: float [B] squared norm}`` for the parameters of every ruled layer
     called once and the declared :func:`broadcast_parameters`; the caller computes the rest."""
-    captures = _captures(model, memory_budget, keep_output=not inputs.is_floating_point())
+    captures = _captures(model, memory_budget, keep_output=not inputs.is_floating_point(),
+                         rows=len(inputs))
     copies = {n: model.get_parameter(n).detach().expand(len(inputs), *model.get_parameter(n).shape[1:])
               .clone().requires_grad_(True) for n in broadcast_parameters(model)}
     # prepended: the gradient at a layer's own output, before an attached site's hook acts on it

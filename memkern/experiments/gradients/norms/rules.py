@@ -16,6 +16,7 @@ so the Gram form is taken when ``2 T^2 <= d p``, else ``g^T a`` is formed and re
 """
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Callable
 
@@ -51,11 +52,20 @@ def register(*types: type, supports: Callable[[nn.Module], bool] = lambda m: Tru
 FORWARD_METHODS = ("forward", "_conv_forward")
 
 
+def _register_hf_conv1d() -> None:
+    """transformers' ``Conv1D`` (GPT-2's linear layers), once transformers has loaded it: read
+    from ``sys.modules``, so that gradient norms never import transformers themselves."""
+    conv1d = getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+    if isinstance(conv1d, type) and conv1d not in RULES:
+        register(conv1d)(conv1d_rule)
+
+
 def rule_for(module: nn.Module) -> Rule | None:
     """The rule registered for ``module``'s exact type, or for its nearest registered base
     class when no class in between redefines the forward computation (a weight-standardized
     conv, a linear that scales its weight: their math is not the base's formula); None sends
     the layer to the exact ``torch.func`` fallback."""
+    _register_hf_conv1d()
     for cls in type(module).__mro__:
         rule = RULES.get(cls)
         if rule is not None:
@@ -90,7 +100,8 @@ def temp_bytes_per_example(module: nn.Module, a: torch.Tensor, g: torch.Tensor) 
     k = 1
     for size in getattr(module, "kernel_size", ()):
         k *= size
-    outputs = getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+    outputs = (getattr(module, "out_features", None) or getattr(module, "out_channels", None)
+               or getattr(module, "nf", None))  # nf: transformers' Conv1D
     t = g[0].numel() // outputs if outputs else 0  # positions; norm layers form no Gram
     d = a[0].numel() * k // max(1, t)
     return (a[0].numel() * k + min(2 * t * t, d * (outputs or 0)) + g[0].numel()) * a.element_size()
@@ -118,6 +129,13 @@ def linear_rule(module: nn.Linear, a: torch.Tensor, g: torch.Tensor) -> SquaredN
     if "bias" in covered_parameters(module):
         out["bias"] = g.sum(2).square().sum(1)
     return out
+
+
+def conv1d_rule(module: nn.Module, a: torch.Tensor, g: torch.Tensor) -> SquaredNorms:
+    """transformers' ``Conv1D``: ``y = x @ weight + bias`` with ``weight`` ``[d, p]``, a Linear
+    with its weight stored transposed; example b's weight gradient ``a_b^T g_b`` is the
+    transpose of the Linear's ``g_b^T a_b``, of the same norm, so the Linear's forms apply."""
+    return linear_rule(module, a, g)
 
 
 def _plain_embedding(module: nn.Embedding) -> bool:
