@@ -28,7 +28,8 @@ from memkern.network.sites import channel_sites, example_indices, modules_with_s
 Objective = Callable[[torch.Tensor], torch.Tensor]  # logits [R, N, classes] -> [R]
 MAX_ROWS = 4096
 # On CPU a chunk's largest site-dependent activation is kept near this size: past it the
-# suffix's activations leave the caches and rows/s falls (bench/README.md, "scan chunks").
+# suffix's activations leave the caches and rows/s falls (bench/README.md, "Scan chunks sized
+# by activation bytes").
 CPU_CHUNK_BYTES = 16 << 20
 
 
