@@ -6,6 +6,7 @@ from torch import nn
 
 from memkern.errors import ConfigError
 from memkern.experiments.localize.channels import channel_space, row_masks, set_masks
+from memkern.experiments.localize import scan
 from memkern.experiments.localize.scan import ablation_scan, naive_ablation_scan
 from memkern.experiments.localize.scan_delta import FALLBACK
 from memkern.experiments.localize.scan_plan import plan_scan
@@ -68,6 +69,34 @@ def test_scan_equals_naive_loop(name, cin, size, sites, dtype, tol, n):
     _check(got.values, want, tol)
     assert all(p.startswith("delta via ") for p in got.path.values()), got.path
     assert set(got.path) == set(space.names)
+
+
+
+def test_cpu_chunks_are_sized_by_the_sites_largest_activation(monkeypatch):
+    """ResNet-9 at 12x12 in float64: conv3.pre's largest dependent output is its own
+    256 x 6 x 6 map, res2.body.0.pre's the 256 x 3 x 3 map after the pool; with room for three
+    conv3.pre candidates of 2 rows, its 7 candidates take 3 forwards, res2's 7 one (max_rows
+    20 = 10 candidates), and every value equals the naive loop's."""
+    model = _random_model("resnet9", 3, 12, torch.float64)
+    space = channel_space(model, ["conv3.pre", "res2.body.0.pre"])
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(2, 3, 12, 12, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 10, (2,), generator=gen)
+    with row_masks(model, space) as ops:
+        set_masks(ops, space, torch.ones(1, space.total, dtype=torch.float64))
+        plans = plan_scan(model, x[:1], space.names)
+    assert plans["conv3.pre"].row_bytes == 256 * 6 * 6 * 8
+    assert plans["res2.body.0.pre"].row_bytes == 256 * 3 * 3 * 8
+    monkeypatch.setattr(scan, "CPU_CHUNK_BYTES", 3 * 2 * 256 * 6 * 6 * 8)
+    forwards = []
+    handle = model.register_forward_pre_hook(lambda m, args: forwards.append(len(args[0])))
+    cand = _candidates(space, 7, gen)
+    try:
+        got = ablation_scan(model, x, y, sites=space, candidates=cand, max_rows=20)
+    finally:
+        handle.remove()
+    assert forwards == [1, 2, 6, 6, 2, 14]  # probe, prefix, conv3.pre 3+3+1, res2 all 7
+    _check(got.values, naive_ablation_scan(model, x, y, sites=space, candidates=cand), 1e-10)
 
 
 @pytest.mark.parametrize("name,cin,size,site,path", [

@@ -27,6 +27,10 @@ from memkern.network.sites import channel_sites, example_indices, modules_with_s
 
 Objective = Callable[[torch.Tensor], torch.Tensor]  # logits [R, N, classes] -> [R]
 MAX_ROWS = 4096
+# On CPU a chunk's largest site-dependent activation is kept near this size: past it the
+# suffix's activations leave the caches and rows/s falls (bench/README.md, "Scan chunks sized
+# by activation bytes").
+CPU_CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,14 @@ def _swapped(modules: dict[str, nn.Module], forwards: dict[str, Callable]) -> It
             del modules[name].forward
 
 
+def _step(plan: SitePlan, n: int, max_rows: int, device: torch.device) -> int:
+    """Candidates per forward of ``n`` rows each."""
+    step = max_rows // n
+    if device.type == "cpu" and plan.row_bytes:
+        step = min(step, CPU_CHUNK_BYTES // (n * plan.row_bytes))
+    return max(1, step)
+
+
 def _path(plan: SitePlan, done: dict[str, str | None]) -> str:
     """The path description of a batched site; ``done``: consumer -> None (delta every time)
     or why it ran the full layer."""
@@ -190,7 +202,8 @@ def ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
     ``x``: ``[N, ...]`` inputs; ``y_or_objective``: int64 labels ``[N]`` (mean cross-entropy) or
     a callable ``logits [R, N, classes] -> [R]``; ``candidates``: flat channel indices to scan
     (default all); ``ids``: int64 ``[N]``, the dataset index of each row, set around every
-    forward (tied dropout in modes "own"/"train" needs it); ``max_rows``: rows per forward.
+    forward (tied dropout in modes "own"/"train" needs it); ``max_rows``: rows per forward (on
+    CPU fewer where the site's activations would exceed :data:`CPU_CHUNK_BYTES`).
     Eval mode assumed (BatchNorm running statistics): rows must not interact.
     """
     model.eval()
@@ -221,7 +234,7 @@ def ablation_scan(model: nn.Module, x: torch.Tensor, y_or_objective, *,
                 continue
             done = {c: delta_unsupported(modules[c], cache.inputs[c], site.channels)
                     for c in plan.consumers}
-            step = max(1, max_rows // n)
+            step = _step(plan, n, max_rows, x.device)
             for start in range(0, len(mine), step):
                 flat = mine[start:start + step]
                 r = len(flat)

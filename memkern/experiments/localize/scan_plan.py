@@ -13,7 +13,9 @@ later op. Module hooks read the bits at each call's start and end. Per site that
   conv/linear in between (for a ResNet-50 expand site: the next block's reduce conv, and
   its shortcut conv at a stage boundary): their input differs from the cached one only in
   the zeroed channel, which the scan checks at run time before using it;
-- naive: the reason the site needs the reference loop (it runs more than once per forward).
+- naive: the reason the site needs the reference loop (it runs more than once per forward);
+- row_bytes: the largest output of a module that depends on the site, in bytes per input row
+  (what the scan sizes its candidate chunks by).
 
 The bits over-approximate dependence (a storage is tainted as a whole), which can only cost
 speed: a module wrongly held dependent is recomputed, exactly.
@@ -44,6 +46,7 @@ class SitePlan:
     consumers: tuple[str, ...] = ()
     naive: str | None = None  # reason for the reference loop, None when batched
     note: str = ""  # why no consumer is on the fast path, when none is
+    row_bytes: int = 0  # largest site-dependent module output, bytes per input row
 
 
 @dataclass
@@ -53,6 +56,7 @@ class _Call:
     input_bits: int = 0
     output_bits: int = 0
     output_key: int | None = None  # storage of a single-tensor output, None otherwise
+    output_bytes: int = 0
     first_arg_tensor: bool = False
     side_effect: bool = False
 
@@ -163,6 +167,7 @@ class _Probe:
                     self.taint.add(t, raw << 1)
             call.end = self.taint.tick
             call.output_bits = self.taint.of(_tensors(output))
+            call.output_bytes = sum(t.numel() * t.element_size() for t in _tensors(output))
             if isinstance(output, torch.Tensor):
                 call.output_key = _key(output)
             return output
@@ -224,4 +229,7 @@ def _plan_site(probe: _Probe, modules: dict[str, nn.Module], site: str, bit: int
             consumers.append(name)
     note = "; ".join(skipped) if skipped else \
         "" if consumers else "no conv/linear reads the site's output directly"
-    return SitePlan(cached=tuple(cached), consumers=tuple(consumers), note=note)
+    row_bytes = max((c.output_bytes for calls in probe.calls.values() for c in calls
+                     if c.output_bits & bit), default=0)
+    return SitePlan(cached=tuple(cached), consumers=tuple(consumers), note=note,
+                    row_bytes=row_bytes)
