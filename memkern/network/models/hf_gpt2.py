@@ -179,6 +179,8 @@ class HFGPT2(nn.Module):
         causal mask GPT2Model builds for the configured attention implementation."""
         from transformers.masking_utils import create_causal_mask
 
+        if len(x) == 0:  # transformers' attention cannot reshape an empty batch; blocks keep shapes
+            return x
         positions = self._positions(x)
         mask = create_causal_mask(self.transformer.config, x, None, None,
                                   position_ids=positions)
