@@ -14,6 +14,7 @@ from memkern.experiments.localize.channels import channel_space
 from memkern.experiments.text.methods import (
     METHODS, balanced_subnet, hard_concrete, integrated_gradients, slimming,
 )
+from memkern.experiments.text.methods.common import start_block
 from memkern.experiments.text.methods.learned_masks import WINDOWS, clean_choice
 from memkern.experiments.text.targets import SequenceTargets
 from memkern.network.models import build_text_model
@@ -142,6 +143,19 @@ def zero_output_weights(model, name, c):
             owner.proj.weight[:, c * hd:(c + 1) * hd] = 0
         else:  # the head's input rows of hf's c_proj
             owner.c_proj.weight[c * hd:(c + 1) * hd] = 0
+
+
+@pytest.mark.parametrize("spec, tied", MODELS)
+def test_the_block_stack_computes_the_forward(spec, tied):
+    model, targets = tiny_model(tied=tied, spec=spec), random_targets()
+    x, keys = targets.inputs(), targets.keys
+    with torch.no_grad(), example_indices(keys):
+        want = model(x)
+        assert torch.equal(model.readout(model.run_blocks(model.embed(x))), want)
+        mid = model.run_blocks(model.embed(x), 0, 1)
+        torch.testing.assert_close(model.readout(model.run_blocks(mid, 1)), want, rtol=1e-12,
+                                   atol=1e-12)
+    assert [start_block(model, n) for n in channel_sites(model)] == [0, 0, 1, 1]
 
 
 @pytest.mark.parametrize("spec, tied", MODELS)
