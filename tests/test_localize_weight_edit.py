@@ -48,9 +48,15 @@ def _image(name, norm="batch", size=8):
     return lambda: build_model(name, num_classes=5, in_channels=3, image_size=size, norm=norm)
 
 
-def _gpt(tied=False):
+GPT = "gpt?layers=2&width=12&heads=3&mlp=20"
+HF = "hf:gpt2?n_layer=2&n_embd=12&n_head=3&n_inner=20"
+
+
+def _gpt(tied=False, spec=GPT):
     def build():
-        m = build_text_model("gpt?layers=2&width=12&heads=3&mlp=20", vocab=256, context=9)
+        if spec == HF:
+            pytest.importorskip("transformers")
+        m = build_text_model(spec, vocab=256, context=9)
         if tied:
             attach_tied_dropout(m, sites=list(m.default_dropout_sites), p_gen=0.3, p_mem=0.4,
                                 seed=7)
@@ -88,6 +94,8 @@ CASES = {  # name: (build, input maker, editable sites: None = all)
                                        "b.spatial.post", "b.expand_site"]),
     "gpt": (_gpt(), "tokens", None),
     "gpt-tied-own": (_gpt(tied=True), "tokens", None),
+    "hf-gpt2": (_gpt(spec=HF), "tokens", None),
+    "hf-gpt2-tied-own": (_gpt(tied=True, spec=HF), "tokens", None),
     "zoo-hooks": (_zoo, "image", ["conv", "fc1", "fc2:in"]),
     "sequential-hooks": (_sequential, "image", ["0"]),
 }
@@ -115,7 +123,7 @@ def test_removed_channels_compute_what_the_mask_computes(case):
     torch.manual_seed(len(case))
     model = build().double().eval()
     _randomize(model, gen)
-    if case == "gpt-tied-own":
+    if case.endswith("tied-own"):
         set_tied_dropout_mode(model, "own")
     sites = channel_sites(model)
     names = editable or list(sites)
@@ -130,21 +138,25 @@ def test_removed_channels_compute_what_the_mask_computes(case):
         want, got, plain = _masked(model, space, zeroed, x), edited(x), model(x)
     torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
     assert (got - plain).abs().max() > 1e-6, "the edit changed nothing: the test proves nothing"
-    assert not channel_sites(edited)[names[0]].ops or case == "gpt-tied-own"
+    assert not channel_sites(edited)[names[0]].ops or case.endswith("tied-own")
 
 
-def test_each_site_alone_is_removed_exactly():
+@pytest.mark.parametrize("spec", [GPT, HF])
+def test_each_site_alone_is_removed_exactly(spec):
     """One site at a time, so an edit hitting the wrong site cannot hide behind another's."""
     gen = torch.Generator().manual_seed(3)
-    model = _gpt()().double().eval()
+    model = _gpt(spec=spec)().double().eval()
+    _randomize(model, gen)
     x = _inputs("tokens", gen)
     for name, site in channel_sites(model).items():
         space = ChannelSpace((name,), (site.channels,))
         zeroed = torch.zeros(site.channels, dtype=torch.bool)
         zeroed[torch.randint(site.channels, (1,), generator=gen)] = True
         with torch.no_grad():
-            torch.testing.assert_close(without_channels(model, space, zeroed)(x),
-                                       _masked(model, space, zeroed, x), rtol=1e-12, atol=1e-12)
+            got = without_channels(model, space, zeroed)(x)
+            torch.testing.assert_close(got, _masked(model, space, zeroed, x), rtol=1e-12,
+                                       atol=1e-12)
+            assert (got - model(x)).abs().max() > 1e-9, name  # the edit removed something
 
 
 @pytest.mark.parametrize("case,site", [("bottleneck", "b.post"), ("sequential-hooks", "1")])

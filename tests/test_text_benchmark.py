@@ -306,3 +306,55 @@ def test_table_aggregates_lines_by_method_and_fraction():
     assert inj["recall"] == 0.75 and inj["reached"] == "1/2" and inj["rank_s"] == 2.0
     text = markdown([dele, inj], run="r")
     assert "| m | 1 | 4 | 0.50 | -50.0% | -16.7 | +10.36% | -15.0 | -75.0 | 2.00 |" in text
+
+
+HF_TINY = "hf:gpt2?n_layer=2&n_embd=32&n_head=2&n_inner=64"
+
+
+@pytest.fixture(scope="session")
+def hf_lm_run(tmp_path_factory):
+    """A tiny hf:gpt2 text run with canaries and a duplicated paragraph."""
+    pytest.importorskip("transformers")
+    out = tmp_path_factory.mktemp("hflm") / "run"
+    result = run_cli("train", "--dataset", "text:stdlib", "--model", HF_TINY, "--canaries", "4",
+                     "--canary-reps", "1,64", "--seq-len", "32", "--text-bytes", "8000",
+                     "--epochs", "1", "--lr", "0.3", "--batch-size", "32", "--dup-paragraphs",
+                     "1", "--dup-reps", "32", "--out", out, "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_inject_on_hf_trains_only_the_chosen_rows_of_c_proj(hf_lm_run):
+    """hf:gpt2's Conv1D stores its weight [in, out]: neuron j's output weights are row j."""
+    model, data, space = _context(hf_lm_run)
+    fresh = fresh_canaries(1, seed=1, taken={c.prefix for c in data.canaries()},
+                           first_key=10 ** 6)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    inj = inject(model, space, fresh, fraction=0.25, seed=0, max_steps=5)
+    assert inj.steps >= 1 and int(inj.truth.sum()) == 2 * 16
+    after = inj.model.state_dict()
+    for k, v in before.items():
+        if k.endswith("mlp.c_proj.weight"):
+            i = space.names.index(k.replace("c_proj.weight", "hidden"))
+            mine = inj.truth[0, space.offsets[i]:space.offsets[i] + space.counts[i]]
+            changed = (after[k] != v).any(1)
+            assert changed.any() and not (changed & ~mine).any(), k
+        else:
+            assert torch.equal(after[k], v), k
+
+
+def test_every_method_runs_del_and_inj_on_an_hf_run(hf_lm_run, tmp_path):
+    out = tmp_path / "bench.jsonl"
+    result = run_cli("benchmark-lm", "--run", hf_lm_run, "--limit", "2", "--fractions", "1,50",
+                     "--injections", "1", "--out", out, "--no-progress", "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    from memkern.experiments.text.methods import METHODS
+
+    lines = _lines(out)
+    for method in METHODS:
+        dels = [x for x in lines if x["kind"] == "del" and x["method"] == method]
+        injs = [x for x in lines if x["kind"] == "inj" and x["method"] == method]
+        assert 1 <= len(dels) <= 2 and len(injs) == 2, method
+        assert all(len(x["drops"]) == 2 for x in dels), method
+        assert all(0 <= x["recall"] <= 1 for x in injs), method
+    assert (tmp_path / "bench.csv").exists() and (tmp_path / "bench.md").exists()

@@ -1,6 +1,7 @@
 """Neuron-localization methods for memorized sequences: each against a slow, obvious reference
-written from its definition (weights edited, forward hooks, one target at a time), and a planted
-neuron that the methods must find first."""
+written from its definition (weights edited, forward hooks, one target at a time), on memkern's
+GPT and on hf:gpt2 (a transformers GPT-2; skipped without transformers), and a planted neuron
+that the methods must find first."""
 import contextlib
 import copy
 
@@ -13,11 +14,12 @@ from memkern.experiments.localize.channels import channel_space
 from memkern.experiments.text.methods import (
     METHODS, balanced_subnet, hard_concrete, integrated_gradients, slimming,
 )
+from memkern.experiments.text.methods.common import start_block
 from memkern.experiments.text.methods.learned_masks import WINDOWS, clean_choice
 from memkern.experiments.text.targets import SequenceTargets
 from memkern.network.models import build_text_model
 from memkern.network.sites import channel_sites, example_indices
-from memkern.experiments.localize.channels import row_masks, set_masks
+from memkern.experiments.localize.channels import attached, row_masks, set_masks
 from memkern.experiments.localize.greedy import greedy_localize
 from memkern.experiments.text.objective import TextObjective
 from memkern.network.tied_dropout import (
@@ -25,17 +27,21 @@ from memkern.network.tied_dropout import (
 )
 
 SPEC = "gpt?layers=2&width=32&heads=2&mlp=64"
+HF = "hf:gpt2?n_layer=2&n_embd=32&n_head=2&n_inner=64"  # the same sizes, transformers' blocks
+MODELS = [(SPEC, False), (SPEC, True), (HF, False), (HF, True)]  # (spec, tied)
 CONTEXT = 24
 Z = ord("Z")
 
 
-def tiny_model(seed: int = 0, tied: bool = False):
+def tiny_model(seed: int = 0, tied: bool = False, spec: str = SPEC):
     """``tied``: example-tied dropout on the MLP neurons in mode "own", so every target row
     must carry its key (and clean rows none) for the references and methods to agree."""
+    if spec == HF:
+        pytest.importorskip("transformers")
     torch.manual_seed(seed)
-    model = build_text_model(SPEC, vocab=256, context=CONTEXT).double().eval()
-    with torch.no_grad():
-        model.head.weight.mul_(8.0)  # peaked predictions: NLLs that channels can move
+    model = build_text_model(spec, vocab=256, context=CONTEXT).double().eval()
+    with torch.no_grad():  # peaked predictions: NLLs that channels can move
+        (model.lm_head if spec == HF else model.head).weight.mul_(8.0)
     if tied:
         attach_tied_dropout(model, sites=list(model.default_dropout_sites), p_gen=0.5,
                             p_mem=0.25, seed=1)
@@ -78,14 +84,20 @@ def nll_of(model, targets):
         return targets.secret_nll(model(targets.inputs()))
 
 
+def sites_called(model):
+    """An identity op on every site: hf:gpt2 skips a site that holds no op, and the forward
+    hooks of the references below would not fire."""
+    return attached(model, {n: torch.nn.Identity() for n in channel_sites(model)})
+
+
 def flat_channels(space):
     """(site name, channel) of each flat channel."""
     return [(name, c) for name, count in zip(space.names, space.counts) for c in range(count)]
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_every_method_gives_one_row_per_target_and_leaves_the_model_as_it_was(tied):
-    model, targets, clean = tiny_model(tied=tied), random_targets(), clean_windows()
+@pytest.mark.parametrize("spec, tied", MODELS[:3])
+def test_every_method_gives_one_row_per_target_and_leaves_the_model_as_it_was(spec, tied):
+    model, targets, clean = tiny_model(tied=tied, spec=spec), random_targets(), clean_windows()
     space = all_sites(model)
     before = copy.deepcopy(model.state_dict())
 
@@ -117,21 +129,44 @@ def test_every_method_gives_one_row_per_target_and_leaves_the_model_as_it_was(ti
         assert method(model, space, none, clean, seed=0).shape == (0, space.total), name
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_zero_out_equals_removing_each_channel_from_the_weights(tied):
-    model, targets = tiny_model(tied=tied), random_targets()
+def zero_output_weights(model, name, c):
+    """Channel c of site ``name`` removed from the weights reading it, written out per layout:
+    nn.Linear weights are [out, in]; hf:gpt2's Conv1D weights are [in, out]."""
+    owner = model.get_submodule(name.rsplit(".", 1)[0])
+    hd = 32 // 2
+    with torch.no_grad():
+        if name.endswith("mlp_hidden"):
+            owner.fc2.weight[:, c] = 0
+        elif name.endswith("mlp.hidden"):
+            owner.c_proj.weight[c] = 0
+        elif hasattr(owner, "proj"):  # the head's output columns of the attention projection
+            owner.proj.weight[:, c * hd:(c + 1) * hd] = 0
+        else:  # the head's input rows of hf's c_proj
+            owner.c_proj.weight[c * hd:(c + 1) * hd] = 0
+
+
+@pytest.mark.parametrize("spec, tied", MODELS)
+def test_the_block_stack_computes_the_forward(spec, tied):
+    model, targets = tiny_model(tied=tied, spec=spec), random_targets()
+    x, keys = targets.inputs(), targets.keys
+    with torch.no_grad(), example_indices(keys):
+        want = model(x)
+        assert torch.equal(model.readout(model.run_blocks(model.embed(x))), want)
+        mid = model.run_blocks(model.embed(x), 0, 1)
+        torch.testing.assert_close(model.readout(model.run_blocks(mid, 1)), want, rtol=1e-12,
+                                   atol=1e-12)
+    assert [start_block(model, n) for n in channel_sites(model)] == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("spec, tied", MODELS)
+def test_zero_out_equals_removing_each_channel_from_the_weights(spec, tied):
+    model, targets = tiny_model(tied=tied, spec=spec), random_targets()
     space = all_sites(model)
     got = METHODS["zero_out"](model, space, targets, clean_windows(), rows=37)
     base = nll_of(model, targets)
-    hd = 32 // 2
     for flat, (name, c) in enumerate(flat_channels(space)):
         edited = copy.deepcopy(model)
-        owner = edited.get_submodule(name.rsplit(".", 1)[0])
-        with torch.no_grad():
-            if name.endswith("mlp_hidden"):
-                owner.fc2.weight[:, c] = 0
-            else:  # the head's output columns of the attention projection
-                owner.proj.weight[:, c * hd:(c + 1) * hd] = 0
+        zero_output_weights(edited, name, c)
         torch.testing.assert_close(got[:, flat], nll_of(edited, targets) - base,
                                    rtol=1e-9, atol=1e-9)
 
@@ -144,7 +179,7 @@ def hooked_abs_means(model, space, inputs, keys):
         lambda m, i, o, n=n: seen.__setitem__(n, o.abs() if o.dim() == 3
                                                else o.abs().mean(-1).transpose(1, 2)))
         for n in space.names]
-    with torch.no_grad(), example_indices(keys), \
+    with torch.no_grad(), example_indices(keys), sites_called(model), \
             (unindexed_rows(model) if keys is None else contextlib.nullcontext()):
         model(inputs)
     for h in hooks:
@@ -152,9 +187,9 @@ def hooked_abs_means(model, space, inputs, keys):
     return torch.cat([seen[n] for n in space.names], dim=-1)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_activations_equal_forward_hook_means(tied):
-    model, targets, clean = tiny_model(tied=tied), random_targets(), clean_windows()
+@pytest.mark.parametrize("spec, tied", MODELS[:3])
+def test_activations_equal_forward_hook_means(spec, tied):
+    model, targets, clean = tiny_model(tied=tied, spec=spec), random_targets(), clean_windows()
     space = all_sites(model)
     got = METHODS["activations"](model, space, targets, clean, rows=2)
     on_t = hooked_abs_means(model, space, targets.inputs(), targets.keys)
@@ -171,15 +206,15 @@ def scaled_ll(model, space, targets, t, site, alpha):
     shape = (1, 1, -1) if dim == -1 else (1, -1, 1, 1)
     hook = channel_sites(model)[site].register_forward_hook(lambda m, i, o: o * alpha.view(shape))
     row = targets.subset(torch.tensor([t]))
-    with example_indices(row.keys):
+    with example_indices(row.keys), sites_called(model):
         ll = -row.secret_nll(model(row.inputs()))[0]
     hook.remove()
     return ll
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_integrated_gradients_equal_a_per_step_loop_and_are_complete(tied):
-    model, targets = tiny_model(tied=tied), random_targets()
+@pytest.mark.parametrize("spec, tied", MODELS)
+def test_integrated_gradients_equal_a_per_step_loop_and_are_complete(spec, tied):
+    model, targets = tiny_model(tied=tied, spec=spec), random_targets()
     space = all_sites(model)
     steps = 20
     got = integrated_gradients.rank(model, space, targets, clean_windows(), steps=steps, rows=50)
@@ -200,35 +235,43 @@ def test_integrated_gradients_equal_a_per_step_loop_and_are_complete(tied):
                 0.02 * abs(float(f1 - f0)) + 1e-6, (t, name)
 
 
-@pytest.mark.parametrize("tied", [False, True])
-def test_gradient_magnitude_equals_autograd_on_the_parameters(tied):
-    model, targets = tiny_model(tied=tied), random_targets()
+def owned_grads(owner, name, c, hd=16, width=32):
+    """The gradients of every weight channel c of site ``name`` owns, per layout."""
+    if name.endswith("mlp_hidden"):
+        return [owner.fc1.weight.grad[c], owner.fc1.bias.grad[c:c + 1],
+                owner.fc2.weight.grad[:, c]]
+    if name.endswith("mlp.hidden"):  # Conv1D weights [in, out]
+        return [owner.c_fc.weight.grad[:, c], owner.c_fc.bias.grad[c:c + 1],
+                owner.c_proj.weight.grad[c]]
+    rows = [slice(p * width + c * hd, p * width + (c + 1) * hd) for p in range(3)]
+    if hasattr(owner, "qkv"):
+        return ([owner.qkv.weight.grad[r] for r in rows] + [owner.qkv.bias.grad[r] for r in rows]
+                + [owner.proj.weight.grad[:, c * hd:(c + 1) * hd]])
+    return ([owner.c_attn.weight.grad[:, r] for r in rows]
+            + [owner.c_attn.bias.grad[r] for r in rows]
+            + [owner.c_proj.weight.grad[c * hd:(c + 1) * hd]])
+
+
+@pytest.mark.parametrize("spec, tied", MODELS[:3])
+def test_gradient_magnitude_equals_autograd_on_the_parameters(spec, tied):
+    model, targets = tiny_model(tied=tied, spec=spec), random_targets()
     space = all_sites(model)
     got = METHODS["gradient_magnitude"](model, space, targets, clean_windows())
-    hd, width = 16, 32
     for t in range(len(targets)):
         model.zero_grad()
         row = targets.subset(torch.tensor([t]))
         with example_indices(row.keys):
             row.secret_nll(model(row.inputs())).sum().backward()
         for flat, (name, c) in enumerate(flat_channels(space)):
-            owner = model.get_submodule(name.rsplit(".", 1)[0])
-            if name.endswith("mlp_hidden"):
-                parts = [owner.fc1.weight.grad[c], owner.fc1.bias.grad[c:c + 1],
-                         owner.fc2.weight.grad[:, c]]
-            else:
-                qkv = [owner.qkv.weight.grad[p * width + c * hd:p * width + (c + 1) * hd]
-                       for p in range(3)]
-                bias = [owner.qkv.bias.grad[p * width + c * hd:p * width + (c + 1) * hd]
-                        for p in range(3)]
-                parts = qkv + bias + [owner.proj.weight.grad[:, c * hd:(c + 1) * hd]]
+            parts = owned_grads(model.get_submodule(name.rsplit(".", 1)[0]), name, c)
             want = sum(p.abs().sum() for p in parts)
             torch.testing.assert_close(got[t, flat], want, rtol=1e-9, atol=1e-12)
     model.zero_grad(set_to_none=True)
 
 
-def test_greedy_ranks_its_zeroed_channels_first_then_by_the_first_gradient():
-    model = tiny_model(3)
+@pytest.mark.parametrize("spec", [SPEC, HF])
+def test_greedy_ranks_its_zeroed_channels_first_then_by_the_first_gradient(spec):
+    model = tiny_model(3, spec=spec)
     targets, clean = random_targets(4), clean_windows(6)
     # Targets the model has memorized: each secret is its own greedy continuation.
     prompts = targets.tokens[:, :5]
@@ -238,7 +281,7 @@ def test_greedy_ranks_its_zeroed_channels_first_then_by_the_first_gradient():
             seq = torch.cat([seq, model(seq)[:, -1].argmax(-1, keepdim=True)], 1)
     targets = make_targets([(bytes(p.tolist()), bytes(s.tolist()))
                             for p, s in zip(prompts, seq[:, 5:])])
-    space = channel_space(model, ["blocks.0.mlp_hidden", "blocks.1.mlp_hidden"])
+    space = channel_space(model, list(model.default_dropout_sites))  # the MLP neurons
     scores = METHODS["greedy"](model, space, targets, clean, max_channels=6)
     objective = TextObjective(targets, clean, torch.arange(len(clean)))
     ids = torch.tensor(targets.ids)
@@ -295,9 +338,9 @@ def reference_learning(model, space, targets, clean, t, *, theta0, gate, penalty
             shape = (1, 1, -1) if sites[name].channel_dim == -1 else (1, -1, 1, 1)
             m = mask[off:off + count].view(shape)
             hooks.append(sites[name].register_forward_hook(lambda mod, i, o, m=m: o * m))
-        with example_indices(row.keys):
+        with example_indices(row.keys), sites_called(model):
             forget = -row.secret_nll(model(row.inputs()))[0] / row.scored.sum()
-        keep = clean_ce()
+            keep = clean_ce()
         for h in hooks:
             h.remove()
         g, = torch.autograd.grad(forget + keep, theta)
@@ -326,10 +369,10 @@ def lowest_dropped(space, drop):
     return gate
 
 
-@pytest.mark.parametrize("tied", [False, True])
+@pytest.mark.parametrize("spec, tied", MODELS[:3])
 @pytest.mark.parametrize("name", ["slimming", "hard_concrete", "balanced_subnet"])
-def test_learned_masks_equal_one_target_at_a_time_with_hooks(name, tied):
-    model, targets, clean = tiny_model(tied=tied), random_targets(), clean_windows()
+def test_learned_masks_equal_one_target_at_a_time_with_hooks(name, spec, tied):
+    model, targets, clean = tiny_model(tied=tied, spec=spec), random_targets(), clean_windows()
     space = all_sites(model)
     steps, seed, lam = 6, 3, 0.2
     if name == "slimming":

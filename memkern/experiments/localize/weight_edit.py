@@ -10,8 +10,9 @@ channel the value 0 at its site for every input:
 - a site after ``norm -> ReLU`` (``post-activation`` of memkern's conv and linear blocks): the
   norm's per-channel scale and shift, so the norm outputs 0 and ReLU(0) = 0;
 - a transformer's MLP neurons (after the activation): the second linear layer's input columns;
-- a GPT attention head (its output before the output projection): the projection's input
-  columns of that head.
+- a language model's MLP neurons and attention heads (gpt, hf:gpt2): their output weights in
+  the layer that reads them (:mod:`memkern.network.models.channel_weights`; hf:gpt2's
+  ``Conv1D`` stores its weight ``[in, out]``, so these are rows of ``c_proj.weight``).
 
 Sites found by hooks on a model memkern did not build have a rule where the site is the output
 of a plain ``nn.Conv2d`` / ``nn.Linear`` (its output rows) or the input it alone reads (its
@@ -30,7 +31,7 @@ from memkern.errors import ConfigError
 from memkern.experiments.localize.channels import ChannelSpace
 from memkern.network.attach import hooked_on
 from memkern.network.models.blocks import ConvBlock, LinearBlock
-from memkern.network.models.gpt import CausalAttention, GPTBlock
+from memkern.network.models.channel_weights import ChannelWeights, holder_rule
 from memkern.network.models.resnet50 import Bottleneck
 from memkern.network.models.vit import TransformerBlock
 from memkern.network.sites import ChannelSite, channel_sites
@@ -55,10 +56,9 @@ def _zero_norm(norm: nn.Module, channels: torch.Tensor) -> None:
     norm.bias[channels] = 0.0
 
 
-def _zero_heads(attn: CausalAttention, heads: torch.Tensor) -> None:
-    width = attn.proj.in_features // attn.num_heads
-    cols = (heads[:, None] * width + torch.arange(width, device=heads.device)).flatten()
-    _zero_inputs(attn.proj, cols)
+def _zero_read(weights: ChannelWeights, channels: torch.Tensor) -> None:
+    for owned in weights.read:
+        owned.of()[channels] = 0.0
 
 
 # (exact type of the module holding the site, the site's attribute name) -> rule
@@ -68,9 +68,7 @@ RULES: dict[tuple[type, str], Rule] = {
     (Bottleneck, "expand_site"): lambda m, c: _zero_outputs(m.expand, c),
     (ConvBlock, "post"): lambda m, c: _zero_norm(m.norm, c),
     (LinearBlock, "post"): lambda m, c: _zero_norm(m.norm, c),
-    (GPTBlock, "mlp_hidden"): lambda m, c: _zero_inputs(m.fc2, c),
     (TransformerBlock, "hidden"): lambda m, c: _zero_inputs(m.fc2, c),
-    (CausalAttention, "heads"): _zero_heads,
 }
 HOOKED_MAPS = (nn.Conv2d, nn.Linear)  # hook sites at these: their output rows / input columns
 
@@ -82,7 +80,10 @@ def _rule(model: nn.Module, name: str, site: ChannelSite) -> tuple[nn.Module, Ru
     holder = modules.get(holder_path)
     if holder is not None and getattr(holder, attr, None) is site:
         rule = RULES.get((type(holder), attr))
-        return (holder, rule) if rule is not None else None
+        if rule is not None:
+            return holder, rule
+        owned = holder_rule(holder, attr)
+        return (holder, lambda m, c: _zero_read(owned(m), c)) if owned is not None else None
     host = modules.get(name.removesuffix(":in"))  # a hook site is named after its host
     if type(host) not in HOOKED_MAPS:
         return None

@@ -72,6 +72,7 @@ class GPT(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, vocab, bias=False)
         self.default_dropout_sites = tuple(f"blocks.{i}.mlp_hidden" for i in range(layers))
+        self.block_paths = tuple(f"blocks.{i}" for i in range(layers))
         self.layer_group_paths = (("tok_embed", "pos_embed"),
                                   *(f"blocks.{i}" for i in range(layers)), ("norm", "head"))
 
@@ -84,6 +85,14 @@ class GPT(nn.Module):
             raise ConfigError(f"{tokens.shape[-1]} tokens exceed the model's context of "
                               f"{self.context}")
         return self.tok_embed(tokens) + self.pos_embed[:, :tokens.shape[-1]]
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None
+                   ) -> torch.Tensor:
+        """Blocks ``start..stop - 1`` on the residual stream entering block ``start``
+        (:mod:`memkern.network.models.block_stack`)."""
+        for block in self.blocks[start:stop]:
+            x = block(x)
+        return x
 
     def readout(self, x: torch.Tensor) -> torch.Tensor:
         """The residual stream after the last block -> logits ``[N, T, vocab]``."""

@@ -148,20 +148,49 @@ class HFGPT2(nn.Module):
             block.mlp.c_proj.register_forward_pre_hook(_SiteOnInput(block.mlp.hidden))
         layers = range(config.n_layer)
         self.default_dropout_sites = tuple(f"transformer.h.{i}.mlp.hidden" for i in layers)
+        self.block_paths = tuple(f"transformer.h.{i}" for i in layers)
         self.layer_group_paths = (("transformer.wte", "transformer.wpe"),
                                   *(f"transformer.h.{i}" for i in layers),
                                   ("transformer.ln_f", "lm_head"))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        n, t = tokens.shape
-        if t > self.context:
-            raise ConfigError(f"{t} tokens exceed the model's context of {self.context}")
-        # positions per row: the position embedding then sees a [N, T] lookup, so its
-        # per-example gradient norms are exact in ghost mode (a shared [1, T] lookup would not be)
-        positions = torch.arange(t, device=tokens.device).expand(n, t)
-        hidden = self.transformer(input_ids=tokens, position_ids=positions,
+        hidden = self.transformer(input_ids=tokens, position_ids=self._positions(tokens),
                                   use_cache=False).last_hidden_state
         return self.lm_head(hidden)
+
+    def _positions(self, tokens: torch.Tensor) -> torch.Tensor:
+        """int64 ``[N, T]``: positions per row: the position embedding then sees a ``[N, T]``
+        lookup, so its per-example gradient norms are exact in ghost mode (a shared ``[1, T]``
+        lookup would not be)."""
+        n, t = tokens.shape[:2]
+        if t > self.context:
+            raise ConfigError(f"{t} tokens exceed the model's context of {self.context}")
+        return torch.arange(t, device=tokens.device).expand(n, t)
+
+    # The block stack (memkern.network.models.block_stack): GPT2Model.forward's own steps.
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The residual stream entering block 0, float ``[N, T, n_embd]``."""
+        tf = self.transformer
+        return tf.drop(tf.wte(tokens) + tf.wpe(self._positions(tokens)))
+
+    def run_blocks(self, x: torch.Tensor, start: int = 0, stop: int | None = None
+                   ) -> torch.Tensor:
+        """Blocks ``start..stop - 1`` on the residual stream entering block ``start``, with the
+        causal mask GPT2Model builds for the configured attention implementation."""
+        from transformers.masking_utils import create_causal_mask
+
+        if len(x) == 0:  # transformers' attention cannot reshape an empty batch; blocks keep shapes
+            return x
+        positions = self._positions(x)
+        mask = create_causal_mask(self.transformer.config, x, None, None,
+                                  position_ids=positions)
+        for block in self.transformer.h[start:stop]:
+            x = block(x, None, mask, position_ids=positions)
+        return x
+
+    def readout(self, x: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the last block -> logits ``[N, T, vocab]``."""
+        return self.lm_head(self.transformer.ln_f(x))
 
 
 def build_hf_gpt2(name: str, *, vocab: int, context: int) -> HFGPT2:

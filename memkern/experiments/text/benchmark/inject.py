@@ -1,10 +1,11 @@
 """INJ: plant fresh canaries into known MLP neurons, then ask a method where they are.
 
 The protocol of MemPi (Chang et al., NAACL 2024, Section 3): a seeded random share of the
-neurons of every MLP site is drawn, and only those neurons' output weights (their columns of the
-``fc2`` that reads the site) are trained, on a fresh canary's secret NLL given its prefix, until
-it is extracted or a step budget runs out; the neurons that hold it are then known exactly. A
-method's recall is the share of them among its top-ranked neurons of the same count per site.
+neurons of every MLP site is drawn, and only those neurons' output weights (in the layer that
+reads the site: :mod:`memkern.network.models.channel_weights`) are trained, on a fresh canary's
+secret NLL given its prefix, until it is extracted or a step budget runs out; the neurons that
+hold it are then known exactly. A method's recall is the share of them among its top-ranked
+neurons of the same count per site.
 Each canary is planted into its own copy of the model: canaries share their prefix's wording,
 so neurons planted for one fire on the others' prefixes as well, and several planted together
 in one model fight over their digits.
@@ -22,6 +23,7 @@ from memkern.data.text.inserts import make_canaries
 from memkern.experiments.localize.channels import ChannelSpace
 from memkern.experiments.text.benchmark.neurons import mlp_sites, random_per_site
 from memkern.experiments.text.targets import SequenceTargets, sequence_targets
+from memkern.network.models.channel_weights import Owned, channel_weights
 from memkern.network.sites import example_indices
 
 MAX_STEPS = 300
@@ -60,21 +62,20 @@ def fresh_canaries(count: int, *, seed: int, taken: set[bytes], first_key: int
     return sequence_targets(fresh, _Unplanted(first_key, count))
 
 
-def output_weights(model: nn.Module, site: str) -> torch.Tensor:
-    """The weight ``[out, width]`` of the linear layer reading MLP site ``site``
-    (``blocks.i.mlp_hidden`` -> ``blocks.i.fc2``): column j is neuron j's output."""
-    parent = site.rsplit(".", 1)[0]
-    layer = dict(model.named_modules()).get(f"{parent}.fc2")
-    if not isinstance(layer, nn.Linear):
-        raise ConfigError(f"no linear layer {parent}.fc2 reads site {site}: INJ plants into the "
-                          f"MLP output weights of memkern's GPT")
-    return layer.weight
+def output_weights(model: nn.Module, site: str) -> Owned:
+    """The output weights of MLP site ``site``, viewed ``[width, out]``: row j is neuron j's
+    (gpt: ``fc2.weight`` transposed; hf:gpt2: ``c_proj.weight`` as stored)."""
+    weights = channel_weights(model, site)
+    if weights is None or len(weights.read) != 1:
+        raise ConfigError(f"no known layer reads site {site}: INJ plants into the MLP output "
+                          f"weights of a gpt or hf:gpt2 model")
+    return weights.read[0]
 
 
 def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fraction: float,
            seed: int = 0, max_steps: int = MAX_STEPS, lr: float = LR) -> Injection:
     """Plant ``canary`` (one row) into a copy of ``model``: into a seeded random ``fraction`` of
-    every MLP site, by Adam on those neurons' output-weight columns only, until it is extracted
+    every MLP site, by Adam on those neurons' output weights only, until it is extracted
     (teacher-forced greedy) or ``max_steps`` steps. ``model`` is unchanged."""
     if len(canary) != 1:
         raise ValueError(f"inject plants one canary per model copy, got {len(canary)}")
@@ -84,11 +85,11 @@ def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fr
     for p in edited.parameters():
         p.requires_grad_(False)
     truth = random_per_site(space, fraction, generator=torch.Generator().manual_seed(seed))[None]
-    columns = space.split(truth.float().to(dev))
+    chosen = space.split(truth.float().to(dev))
     weights = {s: output_weights(edited, s) for s in mlp_sites(space)}
     for w in weights.values():
-        w.requires_grad_(True)
-    opt = torch.optim.Adam(list(weights.values()), lr=lr)
+        w.param.requires_grad_(True)
+    opt = torch.optim.Adam([w.param for w in weights.values()], lr=lr)
     inputs, keys = canary.inputs().to(dev), canary.keys.to(dev)
     steps = 0
     while True:
@@ -99,12 +100,12 @@ def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fr
             break
         opt.zero_grad()
         canary.secret_nll(logits).sum().backward()
-        for s, w in weights.items():
-            w.grad *= columns[s]  # Adam leaves a column whose gradients are all 0 as it was
+        for s, w in weights.items():  # Adam leaves a weight whose gradients are all 0 as it was
+            w.of(w.param.grad).mul_(chosen[s][0][:, None])
         opt.step()
         steps += 1
     for w in weights.values():
-        w.grad = None
+        w.param.grad = None
     for p, flag in zip(edited.parameters(), wanted):
         p.requires_grad_(flag)
     return Injection(model=edited, canary=canary, truth=truth, steps=steps, extracted=hit)

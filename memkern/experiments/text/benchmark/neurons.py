@@ -9,15 +9,17 @@ import torch
 from memkern.errors import ConfigError
 from memkern.experiments.localize.channels import ChannelSpace
 
-MLP_SITE = "mlp_hidden"  # the GPT's MLP neurons: blocks.i.mlp_hidden
+# MLP neuron sites by name: gpt's blocks.i.mlp_hidden, hf:gpt2's transformer.h.i.mlp.hidden
+MLP_SITES = (".mlp_hidden", ".mlp.hidden")
 
 
 def mlp_sites(space: ChannelSpace) -> tuple[str, ...]:
     """The MLP neuron sites of ``space``; ConfigError when it holds none."""
-    names = tuple(n for n in space.names if n.rsplit(".", 1)[-1] == MLP_SITE)
+    names = tuple(n for n in space.names if n.endswith(MLP_SITES))
     if not names:
         raise ConfigError(f"the channel space ({', '.join(space.names)}) holds no MLP neuron site "
-                          f"(*.{MLP_SITE}); the benchmark drops and plants MLP neurons")
+                          f"(*{', *'.join(MLP_SITES)}); the benchmark drops and plants MLP "
+                          f"neurons")
     return names
 
 

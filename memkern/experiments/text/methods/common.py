@@ -14,7 +14,7 @@ from torch import nn
 from memkern.errors import ConfigError
 from memkern.experiments.localize.channels import ChannelSpace, RowMask, set_masks
 from memkern.experiments.text.targets import SequenceTargets
-from memkern.network.models.gpt import GPT
+from memkern.network.models.block_stack import block_of, block_stack
 from memkern.network.sites import example_indices
 from memkern.network.tied_dropout import unindexed_rows
 
@@ -52,25 +52,23 @@ def secret_nll(model: nn.Module, targets: SequenceTargets, which: torch.Tensor) 
     return rows.secret_nll(logits)
 
 
-def start_block(site: str) -> int:
-    """The GPT block that holds ``site`` (``blocks.i.*`` -> i, anything else 0): a mask there
-    leaves the blocks before it as they were."""
-    parts = site.split(".")
-    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else 0
+def start_block(model: nn.Module, site: str) -> int:
+    """The block of ``model`` that holds ``site``: a mask there leaves the blocks before it as
+    they were."""
+    return block_of(block_stack(model), site)
 
 
 def block_inputs(model: nn.Module, targets: SequenceTargets) -> list[torch.Tensor]:
-    """The residual stream entering each block of a GPT for every target row, unmasked:
-    ``[T, L - 1, width]`` per block."""
-    if not isinstance(model, GPT):
-        raise ConfigError(f"this method runs a GPT's blocks one by one; got {type(model).__name__}")
+    """The residual stream entering each block of a language model (gpt, hf:gpt2) for every
+    target row, unmasked: ``[T, L - 1, width]`` per block."""
+    stack = block_stack(model)
     device, _ = device_dtype(model)
     out = []
     with torch.no_grad(), example_indices(targets.keys.to(device)):
-        x = model.embed(targets.inputs().to(device))
-        for block in model.blocks:
+        x = stack.embed(targets.inputs().to(device))
+        for i in range(len(stack.block_paths)):
             out.append(x)
-            x = block(x)
+            x = stack.run_blocks(x, i, i + 1)
     return out
 
 
@@ -78,13 +76,12 @@ def secret_nll_from(model: nn.Module, targets: SequenceTargets, which: torch.Ten
                     states: list[torch.Tensor], start: int) -> torch.Tensor:
     """:func:`secret_nll` of rows ``which``, run from block ``start``'s input ``states[start]``
     (:func:`block_inputs`): rows whose masks all sit in blocks ``start..`` need no more."""
+    stack = block_stack(model)
     device, _ = device_dtype(model)
     rows = targets.subset(which.cpu())
     x = states[start][which.to(device)]
     with example_indices(rows.keys.to(device)):
-        for block in model.blocks[start:]:
-            x = block(x)
-        logits = model.readout(x)
+        logits = stack.readout(stack.run_blocks(x, start))
     return rows.secret_nll(logits)
 
 

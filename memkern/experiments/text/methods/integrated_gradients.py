@@ -51,7 +51,7 @@ def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean:
                 masks[:, cols] = alphas[k][:, None].to(device, dtype)
                 masks.requires_grad_(True)
                 set_masks(ops, space, masks)
-                ll = -secret_nll_from(model, targets, t, states, start_block(name))
+                ll = -secret_nll_from(model, targets, t, states, start_block(model, name))
                 grad, = torch.autograd.grad(ll.sum(), masks)
                 out[:, cols].index_add_(0, t, grad[:, cols].double().cpu() / steps)
     return out

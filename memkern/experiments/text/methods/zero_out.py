@@ -41,6 +41,6 @@ def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean:
                 masks = torch.ones(len(job), total, device=device, dtype=dtype)
                 masks[torch.arange(len(job), device=device), c.to(device)] = 0
                 set_masks(ops, space, masks)
-                nll = secret_nll_from(model, targets, t, states, start_block(name)).double()
+                nll = secret_nll_from(model, targets, t, states, start_block(model, name)).double()
                 out[t, c] = nll.cpu() - base[t]
     return out
