@@ -6,7 +6,7 @@ import json
 import click
 
 from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_option,
-                                 device_option)
+                                 device_option, progress_option)
 from memkern.training.evaluate import EVAL_MODES, SPLITS
 
 
@@ -21,7 +21,8 @@ from memkern.training.evaluate import EVAL_MODES, SPLITS
 @click.option("--json", "as_json", is_flag=True, help="Print the record as one JSON line.")
 @data_dir_option
 @device_option
-def evaluate(ckpt, run_dir, mode, max_candidates, as_json, data_dir, device):
+@progress_option
+def evaluate(ckpt, run_dir, mode, max_candidates, as_json, data_dir, device, progress):
     """Clean-train, noisy-train and test accuracy of a checkpoint, written to
     <run>/evaluate_<epoch>_<mode>.json.
 
@@ -35,7 +36,8 @@ def evaluate(ckpt, run_dir, mode, max_candidates, as_json, data_dir, device):
 
     record, path = evaluate_checkpoint(ckpt=checkpoint_from(ckpt, run_dir), mode=mode,
                                        device=device, data_dir=data_dir,
-                                       max_candidates=max_candidates)
+                                       max_candidates=max_candidates, progress=progress,
+                                       silent=as_json)
     if as_json:
         click.echo(json.dumps(record, sort_keys=True))
         return

@@ -105,8 +105,7 @@ def test_cuda_device_without_cuda_is_one_line(tiny_run, tmp_path, command):
              ["--out", str(tmp_path / "new"), "--epochs", "1"] if command == "train" else
              ["--run", str(tiny_run)])
     before = sorted(p.name for p in tiny_run.iterdir())
-    progress = [] if command == "evaluate" else ["--no-progress"]
-    assert_one_line_error(run_cli(command, *where, "--device", "cuda", *progress),
+    assert_one_line_error(run_cli(command, *where, "--device", "cuda", "--no-progress"),
                           "--device cuda", "no CUDA device")
     assert sorted(p.name for p in tiny_run.iterdir()) == before
     assert not (tmp_path / "new").exists()

@@ -12,6 +12,7 @@ import memkern.training.train as train_module
 from memkern.data.text import load_text_data
 from memkern.network.sites import current_example_indices
 from memkern.rundir.context import open_run
+from memkern.training.text_evaluate import text_measures
 
 TINY = "gpt?layers=1&width=32&heads=2&mlp=64"
 
@@ -44,13 +45,16 @@ def test_text_run_writes_its_record_and_metrics(tmp_path):
         assert record[key] == pytest.approx(line[key]), key
     for c in record["canaries"]:
         assert c["rank"] >= 1 and 0 <= c["exposure"] <= 8 * math.log2(10)
+    ctx = open_run(tmp_path / "run", device="cpu", text_ok=True)
+    calls = []  # evaluate's progress moves once per canary's exposure search
+    text_measures(ctx.model, ctx.data, max_candidates=50, on_canary=lambda: calls.append(1))
+    assert len(calls) == 4
     assert_one_line_error(run_cli("localize", "--examples", "noisy", "--run", tmp_path / "run"),
                           "text run")
     reported = run_cli("report", "--run", tmp_path / "run")
     assert reported.exit_code == 0, reported.output
     page = (tmp_path / "run" / "report" / "index.html").read_text()
     assert "8 copies" in page and "no localization: memkern localize" in page
-    ctx = open_run(tmp_path / "run", device="cpu", text_ok=True)
     assert ctx.config.model == TINY and ctx.model.context == 32
     assert torch.equal(ctx.data.train_windows,
                        load_text_data(f"text:{corpus}", seq_len=32, seed=0, canaries=4,

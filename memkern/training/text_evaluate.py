@@ -10,6 +10,7 @@ each of them in modes "keep" and "drop" (suffix ``_keep`` / ``_drop``).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import numpy as np
 
@@ -59,9 +60,11 @@ def _group_means(values: list[float], reps: list[int], name: str) -> dict[str, f
 
 
 def canary_results(model: nn.Module, data: TextData, *, max_candidates: int = EPOCH_CANDIDATES,
-                   samples: int = EPOCH_SAMPLES) -> list[dict]:
+                   samples: int = EPOCH_SAMPLES,
+                   on_canary: Callable[[], None] | None = None) -> list[dict]:
     """Per canary: ``id``, ``reps``, ``extracted`` (bool), ``exposure``, ``rank``, ``exact``.
-    Each canary's rows carry its tied-dropout key."""
+    Each canary's rows carry its tied-dropout key. ``on_canary`` is called after each canary's
+    exposure search (the long part: up to ``max_candidates`` strings scored each)."""
     canaries = data.canaries()
     if not canaries:
         return []
@@ -75,6 +78,8 @@ def canary_results(model: nn.Module, data: TextData, *, max_candidates: int = EP
                             max_candidates=max_candidates, samples=samples, seed=c.id)
         out.append({"id": c.id, "reps": c.reps, "extracted": hit, "exposure": e.exposure,
                     "rank": e.rank, "exact": e.exact})
+        if on_canary is not None:
+            on_canary()
     return out
 
 
@@ -87,10 +92,11 @@ def paragraph_accuracy(model: nn.Module, data: TextData) -> float:
     return float(np.mean(accs)) if accs else float("nan")
 
 
-def text_measures(model: nn.Module, data: TextData, *,
-                  max_candidates: int = EVALUATE_CANDIDATES) -> dict:
+def text_measures(model: nn.Module, data: TextData, *, max_candidates: int = EVALUATE_CANDIDATES,
+                  on_canary: Callable[[], None] | None = None) -> dict:
     """:func:`_measures` and each canary's :func:`canary_results` under ``canaries``."""
-    rows = canary_results(model, data, max_candidates=max_candidates, samples=EVALUATE_SAMPLES)
+    rows = canary_results(model, data, max_candidates=max_candidates, samples=EVALUATE_SAMPLES,
+                          on_canary=on_canary)
     return {**_measures(model, data, max_candidates, rows=rows), "canaries": rows}
 
 
