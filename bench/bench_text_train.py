@@ -10,7 +10,7 @@ from conftest import rounds
 
 from memkern.network.models import build_text_model
 from memkern.training.config import TrainConfig
-from memkern.training.step import sgd_optimizer, sgd_step
+from memkern.training.step import make_optimizer, sgd_step
 
 STEPS = 4
 
@@ -36,7 +36,7 @@ def test_text_train_step_throughput(benchmark, quick, context_info):
     plain = copy.deepcopy(ours)
     batches = _batches(config, quick)
     ids = torch.arange(len(batches[0]))
-    opt_ours = sgd_optimizer(ours.parameters(), lr=config.lr, momentum=config.momentum,
+    opt_ours = make_optimizer(ours.parameters(), lr=config.lr, momentum=config.momentum,
                              weight_decay=config.weight_decay)
     opt_plain = torch.optim.SGD(plain.parameters(), lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)

@@ -22,7 +22,7 @@ import torch
 from memkern.network.models import build_model
 from memkern.network.sites import channel_sites, example_indices
 from memkern.network.tied_dropout import attach_tied_dropout
-from memkern.training.step import sgd_optimizer, sgd_step
+from memkern.training.step import make_optimizer, sgd_step
 
 from conftest import QUICK, rounds
 from paper_cached_dropout import PaperSiteDropout, assert_same_kind_of_mask
@@ -84,7 +84,7 @@ def _module_forward_ms(model, sites, inputs, ids, reset) -> float:
 def test_resnet9_sgd_step(benchmark, context_info, variant):
     model, sites = _model(variant)
     x, y, ids = _batch()
-    opt = sgd_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    opt = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     caches = [channel_sites(model)[n].ops[0].cached for n in sites] if "paper" in variant else []
 
     def reset():

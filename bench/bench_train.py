@@ -8,7 +8,7 @@ from memkern.training.config import TrainConfig
 from memkern.data.prepared import iterate_batches
 from memkern.rundir.context import load_data, model_for
 from memkern.network.sites import example_indices
-from memkern.training.step import sgd_optimizer, sgd_step
+from memkern.training.step import make_optimizer, sgd_step
 
 
 @pytest.mark.parametrize("model_name", ["cnn", "mlp"])
@@ -19,7 +19,7 @@ def test_digits_epoch(benchmark, model_name, quick, context_info):
     images, labels = data.train_images[:limit], data.train_labels[:limit]
     torch.manual_seed(0)
     model = model_for(config, data).train()
-    opt = sgd_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
+    opt = make_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
                         weight_decay=config.weight_decay)
 
     def epoch():

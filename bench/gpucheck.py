@@ -34,7 +34,7 @@ from fixture_models import eval_model
 from memkern.kernels.channel_mask import gathered_channel_mask, tied_channel_mask
 from memkern.network.sites import example_indices
 from memkern.rundir.atomic import atomic_write_json
-from memkern.training.step import sgd_optimizer, sgd_step
+from memkern.training.step import make_optimizer, sgd_step
 from memkern.versions import versions
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -155,7 +155,7 @@ def bandwidth(device: torch.device, *, quick: bool) -> dict:
 
 
 def _sgd_step_ms(model, x, y, ids, device, reps) -> float:
-    opt = sgd_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
+    opt = make_optimizer(model.parameters(), lr=0.01, momentum=0.9, weight_decay=0.0)
     return 1e3 * _timed(lambda: sgd_step(model, opt, x, y, ids=ids), device, reps)
 
 

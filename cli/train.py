@@ -6,12 +6,12 @@ import click
 from memkern.cli.options import (DATASET_HELP, DatasetSpec, data_dir_option, device_option,
                                  model_option, parse_reps, progress_option, split_names,
                                  trust_model_code_option)
-from memkern.training.config import LR_SCHEDULES, PRESETS
+from memkern.training.config import LR_SCHEDULES, OPTIMIZERS, PRESETS
 
 # CLI option name -> TrainConfig field, one to one.
 CONFIG_OPTIONS = {"dataset": "dataset", "model": "model", "norm": "norm", "noise": "noise",
                   "seed": "seed", "epochs": "epochs", "batch_size": "batch_size", "lr": "lr",
-                  "weight_decay": "weight_decay", "warmup": "warmup",
+                  "optimizer": "optimizer", "weight_decay": "weight_decay", "warmup": "warmup",
                   "lr_schedule": "lr_schedule", "augment": "augment",
                   "tied_dropout": "tied_dropout", "p_gen": "p_gen", "p_mem": "p_mem",
                   "sites": "dropout_sites", "seq_len": "seq_len", "canaries": "canaries",
@@ -43,6 +43,8 @@ def _explicit(ctx: click.Context) -> dict:
 @click.option("--epochs", type=int, help="[default: preset's, 30 for digits]")
 @click.option("--batch-size", type=int, help="[default: preset's, 64 for digits]")
 @click.option("--lr", type=float, help="Peak learning rate. [default: preset's]")
+@click.option("--optimizer", type=click.Choice(OPTIMIZERS), help="sgd (momentum 0.9) or adamw "
+              "(betas 0.9, 0.99). [default: preset's, sgd]")
 @click.option("--weight-decay", type=float)
 @click.option("--warmup", type=float, help="Fraction of steps of linear warm-up.")
 @click.option("--lr-schedule", type=click.Choice(LR_SCHEDULES), default="cosine",

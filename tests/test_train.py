@@ -69,20 +69,24 @@ sys.exit(main())
 """
 
 
-def test_kill_mid_epoch_and_resume_is_bit_identical(tmp_path):
+@pytest.mark.parametrize("optimizer,lr,states", [
+    ("sgd", 0.05, {"momentum"}), ("adamw", 0.003, {"exp_avg", "exp_avg_sq", "step"})])
+def test_kill_mid_epoch_and_resume_is_bit_identical(tmp_path, optimizer, lr, states):
     killed, clean = tmp_path / "killed", tmp_path / "clean"
-    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP, "train", *KILL_ARGS,
+    args = [*KILL_ARGS, "--optimizer", optimizer, "--lr", str(lr)]
+    proc = subprocess.run([sys.executable, "-c", KILL_AT_STEP, "train", *args,
                            "--out", str(killed)], capture_output=True, text=True,
                           env={**os.environ, "KILL_AT_STEP": "40"})
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     assert RunDir(killed).epochs() == [0, 1]
     resumed = memkern("train", "--out", str(killed), "--resume", "--no-progress")
     assert resumed.returncode == 0, resumed.stderr
-    train(TrainConfig(model="mlp", noise=0.1, epochs=3, batch_size=16, seed=5), out=clean,
-          progress=False)
+    train(TrainConfig(model="mlp", noise=0.1, epochs=3, batch_size=16, seed=5,
+                      optimizer=optimizer, lr=lr), out=clean, progress=False)
     a = load_file(RunDir(killed).checkpoint_path(3))
     b = load_file(RunDir(clean).checkpoint_path(3))
     assert a.keys() == b.keys()
+    assert {k.split(".")[1] for k in a if k.startswith("optim.")} == states
     for key in a:
         assert torch.equal(a[key], b[key]), key
     assert [r["epoch"] for r in read_jsonl(RunDir(killed).metrics_path)] == [1, 2, 3]

@@ -1,7 +1,8 @@
 """Checkpoints: safetensors files (no code runs on load) with the run's config in the metadata.
 
-Tensor keys: ``model.<state_dict key>`` for weights and buffers, ``optim.momentum.<param>`` for
-SGD momentum (so a resumed run is bit-identical to an uninterrupted one). Metadata:
+Tensor keys: ``model.<state_dict key>`` for weights and buffers, ``optim.<state>.<param>`` for
+the optimizer's state (``momentum`` for SGD; ``exp_avg``, ``exp_avg_sq``, ``step`` for AdamW), so
+a resumed run is bit-identical to an uninterrupted one. Metadata:
 ``format = memkern-checkpoint``, ``version``, ``epoch``, ``config`` (TrainConfig JSON).
 """
 from __future__ import annotations
@@ -28,7 +29,11 @@ from memkern.errors import CheckpointError, ConfigError
 FORMAT = "memkern-checkpoint"
 VERSION = "1"
 MODEL_PREFIX = "model."
-MOMENTUM_PREFIX = "optim.momentum."
+OPTIM_PREFIX = "optim."
+# torch's per-parameter optimizer state name -> its name in a checkpoint (a fixed table: the
+# names read from a file only select among these)
+OPTIM_STATES = {"momentum_buffer": "momentum", "exp_avg": "exp_avg", "exp_avg_sq": "exp_avg_sq",
+                "step": "step"}
 CHECKPOINT_PATTERN = re.compile(r"^epoch_(\d{3,})\.safetensors$")
 
 
@@ -38,7 +43,11 @@ class Checkpoint:
     config: TrainConfig
     epoch: int
     model_state: dict[str, torch.Tensor]
-    momentum: dict[str, torch.Tensor]
+    optimizer_state: dict[str, dict[str, torch.Tensor]]  # checkpoint state name -> param -> value
+
+    @property
+    def momentum(self) -> dict[str, torch.Tensor]:
+        return self.optimizer_state.get("momentum", {})
 
 
 def save_checkpoint(path: str | Path, model: nn.Module, *, config: TrainConfig, epoch: int,
@@ -53,9 +62,10 @@ def save_checkpoint(path: str | Path, model: nn.Module, *, config: TrainConfig, 
         names = {id(p): n for n, p in model.named_parameters()}
         for group in optimizer.param_groups:
             for p in group["params"]:
-                buf = optimizer.state.get(p, {}).get("momentum_buffer")
-                if buf is not None:
-                    tensors[MOMENTUM_PREFIX + names[id(p)]] = buf.detach().cpu().contiguous()
+                for key, value in optimizer.state.get(p, {}).items():
+                    if key in OPTIM_STATES and isinstance(value, torch.Tensor):
+                        tensors[f"{OPTIM_PREFIX}{OPTIM_STATES[key]}.{names[id(p)]}"] = (
+                            value.detach().cpu().contiguous())
     metadata = {"format": FORMAT, "version": VERSION, "epoch": str(epoch),
                 "config": config.to_json()}
     data = save(tensors, metadata=metadata)
@@ -134,9 +144,20 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         path=path, config=config, epoch=epoch,
         model_state={k[len(MODEL_PREFIX):]: v for k, v in tensors.items()
                      if k.startswith(MODEL_PREFIX)},
-        momentum={k[len(MOMENTUM_PREFIX):]: v for k, v in tensors.items()
-                  if k.startswith(MOMENTUM_PREFIX)},
+        optimizer_state=_optimizer_state(path, tensors),
     )
+
+
+def _optimizer_state(path: Path, tensors: dict[str, torch.Tensor]) -> dict:
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        if key.startswith(OPTIM_PREFIX):
+            state, _, param = key[len(OPTIM_PREFIX):].partition(".")
+            if state not in OPTIM_STATES.values() or not param:
+                raise CheckpointError(f"{path} holds an unknown optimizer tensor {key[:60]!r}: "
+                                      f"not a checkpoint memkern wrote; use the run's own file")
+            out.setdefault(state, {})[param] = value
+    return out
 
 
 def file_kind(path: Path) -> str:
@@ -170,8 +191,24 @@ def check_fits(model: nn.Module, ckpt: Checkpoint) -> None:
                               f"a checkpoint of another architecture, or of another run?")
 
 
-def restore_momentum(model: nn.Module, optimizer: torch.optim.Optimizer, ckpt: Checkpoint) -> None:
+def restore_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer,
+                      ckpt: Checkpoint) -> None:
+    """Put ``ckpt``'s optimizer state back into ``optimizer`` (of ``model``'s parameters)."""
     params = dict(model.named_parameters())
-    for name, buf in ckpt.momentum.items():
-        p = params[name]
-        optimizer.state[p]["momentum_buffer"] = buf.to(p.device).clone()
+    torch_name = {saved: own for own, saved in OPTIM_STATES.items()}
+    own = {"momentum"} if isinstance(optimizer, torch.optim.SGD) else {"exp_avg", "exp_avg_sq",
+                                                                      "step"}
+    foreign = sorted(set(ckpt.optimizer_state) - own)
+    if foreign:
+        raise CheckpointError(f"{ckpt.path} holds {foreign[0]} state, which its run's "
+                              f"{ckpt.config.optimizer} optimizer does not keep: an edited "
+                              f"checkpoint; use the run's own file")
+    for state, values in ckpt.optimizer_state.items():
+        for name, value in values.items():
+            if name not in params:
+                raise CheckpointError(f"{ckpt.path} holds optimizer state for {name[:60]!r}, "
+                                      f"which the {ckpt.config.model!r} model does not have")
+            p = params[name]
+            # AdamW keeps its step count on the CPU unless it runs fused or captured
+            device = value.device if state == "step" else p.device
+            optimizer.state[p][torch_name[state]] = value.to(device).clone()

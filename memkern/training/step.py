@@ -1,8 +1,8 @@
 """The one training step and learning-rate schedule (docs/method.md, "Setup"): SGD with momentum
-and weight decay, linear warm-up then cosine decay. Training, retraining, the benchmarks and
+and weight decay (or AdamW, for text runs), linear warm-up then cosine decay. Training, retraining, the benchmarks and
 the GPU check all step through here.
 
-    optimizer = sgd_optimizer(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    optimizer = make_optimizer(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     for step, (x, y, ids) in enumerate(batches):
         sgd_step(model, optimizer, x, y, ids=ids,
                  lr=learning_rate(step, total_steps=n, base_lr=0.05, warmup=0.1))
@@ -33,8 +33,11 @@ def learning_rate(step: int, *, total_steps: int, base_lr: float, warmup: float,
     return 0.5 * base_lr * (1.0 + math.cos(math.pi * progress))
 
 
-def sgd_optimizer(params: Iterable[nn.Parameter], *, lr: float, momentum: float,
-                  weight_decay: float) -> torch.optim.SGD:
+def make_optimizer(params: Iterable[nn.Parameter], *, lr: float, momentum: float,
+                  weight_decay: float, kind: str = "sgd") -> torch.optim.Optimizer:
+    """SGD with momentum (``kind="sgd"``), or AdamW with betas ``(momentum, 0.99)``."""
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.99), weight_decay=weight_decay)
     return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 

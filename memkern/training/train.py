@@ -16,7 +16,7 @@ import torch
 
 from memkern.rundir.atomic import append_jsonl, json_text, rewrite_jsonl
 from memkern.rundir.manifest import write_recorded
-from memkern.training.checkpoints import load_checkpoint, load_model_state, restore_momentum, save_checkpoint
+from memkern.training.checkpoints import load_checkpoint, load_model_state, restore_optimizer, save_checkpoint
 from memkern.training.config import TrainConfig, config_from_options, differing_fields
 from memkern.data import PreparedData
 from memkern.data.text import TextData
@@ -29,7 +29,7 @@ from memkern.training.evaluate import epoch_accuracies
 from memkern.training.text_evaluate import text_epoch_metrics
 from memkern.rundir.context import load_data, model_for, require_history, resolve_device
 from memkern.training.finite import check_loss, check_model
-from memkern.training.step import learning_rate, sgd_optimizer, sgd_step
+from memkern.training.step import learning_rate, make_optimizer, sgd_step
 from memkern.rundir.locks import hold_run, locked
 from memkern.rundir.consistency import check_config_agrees
 from memkern.rundir.progress import Progress
@@ -172,8 +172,8 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     check_shards(rows=len(data.train_labels), batch_size=config.batch_size, world=world)
     torch.manual_seed(config.seed)
     model = model_for(config, data).to(dev)
-    optimizer = sgd_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay)
+    optimizer = make_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
+                              weight_decay=config.weight_decay, kind=config.optimizer)
     first_epoch = 1
     steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     if extend_to is not None:
@@ -184,7 +184,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
         ckpt = load_checkpoint(run.checkpoint_path(run.epochs()[-1]))
         check_config_agrees(saved, ckpt, config_path=run.config_path)
         load_model_state(model, ckpt)
-        restore_momentum(model, optimizer, ckpt)
+        restore_optimizer(model, optimizer, ckpt)
         first_epoch = ckpt.epoch + 1
         check_tracking(run, track_grads=track_grads, first_epoch=first_epoch)
         run.load_history()  # a gap refuses before metrics.jsonl is rewritten

@@ -31,7 +31,7 @@ from memkern.data.text import TextData
 from memkern.training.evaluate import split_accuracies
 from memkern.network.models.groups import LayerGroup
 from memkern.training.finite import check_loss, check_model
-from memkern.training.step import learning_rate, sgd_optimizer, sgd_step
+from memkern.training.step import learning_rate, make_optimizer, sgd_step
 from memkern.training.text_evaluate import text_epoch_metrics
 from memkern.training.train import epoch_generator
 
@@ -93,7 +93,7 @@ def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData | Text
     total_steps = steps_per_epoch * epochs
     rows = [{"group": group.name, "epoch": 0, **_measures(model, data)}]
     trainable = freeze_all_but(model, group)
-    optimizer = sgd_optimizer(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    optimizer = make_optimizer(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
     for epoch in range(1, epochs + 1):
         gen = epoch_generator(seed, epoch)
         for i, (x, y, idx) in enumerate(iterate_batches(train_x, train_y, batch_size,
