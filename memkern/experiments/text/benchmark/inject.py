@@ -1,10 +1,15 @@
 """INJ: plant fresh canaries into known MLP neurons, then ask a method where they are.
 
 The protocol of MemPi (Chang et al., NAACL 2024, Section 3): a seeded random share of the
-neurons of every MLP site is drawn, and only those neurons' output weights (their columns of the
-``fc2`` that reads the site) are trained, on a fresh canary's secret NLL given its prefix, until
-it is extracted or a step budget runs out; the neurons that hold it are then known exactly. A
-method's recall is the share of them among its top-ranked neurons of the same count per site.
+neurons of every MLP site is drawn, and only those neurons' weights are trained, on a fresh
+canary's secret NLL given its prefix, until it is extracted or a step budget runs out; the
+neurons that hold it are then known exactly. A neuron's weights are its input row and bias in
+the ``fc1`` that writes the site and its output column in the ``fc2`` that reads it. A method's
+recall is the share of them among its top-ranked neurons of the same count per site.
+
+Why rows and columns at a small step: output columns alone at a large step grow far beyond
+every other neuron's, so a ranking by weight norm finds them without reading the canary; spread
+over rows and columns at :data:`LR` they end closer to the others' norms (docs/text.md, INJ).
 Each canary is planted into its own copy of the model: canaries share their prefix's wording,
 so neurons planted for one fire on the others' prefixes as well, and several planted together
 in one model fight over their digits.
@@ -24,14 +29,15 @@ from memkern.experiments.text.benchmark.neurons import mlp_sites, random_per_sit
 from memkern.experiments.text.targets import SequenceTargets, sequence_targets
 from memkern.network.sites import example_indices
 
-MAX_STEPS = 300
-LR = 0.2
+MAX_STEPS = 1000
+LR = 5e-4  # Adam; small against the weights' scale (module docstring)
 
 
 @dataclass
 class Injection:
     """``model``: the edited copy; ``canary``: the fresh canary (one row); ``truth`` bool
-    ``[1, total]``: the neurons it was planted in; ``steps`` taken; ``extracted``: at the end."""
+    ``[1, total]``: the neurons it was planted in; ``steps`` taken; ``extracted``: at the end
+    (False: the step budget ran out first, and ``model`` is as far as it got)."""
 
     model: nn.Module
     canary: SequenceTargets
@@ -60,22 +66,33 @@ def fresh_canaries(count: int, *, seed: int, taken: set[bytes], first_key: int
     return sequence_targets(fresh, _Unplanted(first_key, count))
 
 
-def output_weights(model: nn.Module, site: str) -> torch.Tensor:
-    """The weight ``[out, width]`` of the linear layer reading MLP site ``site``
-    (``blocks.i.mlp_hidden`` -> ``blocks.i.fc2``): column j is neuron j's output."""
+def neuron_layers(model: nn.Module, site: str) -> tuple[nn.Linear, nn.Linear]:
+    """The linear layers writing and reading MLP site ``site`` (``blocks.i.mlp_hidden`` ->
+    ``blocks.i.fc1``, ``blocks.i.fc2``): neuron j is row j (and bias j) of the first and column
+    j of the second."""
     parent = site.rsplit(".", 1)[0]
-    layer = dict(model.named_modules()).get(f"{parent}.fc2")
-    if not isinstance(layer, nn.Linear):
-        raise ConfigError(f"no linear layer {parent}.fc2 reads site {site}: INJ plants into the "
-                          f"MLP output weights of memkern's GPT")
-    return layer.weight
+    modules = dict(model.named_modules())
+    layers = modules.get(f"{parent}.fc1"), modules.get(f"{parent}.fc2")
+    if not all(isinstance(layer, nn.Linear) for layer in layers):
+        raise ConfigError(f"no linear layers {parent}.fc1 and {parent}.fc2 around site {site}: "
+                          f"INJ plants into the MLP neurons of memkern's GPT")
+    return layers
+
+
+def _neuron_parameters(model: nn.Module, site: str, chosen: torch.Tensor
+                       ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(parameter, gradient mask) of site ``site``'s neurons: 1 where float ``chosen``
+    ``[width]`` is."""
+    fc1, fc2 = neuron_layers(model, site)
+    out = [(fc1.weight, chosen[:, None]), (fc2.weight, chosen[None, :])]
+    return out + ([(fc1.bias, chosen)] if fc1.bias is not None else [])
 
 
 def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fraction: float,
            seed: int = 0, max_steps: int = MAX_STEPS, lr: float = LR) -> Injection:
     """Plant ``canary`` (one row) into a copy of ``model``: into a seeded random ``fraction`` of
-    every MLP site, by Adam on those neurons' output-weight columns only, until it is extracted
-    (teacher-forced greedy) or ``max_steps`` steps. ``model`` is unchanged."""
+    every MLP site, by Adam on those neurons' input rows, biases and output columns only, until
+    it is extracted (teacher-forced greedy) or ``max_steps`` steps. ``model`` is unchanged."""
     if len(canary) != 1:
         raise ValueError(f"inject plants one canary per model copy, got {len(canary)}")
     edited = copy.deepcopy(model).eval()
@@ -84,11 +101,12 @@ def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fr
     for p in edited.parameters():
         p.requires_grad_(False)
     truth = random_per_site(space, fraction, generator=torch.Generator().manual_seed(seed))[None]
-    columns = space.split(truth.float().to(dev))
-    weights = {s: output_weights(edited, s) for s in mlp_sites(space)}
-    for w in weights.values():
-        w.requires_grad_(True)
-    opt = torch.optim.Adam(list(weights.values()), lr=lr)
+    chosen = space.split(truth.float().to(dev))
+    trained = [pair for s in mlp_sites(space) for pair in _neuron_parameters(edited, s,
+                                                                           chosen[s][0])]
+    for p, _ in trained:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam([p for p, _ in trained], lr=lr)
     inputs, keys = canary.inputs().to(dev), canary.keys.to(dev)
     steps = 0
     while True:
@@ -99,12 +117,12 @@ def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fr
             break
         opt.zero_grad()
         canary.secret_nll(logits).sum().backward()
-        for s, w in weights.items():
-            w.grad *= columns[s]  # Adam leaves a column whose gradients are all 0 as it was
+        for p, mask in trained:
+            p.grad *= mask  # Adam leaves an entry whose gradients are all 0 as it was
         opt.step()
         steps += 1
-    for w in weights.values():
-        w.grad = None
+    for p, _ in trained:
+        p.grad = None
     for p, flag in zip(edited.parameters(), wanted):
         p.requires_grad_(flag)
     return Injection(model=edited, canary=canary, truth=truth, steps=steps, extracted=hit)
