@@ -1,11 +1,16 @@
 """INJ: plant fresh canaries into known MLP neurons, then ask a method where they are.
 
 The protocol of MemPi (Chang et al., NAACL 2024, Section 3): a seeded random share of the
-neurons of every MLP site is drawn, and only those neurons' output weights (in the layer that
-reads the site: :mod:`memkern.network.models.channel_weights`) are trained, on a fresh canary's
-secret NLL given its prefix, until it is extracted or a step budget runs out; the neurons that
-hold it are then known exactly. A method's recall is the share of them among its top-ranked
-neurons of the same count per site.
+neurons of every MLP site is drawn, and only those neurons' weights are trained, on a fresh
+canary's secret NLL given its prefix, until it is extracted or a step budget runs out; the
+neurons that hold it are then known exactly. A neuron's weights are its input row and bias in
+the layer that computes the site and its output weights in the layer that reads it
+(:mod:`memkern.network.models.channel_weights`). A method's recall is the share of them among
+its top-ranked neurons of the same count per site.
+
+Why rows and columns at a small step: output weights alone at a large step grow far beyond
+every other neuron's, so a ranking by weight norm finds them without reading the canary; spread
+over rows and columns at :data:`LR` they end closer to the others' norms (docs/text.md, INJ).
 Each canary is planted into its own copy of the model: canaries share their prefix's wording,
 so neurons planted for one fire on the others' prefixes as well, and several planted together
 in one model fight over their digits.
@@ -26,14 +31,15 @@ from memkern.experiments.text.targets import SequenceTargets, sequence_targets
 from memkern.network.models.channel_weights import Owned, channel_weights
 from memkern.network.sites import example_indices
 
-MAX_STEPS = 300
-LR = 0.2
+MAX_STEPS = 1000
+LR = 5e-4  # Adam; small against the weights' scale (module docstring)
 
 
 @dataclass
 class Injection:
     """``model``: the edited copy; ``canary``: the fresh canary (one row); ``truth`` bool
-    ``[1, total]``: the neurons it was planted in; ``steps`` taken; ``extracted``: at the end."""
+    ``[1, total]``: the neurons it was planted in; ``steps`` taken; ``extracted``: at the end
+    (False: the step budget ran out first, and ``model`` is as far as it got)."""
 
     model: nn.Module
     canary: SequenceTargets
@@ -62,21 +68,22 @@ def fresh_canaries(count: int, *, seed: int, taken: set[bytes], first_key: int
     return sequence_targets(fresh, _Unplanted(first_key, count))
 
 
-def output_weights(model: nn.Module, site: str) -> Owned:
-    """The output weights of MLP site ``site``, viewed ``[width, out]``: row j is neuron j's
-    (gpt: ``fc2.weight`` transposed; hf:gpt2: ``c_proj.weight`` as stored)."""
+def neuron_weights(model: nn.Module, site: str) -> tuple[Owned, ...]:
+    """The weights MLP site ``site``'s neurons own, each viewed with neuron j at index j: the
+    row and bias computing it and its output weights (gpt: ``fc1``, ``fc2``; hf:gpt2: ``c_fc``,
+    ``c_proj``)."""
     weights = channel_weights(model, site)
-    if weights is None or len(weights.read) != 1:
-        raise ConfigError(f"no known layer reads site {site}: INJ plants into the MLP output "
-                          f"weights of a gpt or hf:gpt2 model")
-    return weights.read[0]
+    if weights is None:
+        raise ConfigError(f"no known layers compute and read site {site}: INJ plants into the "
+                          f"MLP neurons of a gpt or hf:gpt2 model")
+    return weights.made + weights.read
 
 
 def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fraction: float,
            seed: int = 0, max_steps: int = MAX_STEPS, lr: float = LR) -> Injection:
     """Plant ``canary`` (one row) into a copy of ``model``: into a seeded random ``fraction`` of
-    every MLP site, by Adam on those neurons' output weights only, until it is extracted
-    (teacher-forced greedy) or ``max_steps`` steps. ``model`` is unchanged."""
+    every MLP site, by Adam on those neurons' input rows, biases and output weights only, until
+    it is extracted (teacher-forced greedy) or ``max_steps`` steps. ``model`` is unchanged."""
     if len(canary) != 1:
         raise ValueError(f"inject plants one canary per model copy, got {len(canary)}")
     edited = copy.deepcopy(model).eval()
@@ -86,10 +93,10 @@ def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fr
         p.requires_grad_(False)
     truth = random_per_site(space, fraction, generator=torch.Generator().manual_seed(seed))[None]
     chosen = space.split(truth.float().to(dev))
-    weights = {s: output_weights(edited, s) for s in mlp_sites(space)}
-    for w in weights.values():
+    trained = [(s, w) for s in mlp_sites(space) for w in neuron_weights(edited, s)]
+    for _, w in trained:
         w.param.requires_grad_(True)
-    opt = torch.optim.Adam([w.param for w in weights.values()], lr=lr)
+    opt = torch.optim.Adam([w.param for _, w in trained], lr=lr)
     inputs, keys = canary.inputs().to(dev), canary.keys.to(dev)
     steps = 0
     while True:
@@ -100,11 +107,12 @@ def inject(model: nn.Module, space: ChannelSpace, canary: SequenceTargets, *, fr
             break
         opt.zero_grad()
         canary.secret_nll(logits).sum().backward()
-        for s, w in weights.items():  # Adam leaves a weight whose gradients are all 0 as it was
-            w.of(w.param.grad).mul_(chosen[s][0][:, None])
+        for s, w in trained:  # Adam leaves an entry whose gradients are all 0 as it was
+            grad = w.of(w.param.grad)
+            grad.mul_(chosen[s][0].view(-1, *[1] * (grad.dim() - 1)))
         opt.step()
         steps += 1
-    for w in weights.values():
+    for _, w in trained:
         w.param.grad = None
     for p, flag in zip(edited.parameters(), wanted):
         p.requires_grad_(flag)

@@ -24,7 +24,7 @@ from memkern.experiments.localize.run import recover_jsonl
 from memkern.experiments.localize.settings import check_resumable
 from memkern.experiments.text.benchmark.drop import EXPOSURE_CANDIDATES, baseline, drop_evaluate
 from memkern.experiments.text.benchmark.figure import save_figure
-from memkern.experiments.text.benchmark.inject import (MAX_STEPS, fresh_canaries, inject,
+from memkern.experiments.text.benchmark.inject import (LR, MAX_STEPS, fresh_canaries, inject,
                                                        recall_at_k)
 from memkern.experiments.text.benchmark.neurons import mlp_sites, per_site_count
 from memkern.experiments.text.benchmark.table import COLUMNS, TITLE, benchmark_table, markdown
@@ -185,7 +185,8 @@ def benchmark_lm(*, ckpt: str | Path, methods: Sequence[str] | None = None,
     kinds = {data.inserts[t].id: data.inserts[t].kind for t in chosen}
     settings = {"ckpt": Path(ckpt).name, "fractions": list(drop_fractions),
                 "clean_windows": CLEAN_WINDOWS, "heldout_windows": HELDOUT_WINDOWS, "seed": seed,
-                "exposure_candidates": EXPOSURE_CANDIDATES, "inject_steps": MAX_STEPS}
+                "exposure_candidates": EXPOSURE_CANDIDATES, "inject_steps": MAX_STEPS,
+                "inject_lr": LR}
     rows = recover_jsonl(out)
     check_resumable(rows, settings, out)
     done = {(r["kind"], r["method"], r["target"], r.get("fraction")) for r in rows}

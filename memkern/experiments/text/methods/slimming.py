@@ -19,7 +19,9 @@ from memkern.experiments.text.methods.learned_masks import STEPS, WINDOWS, learn
 from memkern.experiments.text.targets import SequenceTargets
 
 LAM = 0.05
-LR = 0.1
+# 1 / steps: a gate moves at most lr per step, so none closes fully and the clamp at 0 never
+# ties the most-pulled gates of a site (at 0.1 the most-pulled ones closed fully and tied)
+LR = 1 / STEPS
 
 
 def rank(model: nn.Module, space: ChannelSpace, targets: SequenceTargets, clean: torch.Tensor,
