@@ -37,9 +37,9 @@ def test_text_train_step_throughput(benchmark, quick, context_info):
     batches = _batches(config, quick)
     ids = torch.arange(len(batches[0]))
     opt_ours = make_optimizer(ours.parameters(), lr=config.lr, momentum=config.momentum,
-                             weight_decay=config.weight_decay)
-    opt_plain = torch.optim.SGD(plain.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+                              weight_decay=config.weight_decay, kind=config.optimizer)
+    opt_plain = torch.optim.AdamW(plain.parameters(), lr=config.lr, betas=(config.momentum, 0.99),
+                                  weight_decay=config.weight_decay)
 
     def text_loss(logits, y):
         return F.cross_entropy(logits.flatten(0, -2), y.flatten())

@@ -79,7 +79,7 @@ TEXT_OPTS = ["--dataset", "text:stdlib", "--model", "gpt?layers=1&width=32&heads
 
 
 def test_two_ranks_equal_one_process_on_a_tied_text_run(tmp_path):
-    # the CLI's defaults for a text dataset (the gpt-shakespeare preset's), as torchrun gets
+    # the CLI's defaults for a text dataset (TEXT_DEFAULTS), as torchrun gets
     ref = train(config_from_options(TEXT), out=tmp_path / "one", device="cpu", progress=False)
     res = torchrun(["train", "--out", tmp_path / "two", "--device", "cpu", "--no-progress",
                     *TEXT_OPTS])

@@ -17,6 +17,7 @@ def text_training_png(rows: list[dict], *, title: str) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
     modes = [m for m in MODES if f"heldout_bpb{m}" in rows[-1]]
@@ -38,6 +39,7 @@ def text_training_png(rows: list[dict], *, title: str) -> bytes:
     axes[0].set(ylabel="canaries extracted\n(fraction)", ylim=(-0.03, 1.03), title=title)
     axes[1].set(ylabel="exposure (bits)")
     axes[2].set(ylabel="held-out\nbits per byte", xlabel="epoch")
+    axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole (a 3-epoch run)
     for ax in axes:
         ax.grid(alpha=0.3)
     if groups:
