@@ -17,6 +17,7 @@ def text_training_png(rows: list[dict], *, title: str) -> bytes:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
     from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in rows]
@@ -26,24 +27,27 @@ def text_training_png(rows: list[dict], *, title: str) -> bytes:
     fig, axes = plt.subplots(3, 1, figsize=(WIDTH_IN, 7.8), sharex=True, layout="constrained")
     for k, r in enumerate(groups):
         for m in modes:
-            style, name = MODES[m]
             for ax, key in zip(axes[:2], ("extracted", "exposure")):
                 ax.plot(epochs, [row.get(f"{key}_r{r}{m}", float("nan")) for row in rows],
-                        style, marker=MARKERS[k % len(MARKERS)], markevery=every, ms=4,
-                        color=f"C{k}", label=f"{r} copies" + (f", {name}" if len(modes) > 1
-                                                              else "") if ax is axes[0] else None)
+                        MODES[m][0], marker=MARKERS[k % len(MARKERS)], markevery=every, ms=4,
+                        color=f"C{k}")
     for m in modes:
-        style, name = MODES[m]
-        axes[2].plot(epochs, [row[f"heldout_bpb{m}"] for row in rows], style, color="black",
-                     marker="o", markevery=every, ms=3, label=name if len(modes) > 1 else None)
+        axes[2].plot(epochs, [row[f"heldout_bpb{m}"] for row in rows], MODES[m][0],
+                     color="black", marker="o", markevery=every, ms=3)
     axes[0].set(ylabel="canaries extracted\n(fraction)", ylim=(-0.03, 1.03), title=title)
     axes[1].set(ylabel="exposure (bits)")
     axes[2].set(ylabel="held-out\nbits per byte", xlabel="epoch")
     axes[2].xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole (a 3-epoch run)
     for ax in axes:
         ax.grid(alpha=0.3)
-    if groups:
-        axes[0].legend(fontsize=8, ncol=2 if len(modes) > 1 else 1, loc="upper left")
+    # One legend under the panels, groups by colour and a tied run's modes by line style: one
+    # entry per (group, mode) pair covered the curves it named.
+    handles = [Line2D([], [], color=f"C{k}", marker=MARKERS[k % len(MARKERS)], ms=4,
+                      label=f"{r} copies") for k, r in enumerate(groups)]
     if len(modes) > 1:
-        axes[2].legend(fontsize=8)
+        handles += [Line2D([], [], color="black", linestyle=MODES[m][0], label=MODES[m][1])
+                    for m in modes]
+    if handles:
+        fig.legend(handles=handles, loc="outside lower center", fontsize=8,
+                   ncol=min(len(handles), 4))
     return png_bytes(fig)
