@@ -269,8 +269,13 @@ PRESETS: dict[str, TrainConfig] = {
     # (each copy followed by text in its window), 3 epochs (3.8M tokens) with AdamW: the 64-copy
     # canaries are extracted, the 1-copy ones not, at under 2.2 held-out nats per byte (README,
     # "Language models"). SGD (TEXT_DEFAULTS) diverged on this much text at lr 0.3.
+    # With --tied-dropout, 70% of each MLP layer always on: at the paper's p_gen 0.2 the run
+    # with its memorization neurons dropped read held-out text 25% worse (per-byte perplexity)
+    # than the plain run after these 3 epochs, at 0.5 3.4%, at 0.7 2.2%; no canary was
+    # extracted with them dropped at any of the three (README, "Language models").
     "gpt-shakespeare": dataclasses.replace(TEXT_DEFAULTS, optimizer="adamw", lr=0.003,
-                                           weight_decay=0.1, epochs=3, text_bytes=1_200_000),
+                                           weight_decay=0.1, epochs=3, text_bytes=1_200_000,
+                                           p_gen=0.7),
     # `memkern demo --text`: a 2-layer byte GPT on 20 KB of the standard library's sources with
     # 8 canaries, half planted once and half 128 times. Measured (README, "Language models"):
     # the 128-copy canaries are extracted from epoch 5 on, the 1-copy ones never.
