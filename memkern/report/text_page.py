@@ -50,6 +50,12 @@ def _pct(value) -> str:
     return "-" if value is None else f"{100 * value:.1f}%"
 
 
+def _change(fraction, unit: str = "") -> str:
+    """A change given as a fraction, in points or percent (``unit``): one decimal, signed; one
+    that rounds to zero reads +0.0, never -0.0."""
+    return "-" if fraction is None else f"{round(100 * fraction, 1) + 0.0:+.1f}{unit}"
+
+
 def training_cell(t: RunTables) -> Cell:
     last = t.last
     groups = reps_groups(last)
@@ -91,18 +97,17 @@ def localize_cell(t: RunTables) -> Cell:
                       f"{num(overall['exposure_after'])} bits (a secret can stop being the "
                       f"greedy answer and stay among the most likely strings)")
                    + "; the other canaries' extraction changed by "
-                   + ("-" if overall["others_change"] is None
-                      else f"{100 * overall['others_change']:+.1f} points")
-                   + f" and held-out perplexity by {_pct(overall['perplexity_rise'])} on average "
-                   f"(at most {_pct(overall['perplexity_rise_max'])}).")
+                   f"{_change(overall['others_change'], ' points')} and held-out perplexity by "
+                   f"{_change(overall['perplexity_rise'], '%')} on average (at most "
+                   f"{_change(overall['perplexity_rise_max'], '%')}).")
     else:
         finding = "No localized target was extracted before the edit: nothing to localize."
     rows = [[g, str(e["count"]), str(e["extracted"]), f"{sum(e['flipped'])} of {e['extracted']}",
              _count(e["median_channels_flipped"]), _pct(e["share_flipped"]),
              "-" if e["exposure_before"] is None
              else f"{num(e['exposure_before'])} -> {num(e['exposure_after'])}",
-             "-" if e["others_change"] is None else f"{100 * e['others_change']:+.1f}",
-             _pct(e["perplexity_rise"])] for g, e in groups.items()]
+             _change(e["others_change"]), _change(e["perplexity_rise"], "%")]
+            for g, e in groups.items()]
     figures = [figure("neurons needed and the edit's cost", t.figures["localize"].read_bytes())] \
         if "localize" in t.figures else []
     return Cell(t.name, finding, figures, [Table(
@@ -263,8 +268,8 @@ def text_headline(runs: list[RunTables]) -> list[tuple[str, list[str]]]:
         g = t.localize["groups"]
         e = g.get("all") or next(iter(g.values()))
         return (f"{sum(e['flipped'])} of {e['extracted']}, median "
-                f"{_count(e['median_channels_flipped'])} neurons, perplexity +"
-                f"{_pct(e['perplexity_rise'])}")
+                f"{_count(e['median_channels_flipped'])} neurons, perplexity "
+                f"{_change(e['perplexity_rise'], '%')}")
 
     def dropped(t):
         groups = reps_groups(t.last)
