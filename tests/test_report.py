@@ -203,6 +203,15 @@ def test_chromium_shows_every_figure_near_its_drawn_size_and_cuts_no_table(pages
 
 
 @needs_browser
+def test_at_phone_width_wide_tables_scroll_in_their_block_and_the_page_does_not(pages, tmp_path):
+    """At 400 px a table of many columns is wider than the screen: it scrolls inside its own
+    block (``.wide``), so the page itself never scrolls sideways and every figure still loads."""
+    for page in pages:
+        seen = probe_page(page, width=400, workdir=tmp_path, browser=browser)
+        assert seen["broken"] == [] and seen["scroll_width"] <= seen["width"], seen
+
+
+@needs_browser
 def test_the_probe_sees_a_broken_figure_and_an_overflow(tmp_path):
     """The check above can fail: a figure that does not decode and a too-wide block."""
     page = tmp_path / "bad.html"
