@@ -124,7 +124,8 @@ def model_name(ctx, param, value: str) -> str:
 
 
 MODEL_HELP = ("cnn, mlp, resnet9, resnet50, vit; gpt[?layers=4&width=256&heads=4&mlp=1024] "
-              "or hf:gpt2[?n_layer=4&n_embd=256&n_head=4...] (transformers) for text; or torchvision:NAME, timm:NAME[?key=value&...] "
+              "or hf:gpt2[?n_layer=4&n_embd=256&n_head=4...] (transformers) for text; or "
+              "torchvision:NAME, timm:NAME[?key=value&...] "
               "(e.g. timm:vit_tiny_patch16_224?img_size=32&patch_size=4), package.module:factory "
               "(called with num_classes, in_channels, image_size). See README, 'Your own model'.")
 model_option = click.option("--model", default="cnn", show_default=True, callback=model_name,

@@ -9,9 +9,9 @@ import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 from cli_checks import assert_one_line_error, run_cli
 from test_text_data import write_works
+from test_text_grads import window_norms_one_at_a_time
 
 from memkern.errors import CheckpointError, ConfigError
 from memkern.experiments.gradients.norms import per_example_grad_norms
@@ -109,19 +109,6 @@ def test_settings_are_config_fields_of_fixed_kinds():
             check_file_spec(spec, source="config.json")
 
 
-def _reference_norms(model, tokens, targets, keys, groups):
-    """Each window alone: autograd of its mean next-byte NLL, norms per group."""
-    names = [n for n, _ in model.named_parameters()]
-    out = torch.zeros(len(tokens), len(groups), dtype=torch.float64)
-    for b in range(len(tokens)):
-        with example_indices(None if keys is None else keys[b:b + 1]):
-            loss = F.cross_entropy(model(tokens[b:b + 1])[0], targets[b])
-        grads = dict(zip(names, torch.autograd.grad(loss, list(model.parameters()))))
-        for i, g in enumerate(groups):
-            out[b, i] = sum(grads[n].square().sum() for n in g.param_names).sqrt()
-    return out
-
-
 @pytest.mark.parametrize("tied", [False, True])
 @pytest.mark.parametrize("mode", ["ghost", "auto"])
 def test_window_norms_equal_a_window_at_a_time_loop(transformers, mode, tied):
@@ -138,7 +125,7 @@ def test_window_norms_equal_a_window_at_a_time_loop(transformers, mode, tied):
     assert [g.name for g in groups] == ["transformer.wte", "transformer.h.0", "transformer.h.1",
                                         "transformer.ln_f"]
     got = per_example_grad_norms(model, tokens, targets, ids=keys, mode=mode, groups=groups)
-    want = _reference_norms(model, tokens, targets, keys, groups)
+    want = window_norms_one_at_a_time(model, tokens, targets, keys, groups)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 

@@ -25,16 +25,21 @@ from memkern.training.text_evaluate import window_nll
 TINY = "gpt?layers=2&width=32&heads=2&mlp=64"
 
 
+def _train_text_run(out, model: str, epochs: int):
+    """A tiny text run of ``model``: 4 canaries (1 and 64 copies), a paragraph copied 32 times."""
+    result = run_cli("train", "--dataset", "text:stdlib", "--model", model, "--canaries", "4",
+                     "--canary-reps", "1,64", "--seq-len", "32", "--text-bytes", "8000",
+                     "--epochs", str(epochs), "--lr", "0.3", "--batch-size", "32",
+                     "--dup-paragraphs", "1", "--dup-reps", "32", "--out", out, "--no-progress",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
 @pytest.fixture(scope="session")
 def lm_run(tmp_path_factory):
     """A tiny text run whose 64-copy canaries and paragraph are memorized (about 10 s)."""
-    out = tmp_path_factory.mktemp("lm") / "run"
-    result = run_cli("train", "--dataset", "text:stdlib", "--model", TINY, "--canaries", "4",
-                     "--canary-reps", "1,64", "--seq-len", "32", "--text-bytes", "8000",
-                     "--epochs", "10", "--lr", "0.3", "--batch-size", "32", "--dup-paragraphs",
-                     "1", "--dup-reps", "32", "--out", out, "--no-progress", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    return out
+    return _train_text_run(tmp_path_factory.mktemp("lm") / "run", TINY, epochs=10)
 
 
 def _context(run):
@@ -320,13 +325,7 @@ HF_TINY = "hf:gpt2?n_layer=2&n_embd=32&n_head=2&n_inner=64"
 def hf_lm_run(tmp_path_factory):
     """A tiny hf:gpt2 text run with canaries and a duplicated paragraph."""
     pytest.importorskip("transformers")
-    out = tmp_path_factory.mktemp("hflm") / "run"
-    result = run_cli("train", "--dataset", "text:stdlib", "--model", HF_TINY, "--canaries", "4",
-                     "--canary-reps", "1,64", "--seq-len", "32", "--text-bytes", "8000",
-                     "--epochs", "1", "--lr", "0.3", "--batch-size", "32", "--dup-paragraphs",
-                     "1", "--dup-reps", "32", "--out", out, "--no-progress", "--device", "cpu")
-    assert result.exit_code == 0, result.output
-    return out
+    return _train_text_run(tmp_path_factory.mktemp("hflm") / "run", HF_TINY, epochs=1)
 
 
 def test_inject_on_hf_trains_only_the_chosen_neurons_weights(hf_lm_run):

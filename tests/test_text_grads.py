@@ -21,7 +21,7 @@ from memkern.network.tied_dropout import attach_tied_dropout
 from memkern.rundir.context import open_run
 
 
-def _reference(model, tokens, targets, keys, groups):
+def window_norms_one_at_a_time(model, tokens, targets, keys, groups):
     """Each window alone: autograd of its mean next-byte NLL, per group norms."""
     names = [n for n, _ in model.named_parameters()]
     out = torch.zeros(len(tokens), len(groups), dtype=torch.float64)
@@ -49,7 +49,7 @@ def test_window_norms_equal_a_window_at_a_time_loop(mode, tied):
     targets = torch.randint(0, 256, (6, 12))
     groups = layer_groups(model)
     got = per_example_grad_norms(model, tokens, targets, ids=keys, mode=mode, groups=groups)
-    want = _reference(model, tokens, targets, keys, groups)
+    want = window_norms_one_at_a_time(model, tokens, targets, keys, groups)
     torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     if tied:  # the key reaches the masks: another key gives another gradient
         other = per_example_grad_norms(model, tokens, targets, ids=keys + 1, mode=mode,
@@ -103,7 +103,7 @@ def test_grads_on_a_text_run_writes_resumes_and_matches_autograd(text_run, monke
     assert [r["noisy"] == "1" for r in rows] == data.noisy_mask.tolist()
     # per-window norms are those of a window-at-a-time loop on the checkpoint
     some = torch.cat([torch.nonzero(data.noisy_mask).flatten()[:2], torch.tensor([0, 5])])
-    want = _reference(model, data.train_images[some], data.train_labels[some],
+    want = window_norms_one_at_a_time(model, data.train_images[some], data.train_labels[some],
                       data.mask_keys[some], layer_groups(model))
     got = torch.tensor([[float(rows[i][g]) for g in groups] for i in some.tolist()],
                        dtype=torch.float64)

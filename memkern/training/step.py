@@ -1,6 +1,6 @@
 """The one training step and learning-rate schedule (docs/method.md, "Setup"): SGD with momentum
-and weight decay (or AdamW, for text runs), linear warm-up then cosine decay. Training, retraining, the benchmarks and
-the GPU check all step through here.
+and weight decay (or AdamW, for text runs), linear warm-up then cosine decay. Training,
+retraining, the benchmarks and the GPU check all step through here.
 
     optimizer = make_optimizer(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     for step, (x, y, ids) in enumerate(batches):
@@ -34,7 +34,7 @@ def learning_rate(step: int, *, total_steps: int, base_lr: float, warmup: float,
 
 
 def make_optimizer(params: Iterable[nn.Parameter], *, lr: float, momentum: float,
-                  weight_decay: float, kind: str = "sgd") -> torch.optim.Optimizer:
+                   weight_decay: float, kind: str = "sgd") -> torch.optim.Optimizer:
     """SGD with momentum (``kind="sgd"``), or AdamW with betas ``(momentum, 0.99)``."""
     if kind == "adamw":
         return torch.optim.AdamW(params, lr=lr, betas=(momentum, 0.99), weight_decay=weight_decay)

@@ -173,7 +173,7 @@ def train(config: TrainConfig | None, *, out: str | Path, resume: bool = False,
     torch.manual_seed(config.seed)
     model = model_for(config, data).to(dev)
     optimizer = make_optimizer(model.parameters(), lr=config.lr, momentum=config.momentum,
-                              weight_decay=config.weight_decay, kind=config.optimizer)
+                               weight_decay=config.weight_decay, kind=config.optimizer)
     first_epoch = 1
     steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     if extend_to is not None:

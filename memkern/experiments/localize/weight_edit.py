@@ -119,7 +119,9 @@ def without_channels(model: nn.Module, space: ChannelSpace, zeroed: torch.Tensor
     for name, part in space.split(zeroed.reshape(1, -1)).items():
         channels = torch.nonzero(part[0]).flatten()
         if len(channels):
-            check_editable(edited, [name])
-            holder, rule = _rule(edited, name, sites[name])
+            found = _rule(edited, name, sites[name])
+            if found is None:
+                check_editable(edited, [name])  # raises, naming the sites that have a rule
+            holder, rule = found
             rule(holder, channels.to(next(edited.parameters()).device))
     return edited

@@ -43,10 +43,6 @@ ACTIVATIONS = ("gelu_new", "gelu", "gelu_pytorch_tanh", "relu", "silu", "tanh")
 FROM_RUN = {"n_positions": "--seq-len", "n_ctx": "--seq-len", "vocab_size": "the byte vocabulary"}
 
 
-def is_hf_gpt2(name: str) -> bool:
-    return name == PREFIX or name.startswith(PREFIX + "?")
-
-
 def is_hf_spec(name: str) -> bool:
     return name.startswith("hf:")
 
