@@ -1,4 +1,5 @@
 """Layer retraining on a real digits run: frozen means bit-identical, clean data only, resumable."""
+import json
 import shutil
 
 import pytest
@@ -147,3 +148,55 @@ def test_cli_missing_reset_epoch_is_one_line_and_exit_2(run_copy):
     assert result.output.strip().count("\n") == 0
     assert "no checkpoint for epoch 5" in result.output and "0, 1, 2, 3" in result.output
     assert not (run_copy / "retrain.csv").exists()
+
+
+@pytest.fixture(scope="module")
+def adamw_run(tmp_path_factory):
+    """A real 2-epoch digits MLP run trained with AdamW (checkpoints 0..2)."""
+    from memkern.training.config import TrainConfig
+    from memkern.training.train import train
+
+    out = tmp_path_factory.mktemp("runs") / "adamw"
+    train(TrainConfig(model="mlp", epochs=2, noise=0.1, optimizer="adamw", lr=0.003), out=out,
+          device="cpu", progress=False)
+    return out
+
+
+def _counting_steps(monkeypatch) -> dict[str, int]:
+    """Counts every optimizer step by the optimizer's class name."""
+    steps = {"SGD": 0, "AdamW": 0}
+    for cls in (torch.optim.SGD, torch.optim.AdamW):
+        real = cls.step
+
+        def counted(self, *args, _real=real, _name=cls.__name__, **kwargs):
+            steps[_name] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "step", counted)
+    return steps
+
+
+@pytest.mark.parametrize("kind", ["sgd", "adamw"])
+def test_retraining_steps_the_runs_own_optimizer(kind, run_copy, adamw_run, tmp_path,
+                                                 monkeypatch):
+    run = run_copy if kind == "sgd" else shutil.copytree(adamw_run, tmp_path / "adamw")
+    steps = _counting_steps(monkeypatch)
+    retrain(run=run, groups=["head"], epochs=1, device="cpu", progress=False)
+    used, unused = ("SGD", "AdamW") if kind == "sgd" else ("AdamW", "SGD")
+    assert steps[used] > 0 and steps[unused] == 0
+    assert f'"optimizer": "{kind}"' in (run / "retrain.json").read_text()
+
+
+def test_settings_without_an_optimizer_were_sgd(run_copy, adamw_run, tmp_path):
+    """retrain.json files written before the optimizer was recorded: an SGD run resumes them,
+    an AdamW run refuses them (they were retrained with SGD)."""
+    adamw = shutil.copytree(adamw_run, tmp_path / "adamw")
+    for run in (run_copy, adamw):
+        retrain(run=run, groups=["head"], epochs=1, device="cpu", progress=False)
+        settings = json.loads((run / "retrain.json").read_text())
+        del settings["optimizer"]
+        (run / "retrain.json").write_text(json.dumps(settings))
+    assert [r["epoch"] for r in retrain(run=run_copy, groups=["head"], epochs=1, device="cpu",
+                                        progress=False)] == [0, 1]
+    with pytest.raises(ConfigError, match="optimizer=sgd.*--overwrite"):
+        retrain(run=adamw, groups=["head"], epochs=1, device="cpu", progress=False)

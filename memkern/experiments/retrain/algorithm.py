@@ -75,10 +75,13 @@ def _measures(model: nn.Module, data: PreparedData | TextData) -> dict:
 
 def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData | TextData, *,
                   epochs: int, lr: float, weight_decay: float, batch_size: int, seed: int,
-                  momentum: float = 0.9, on_step: Callable[[], None] | None = None,
+                  momentum: float = 0.9, optimizer: str = "sgd",
+                  on_step: Callable[[], None] | None = None,
                   on_epoch: Callable[[dict], None] | None = None) -> list[dict]:
     """Fine-tune ``group`` of ``model`` (in place, on the model's device) on the clean training
-    examples for ``epochs`` epochs: SGD with momentum and cosine decay from ``lr`` to zero. Rows
+    examples for ``epochs`` epochs with the run's ``optimizer`` (``"sgd"``: SGD with
+    ``momentum``; ``"adamw"``: AdamW with betas ``(momentum, 0.99)``) and cosine decay from
+    ``lr`` to zero. Rows
     of ``data`` carry their position as dataset index (tied-dropout masks; a text run's rows
     their mask keys). Returns one row ``{"group", "epoch", "clean_acc", "noisy_acc",
     "test_acc"}`` (a text run: ``{"group", "epoch", **text measures}``) per epoch, epoch 0
@@ -93,7 +96,8 @@ def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData | Text
     total_steps = steps_per_epoch * epochs
     rows = [{"group": group.name, "epoch": 0, **_measures(model, data)}]
     trainable = freeze_all_but(model, group)
-    optimizer = make_optimizer(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    step_rule = make_optimizer(trainable, lr=lr, momentum=momentum, weight_decay=weight_decay,
+                               kind=optimizer)
     for epoch in range(1, epochs + 1):
         gen = epoch_generator(seed, epoch)
         for i, (x, y, idx) in enumerate(iterate_batches(train_x, train_y, batch_size,
@@ -108,7 +112,7 @@ def retrain_group(model: nn.Module, group: LayerGroup, data: PreparedData | Text
                            what=f"retraining {group.name}", advice=DIVERGED_ADVICE)
                 return loss
 
-            sgd_step(model, optimizer, x, y, ids=keys[idx].to(device), loss_of=loss_of,
+            sgd_step(model, step_rule, x, y, ids=keys[idx].to(device), loss_of=loss_of,
                      lr=learning_rate(step, total_steps=total_steps, base_lr=lr, warmup=0.0))
             if on_step is not None:
                 on_step()

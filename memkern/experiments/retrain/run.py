@@ -39,7 +39,8 @@ DEFAULT_EPOCHS = 10
 def _settings(config: TrainConfig, *, final_epoch: int, from_epoch: int, epochs: int,
               lr: float) -> dict:
     return {"final_epoch": final_epoch, "from_epoch": from_epoch, "epochs": epochs, "lr": lr,
-            "weight_decay": config.weight_decay, "batch_size": config.batch_size}
+            "weight_decay": config.weight_decay, "batch_size": config.batch_size,
+            "optimizer": config.optimizer}
 
 
 def _resumable_rows(run: RunDir, settings: dict, *, overwrite: bool,
@@ -48,7 +49,8 @@ def _resumable_rows(run: RunDir, settings: dict, *, overwrite: bool,
     csv_path, json_path = run.root / "retrain.csv", run.root / "retrain.json"
     if overwrite or not json_path.is_file():
         return []
-    saved = read_json_object(json_path)
+    # A retrain.json written before the optimizer was recorded came from SGD, whatever the run used.
+    saved = {"optimizer": "sgd", **read_json_object(json_path)}
     differing = sorted(k for k in settings if saved.get(k) != settings[k])
     if differing:
         was = ", ".join(f"{k}={saved.get(k)}" for k in differing)
@@ -107,7 +109,7 @@ def retrain(*, run: str | Path, groups: list[str] | None = None,
         rows += retrain_group(
             model, group, data, epochs=epochs, lr=lr, weight_decay=config.weight_decay,
             batch_size=config.batch_size, seed=config.seed, momentum=config.momentum,
-            on_step=bar.advance,
+            optimizer=config.optimizer, on_step=bar.advance,
             on_epoch=lambda row: bar.step(f"{row['group']} epoch {row['epoch']}/{epochs}  "
                                           f"{describe(row)}"))
         write(run.root / "retrain.csv", rows)
