@@ -24,7 +24,9 @@ from memkern.experiments.localize.channels import row_masks, set_masks
 from memkern.experiments.localize.edited import edited_accuracies
 from memkern.experiments.localize.objective import EOT_NOISE, eot_copies
 from memkern.experiments.localize.paper_loop import paper_localize, site_filters
+from memkern.experiments.localize.bounded_argmin import bounded_argmin
 from memkern.experiments.localize.run import recover_jsonl
+from memkern.experiments.localize.scan import ablation_scan
 from memkern.experiments.localize.summary import format_table
 from memkern.training.train import train
 
@@ -399,3 +401,57 @@ def test_checkpoint_kept_outside_checkpoints_gets_its_output_beside_it(ckpt, tmp
     assert result.returncode == 0, result.stderr
     assert (moved.parent / "localize.jsonl").is_file()
     assert not (tmp_path / "localize.jsonl").exists()
+
+
+@pytest.mark.parametrize("eot", [0, 2])
+def test_bounded_argmin_is_the_full_scans_argmin(trained64, eot):
+    """Steps of exhaustive localization: the bounded argmin picks the channel the full scan's
+    argmin picks, with its value, over all channels still on or a random subset; targets
+    noisy, clean, misfit and one that is its own reference row. References the model fits
+    well (as a fully trained model fits its training set) leave most candidates pruned."""
+    model, data = trained64.model, trained64.data
+    space = channel_space(model)
+    targets = _targets(trained64)
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(data.train_images.double()),
+                                                 data.train_labels, reduction="none")
+    ref = torch.cat([loss.argsort()[:24], targets[:1]])
+    obj = LocalizationObjective(data.train_images.double(), data.train_labels, ref.unique(),
+                                eot=eot, seed=3)
+    assert bool(obj.in_ref(targets[:1])[0])
+    gen = torch.Generator().manual_seed(eot)
+    evaluated = scanned = 0
+    for t in targets:
+        x, ids = obj.inputs(t[None]), obj.ids(t[None])
+        on = torch.ones(space.total, dtype=torch.bool)
+        for step in range(3):
+            pool = torch.nonzero(on).flatten()
+            if step == 2:
+                pool = pool[torch.randperm(len(pool), generator=gen)[:12]]
+            values = ablation_scan(model, x, lambda lg: obj(lg, t.expand(len(lg)))[0],
+                                   sites=space, base_mask=on, candidates=pool, ids=ids).values
+            got = bounded_argmin(model, obj, t, x, ids, space=space, base_mask=on,
+                                 candidates=pool)
+            assert got.channel == int(pool[values[pool].argmin()])
+            assert abs(got.value - float(values[pool].min())) < 1e-12
+            evaluated, scanned = evaluated + got.evaluated, scanned + len(pool)
+            on[got.channel] = False
+    assert evaluated < scanned / 4, (evaluated, scanned)
+
+
+@pytest.mark.parametrize("eot", [0, 3])
+def test_the_target_part_bounds_the_objective_from_below(eot):
+    """What the bounded argmin's pruning rests on: for any logits, the objective's target part
+    is at most the objective (the reference part is a mean of cross-entropies)."""
+    gen = torch.Generator().manual_seed(eot)
+    labels = torch.randint(0, 10, (40,), generator=gen)
+    ref = torch.arange(5, 25)
+    obj = LocalizationObjective(torch.zeros(40, 1, 2, 2, dtype=torch.float64), labels, ref,
+                                eot=eot)
+    targets = torch.tensor([0, 7, 30, 24])  # two of them reference rows
+    for scale in (0.1, 3.0, 30.0):
+        logits = scale * torch.randn(len(targets), obj.rows_per_target, 10, generator=gen,
+                                     dtype=torch.float64)
+        value, _ = obj(logits, targets)
+        part, _ = obj.target_terms(logits[:, :obj.target_rows], targets)
+        assert (part <= value).all()

@@ -225,3 +225,17 @@ def test_text_demo_trains_localizes_scores_and_reports_both_runs(tmp_path, monke
     page = (tmp_path / "d" / "report" / "index.html").read_text()
     assert "neurons that hold a secret" in page and "memorization neurons kept" in page
     assert "plain run" in result.output and "tied run" in result.output
+
+
+def test_the_target_part_bounds_the_objective_from_below():
+    """The exhaustive argmin prunes by it: the secret's part is at most the whole objective
+    (the clean windows' mean loss is never negative), here on a model's real logits."""
+    model = peaked_model(4)
+    targets, _, _ = own_secrets(model, 2, seed=5)
+    objective = TextObjective(targets, windows(6, 8), torch.tensor([0, 3, 5]))
+    t = torch.tensor([0, 1])
+    with torch.no_grad():
+        logits = model(objective.inputs(t)).unflatten(0, (2, objective.rows_per_target))
+    value, _ = objective(logits, t)
+    part, _ = objective.target_terms(logits[:, :objective.target_rows], t)
+    assert (part < value).all()

@@ -1,8 +1,10 @@
 """Exhaustive localization (memkern's exact variant of docs/method.md, Experiment 4).
 
-At each step the true objective after zeroing each candidate channel is computed by
-:func:`memkern.experiments.localize.scan.ablation_scan` (prefix once, candidates batched) and the channel
-giving the lowest objective is zeroed. Candidates: every channel still on, or the top K by the
+At each step the channel whose zeroing gives the lowest true objective is zeroed: exactly the
+argmin of :func:`memkern.experiments.localize.scan.ablation_scan` over the candidates, found by
+:func:`memkern.experiments.localize.bounded_argmin.bounded_argmin` (a scan of the target's own
+rows bounds every candidate; only those the bound cannot rule out are scanned with the
+references). Candidates: every channel still on, or the top K by the
 greedy gradient score. Targets run one after another; the batching is over candidates.
 """
 from __future__ import annotations
@@ -15,7 +17,8 @@ from torch import nn
 from memkern.experiments.localize.channels import ChannelSpace, row_masks, set_masks
 from memkern.experiments.localize.greedy import Localization, frozen, model_input
 from memkern.experiments.localize.objective import LocalizationObjective
-from memkern.experiments.localize.scan import MAX_ROWS, ablation_scan
+from memkern.experiments.localize.bounded_argmin import bounded_argmin
+from memkern.experiments.localize.scan import MAX_ROWS
 from memkern.network.sites import example_indices
 
 
@@ -58,11 +61,8 @@ def exhaustive_localize(model: nn.Module, objective: LocalizationObjective, targ
                 pool = torch.nonzero(on).flatten().cpu()
                 if candidates is not None and candidates < len(pool):
                     pool = pool[grad[pool.to(device)].topk(candidates).indices.cpu()]
-                values = ablation_scan(
-                    model, x, lambda lg: objective(lg, tt.expand(len(lg)))[0], sites=space,
-                    base_mask=on, candidates=pool, max_rows=max_rows or MAX_ROWS,
-                    ids=ids).values
-                best = int(pool[values[pool].argmin()])
+                best = bounded_argmin(model, objective, tt, x, ids, space=space, base_mask=on,
+                                      candidates=pool, max_rows=max_rows or MAX_ROWS).channel
                 on[best] = False
                 res.channels.append(space.locate(best))
             res.zeroed = ~on.cpu()
