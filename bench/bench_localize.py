@@ -15,6 +15,11 @@
 (d) greedy as the runner calls it, in chunks of 32 targets, on 32 and 288 targets of the same
     run: every chunk runs its own reference passes vs the chunks sharing one ReferenceCache
     (same lines, asserted before timing and again on the timed results).
+(e) one exhaustive step (the argmin over all 480 channels of the same digits cnn, 512
+    references) for 6 noisy targets (2 in quick mode): a full forward of the target and its
+    references per channel (naive loop), the full scan, and the bounded argmin (the target's
+    own rows bound every channel; only channels the bound leaves in get the references); the
+    same channel asserted first for every target.
 Peak memory: the process's resident high-water mark after each method (ru_maxrss), so only
 increases are attributable to the method run last.
 """
@@ -31,6 +36,7 @@ from memkern.training.config import TrainConfig
 from memkern.rundir.context import load_trained
 from memkern.experiments.localize import (LocalizationObjective, ablation_scan, channel_space,
                               greedy_localize, naive_ablation_scan, reference_indices)
+from memkern.experiments.localize.exact_argmin import bounded_argmin
 from memkern.experiments.localize.channels import row_masks, set_masks
 from memkern.experiments.localize.examples import select_examples
 from memkern.experiments.localize.greedy import frozen
@@ -339,3 +345,61 @@ def test_greedy_chunks_shared_cache(benchmark, chunked_case, context_info):
                                  "cache_mib": caches[-1].nbytes / 2**20})
     _record(benchmark, f"chunks-{count}", "shared_cache",
             _chunked_info(context_info, objective, targets, cap), len(targets), "targets")
+
+
+EXHAUSTIVE_TARGETS = 2 if QUICK else 6
+_ARGMINS: dict[str, list[int]] = {}
+
+
+def _step_peers(model, objective, space):
+    """One exhaustive step (the first) per target: the channel whose zeroing gives the lowest
+    objective over all channels, found by a full forward per channel, by the full scan, or by
+    the bounded argmin."""
+    on = torch.ones(space.total, dtype=torch.bool)
+    pool = torch.arange(space.total)
+
+    def rows(t):
+        return objective.inputs(t[None]), objective.ids(t[None])
+
+    def full(t, scan):
+        x, ids = rows(t)
+        values = scan(model, x, lambda lg: objective(lg, t.expand(len(lg)))[0], sites=space,
+                      candidates=pool, ids=ids)
+        return int((values if torch.is_tensor(values) else values.values).argmin())
+
+    def bounded(t):
+        x, ids = rows(t)
+        return bounded_argmin(model, objective, t, x, ids, space=space, base_mask=on,
+                              candidates=pool)
+
+    return {"naive_loop": lambda t: full(t, naive_ablation_scan),
+            "full_scan": lambda t: full(t, ablation_scan),
+            "bounded": lambda t: bounded(t).channel}, bounded
+
+
+@pytest.fixture(scope="module")
+def exhaustive_case(digits_run):
+    """The run's first noisy targets; before timing, the three peers pick the same channel for
+    each, and the bounded argmin's evaluated counts are kept for the record."""
+    model, data, space, objective, _ = digits_run
+    targets = select_examples(data, "noisy", limit=EXHAUSTIVE_TARGETS)
+    peers, bounded = _step_peers(model, objective, space)
+    with torch.no_grad():
+        picks = {name: [fn(t) for t in targets] for name, fn in peers.items()}
+        evaluated = [bounded(t).evaluated for t in targets]
+    assert picks["naive_loop"] == picks["full_scan"] == picks["bounded"], picks
+    return model, space, objective, targets, peers, evaluated
+
+
+@pytest.mark.parametrize("peer", ["naive_loop", "full_scan", "bounded"])
+def test_exhaustive_step(benchmark, exhaustive_case, context_info, peer):
+    model, space, objective, targets, peers, evaluated = exhaustive_case
+    benchmark.group = "exhaustive-step-digits-cnn"
+    with torch.no_grad():
+        benchmark.pedantic(lambda: [peers[peer](t) for t in targets],
+                           rounds=rounds(3) if peer != "naive_loop" else 1, warmup_rounds=0)
+    benchmark.extra_info["evaluated_in_full"] = evaluated
+    _record(benchmark, "exhaustive-step", peer,
+            {**context_info, "targets": len(targets), "channels": space.total,
+             "ref_batch": len(objective.ref), "model": "cnn", "dataset": "digits"},
+            len(targets), "targets")

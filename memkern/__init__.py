@@ -32,6 +32,7 @@ _PUBLIC = {
     "memkern.experiments.localize.greedy": ("Localization", "greedy_localize"),
     "memkern.experiments.localize.reference_cache": ("ReferenceCache",),
     "memkern.experiments.localize.exhaustive": ("exhaustive_localize",),
+    "memkern.experiments.localize.exact_argmin": ("bounded_argmin",),
     "memkern.experiments.localize.scan": ("ablation_scan",),
     "memkern.experiments.localize.edited": ("edited_accuracies",),
     "memkern.experiments.localize.weight_edit": ("without_channels",),

@@ -24,7 +24,7 @@ from memkern.experiments.localize.channels import row_masks, set_masks
 from memkern.experiments.localize.edited import edited_accuracies
 from memkern.experiments.localize.objective import EOT_NOISE, eot_copies
 from memkern.experiments.localize.paper_loop import paper_localize, site_filters
-from memkern.experiments.localize.bounded_argmin import bounded_argmin
+from memkern.experiments.localize.exact_argmin import bounded_argmin
 from memkern.experiments.localize.run import recover_jsonl
 from memkern.experiments.localize.scan import ablation_scan
 from memkern.experiments.localize.summary import format_table

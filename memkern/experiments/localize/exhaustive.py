@@ -2,7 +2,7 @@
 
 At each step the channel whose zeroing gives the lowest true objective is zeroed: exactly the
 argmin of :func:`memkern.experiments.localize.scan.ablation_scan` over the candidates, found by
-:func:`memkern.experiments.localize.bounded_argmin.bounded_argmin` (a scan of the target's own
+:func:`memkern.experiments.localize.exact_argmin.bounded_argmin` (a scan of the target's own
 rows bounds every candidate; only those the bound cannot rule out are scanned with the
 references). Candidates: every channel still on, or the top K by the
 greedy gradient score. Targets run one after another; the batching is over candidates.
@@ -17,7 +17,7 @@ from torch import nn
 from memkern.experiments.localize.channels import ChannelSpace, row_masks, set_masks
 from memkern.experiments.localize.greedy import Localization, frozen, model_input
 from memkern.experiments.localize.objective import LocalizationObjective
-from memkern.experiments.localize.bounded_argmin import bounded_argmin
+from memkern.experiments.localize.exact_argmin import bounded_argmin
 from memkern.experiments.localize.scan import MAX_ROWS
 from memkern.network.sites import example_indices
 

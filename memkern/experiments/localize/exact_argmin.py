@@ -8,11 +8,12 @@ costs one scan of the target rows (one row per candidate without EoT) where ``L`
 of the target rows and every reference (513 rows per candidate at the default 512 references).
 
 :func:`bounded_argmin` scans ``P`` for every candidate, then evaluates ``L`` exactly for the
-candidates in increasing order of ``P``, in rounds that double in size, and stops once every
-candidate left has ``P`` above the best ``L`` found: none of them can be lower. The result is
-the argmin of the full scan (ties go to the candidate first in ``candidates``, as with
-``argmin``); only near-ties within float rounding of the best value could differ, so the bound
-keeps a relative slack of :data:`SLACK` to keep those candidates in.
+few candidates of lowest ``P``, and then every other candidate whose ``P`` is not above the
+best ``L`` found: the rest cannot be lower. Two scans with the references at most: each call
+repeats the scan's planning and prefix pass, which rounds of growing size would multiply. The
+result is the argmin of the full scan (ties go to the candidate first in ``candidates``, as
+with ``argmin``); only near-ties within float rounding of the best value could differ, so the
+bound keeps a relative slack of :data:`SLACK` to keep those candidates in.
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ from memkern.experiments.localize.scan import MAX_ROWS, ablation_scan
 # Float rounding differs between the target-only scan and the full scan (other batch shapes):
 # a candidate is pruned only when its bound exceeds the best value by more than this fraction.
 SLACK = 1e-5
-FIRST_ROUND = 4  # candidates evaluated in full before the first check; doubles each round
+FIRST_ROUND = 4  # candidates with the lowest bounds evaluated in full to set the bar
 
 
 @dataclass(frozen=True)
@@ -56,16 +57,18 @@ def bounded_argmin(model: nn.Module, objective: LocalizationObjective, target: t
         candidates=candidates, ids=ids[:own], **scan).values[candidates]
     order = torch.argsort(bound, stable=True)
     values = torch.full((len(candidates),), float("inf"), dtype=torch.float64)
-    done, size = 0, FIRST_ROUND
-    while done < len(order):
-        chunk = order[done:done + size]
-        values[chunk] = ablation_scan(
+
+    def evaluate(chosen: torch.Tensor) -> float:
+        values[chosen] = ablation_scan(
             model, x, lambda lg: objective(lg, target.expand(len(lg)))[0],
-            candidates=candidates[chunk], ids=ids, **scan).values[candidates[chunk]]
-        done += len(chunk)
-        best = float(values.min())
-        if done < len(order) and float(bound[order[done]]) > best + SLACK * (1 + abs(best)):
-            break
-        size *= 2
+            candidates=candidates[chosen], ids=ids, **scan).values[candidates[chosen]]
+        return float(values.min())
+
+    best = evaluate(order[:FIRST_ROUND])
+    rest = order[FIRST_ROUND:]
+    left_in = rest[bound[rest] <= best + SLACK * (1 + abs(best))]
+    if len(left_in):  # a lower value found among them only shrinks the set: one more scan
+        evaluate(left_in)
     pick = int(values.argmin())  # the first of equal values in ``candidates`` order
-    return BoundedArgmin(int(candidates[pick]), float(values[pick]), done)
+    return BoundedArgmin(int(candidates[pick]), float(values[pick]),
+                         int(torch.isfinite(values).sum()))
