@@ -388,6 +388,9 @@ def exhaustive_case(digits_run):
         picks = {name: [fn(t) for t in targets] for name, fn in peers.items()}
         evaluated = [bounded(t).evaluated for t in targets]
     assert picks["naive_loop"] == picks["full_scan"] == picks["bounded"], picks
+    # The 30-epoch run fits its references (measured: 4 to 10 of 480 scanned with them); the
+    # quick run's 3 epochs do not, and there every channel is scanned (its cost: the bound's).
+    assert QUICK or sum(evaluated) <= 0.1 * len(targets) * space.total, evaluated
     return model, space, objective, targets, peers, evaluated
 
 
