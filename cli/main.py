@@ -7,6 +7,7 @@ exit code 2, with no traceback. An OSError that no library code turned into a ty
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 import click
@@ -116,6 +117,9 @@ class MemkernGroup(click.Group):
             _fail(f"{e.format_message()} (see `{where} --help`)")
         except (MemkernError, ChannelMaskError) as e:
             _fail(str(e))
+        except BrokenPipeError:  # the reader stopped (``| head``): nothing went wrong here
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+            sys.exit(141)  # as a shell reports a process ended by SIGPIPE
         except OSError as e:
             _fail(os_error_message(e))
         except KeyboardInterrupt:

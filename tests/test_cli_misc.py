@@ -1,9 +1,11 @@
 import base64
 import platform
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
-from cli_checks import run_cli
+from cli_checks import assert_one_line_error, run_cli
 from click.testing import CliRunner
 
 from memkern.cli.main import main
@@ -28,8 +30,6 @@ def test_every_command_help_has_an_example():
 def test_the_command_list_matches_each_commands_own_help():
     """`memkern --help` lists the commands without importing them (memkern.cli.main.COMMANDS):
     its texts are the commands' own, and listing them loads no torch."""
-    import subprocess
-
     from memkern.cli.main import COMMANDS
 
     for name, (_, short) in COMMANDS.items():
@@ -47,6 +47,25 @@ def test_sites_lists_resnet9_sites_and_groups():
     assert result.exit_code == 0
     assert "res1.body.0.pre" in result.output and "pre-norm" in result.output
     assert "conv4" in result.output and "head" in result.output
+
+
+def test_sites_of_a_run_lists_its_own_model(tiny_run):
+    result = run_cli("sites", "--run", tiny_run)
+    assert result.exit_code == 0, result.output
+    assert "channel sites of mlp" in result.output and "hidden1.pre" in result.output
+    assert "hidden2" in result.output and "head" in result.output
+    assert_one_line_error(run_cli("sites", "--run", tiny_run, "--model", "cnn"), "drop --model")
+    assert_one_line_error(run_cli("sites", "--run", tiny_run / "nothing"), "not a memkern run")
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """``memkern ... | head``: the closed pipe ends the command quietly (status 141, as SIGPIPE
+    would), not with an error line."""
+    memkern = Path(sys.executable).parent / "memkern"
+    done = subprocess.run(f"'{memkern}' sites --model resnet9 --in-channels 3 --image-size 32 "
+                          "| true; exit ${PIPESTATUS[0]}", shell=True, executable="/bin/bash",
+                          capture_output=True, text=True)
+    assert (done.returncode, done.stderr) == (141, "")
 
 
 def test_env_reports_torch_and_kernel_path():
