@@ -36,21 +36,12 @@ from memkern.network.sites import channel_sites, example_indices
 from memkern.network.tied_dropout import attach_tied_dropout
 
 from bench_tied_dropout_step import site_inputs
+from fixture_models import SCAN, scan_case, with_running_statistics
 
 RECORD = Path(__file__).parent / "ratios.json"
 GHOST = {"resnet9-bn": ("resnet9", "batch"), "resnet9-gn": ("resnet9", "group"),
          "vit": ("vit", "batch")}
 GHOST_SIZE = {"quick": (8, 32), "full": (128, 32)}  # batch, image side
-SCAN = {  # model: (sites quick, sites full (None: every site), channels per site quick/full)
-    "resnet9": (["res2.body.1.pre", "conv4.pre"], None, (None, None)),
-    "vit": (["blocks.0.hidden", "blocks.3.hidden"], "hidden", (16, None)),
-    "resnet50": (["stage1.2.expand_site", "stage4.2.expand_site"],
-                 ["stem.pre", "stage1.0.expand_site", "stage2.3.expand_site",
-                  "stage3.5.expand_site", "stage4.2.expand_site"], (16, 64)),
-}
-SCAN_SIDE = {"quick": {"resnet9": 12, "vit": 8, "resnet50": 8},
-             "full": {"resnet9": 32, "vit": 32, "resnet50": 32}}
-
 
 def median_time(fn: Callable[[], object], reps: int) -> float:
     fn()  # warm-up
@@ -75,20 +66,12 @@ def _interleaved(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, f
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def _with_running_stats(model):
-    for m in model.modules():  # non-trivial running statistics, as after training
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.normal_(0, 0.1)
-            m.running_var.uniform_(0.5, 2.0)
-    return model.eval()
-
-
 def ghost_over_plain(key: str, size: str) -> float:
     name, norm = GHOST[key]
     batch, side = GHOST_SIZE[size]
     torch.manual_seed(0)
-    model = _with_running_stats(build_model(name, num_classes=10, in_channels=3,
-                                            image_size=side, norm=norm))
+    model = with_running_statistics(build_model(name, num_classes=10, in_channels=3,
+                                                image_size=side, norm=norm)).eval()
     x, y = torch.randn(batch, 3, side, side), torch.randint(0, 10, (batch,))
     got = per_example_grad_norms(model, x[:4], y[:4], mode="ghost")
     want = per_example_grad_norms(model, x[:4], y[:4], mode="loop")
@@ -105,18 +88,7 @@ def ghost_over_plain(key: str, size: str) -> float:
 
 
 def naive_over_scan(name: str, size: str) -> float:
-    quick_sites, full_sites, per_site = SCAN[name]
-    side = SCAN_SIDE[size][name]
-    torch.manual_seed(0)
-    model = _with_running_stats(build_model(name, num_classes=10, in_channels=3, image_size=side))
-    sites = quick_sites if size == "quick" else full_sites
-    if sites == "hidden":
-        sites = [n for n in channel_sites(model) if "hidden" in n]
-    space = channel_space(model, sites)
-    count = per_site[0 if size == "quick" else 1]
-    cand = torch.cat([off + torch.randperm(n)[:count or n]
-                      for off, n in zip(space.offsets, space.counts)])
-    x, y = torch.randn(1, 3, side, side), torch.tensor([3])
+    model, space, cand, x, y = scan_case(name, size)
     with torch.no_grad():
         got = ablation_scan(model, x, y, sites=space, candidates=cand).values[cand]
         want = naive_ablation_scan(model, x, y, sites=space, candidates=cand)[cand]
