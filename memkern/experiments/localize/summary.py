@@ -214,6 +214,7 @@ def plot_summary(summary: dict, path: str | Path, *, max_channels: int | None = 
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     from memkern.report.figures.style import EXAMPLE_GROUPS, WIDTH_IN, save_png
 
@@ -238,6 +239,7 @@ def plot_summary(summary: dict, path: str | Path, *, max_channels: int | None = 
                      label=f"{g} targets ({flipped_text(e)} fitted flipped)")
     axes[0].set(xlabel="channels zeroed to flip\n(unflipped: at the cap)",
                 ylabel="targets (count)", title="channels needed to flip")
+    axes[0].yaxis.set_major_locator(MaxNLocator(integer=True))  # a few targets: no 2.5 targets
     sites = summary["sites"]
     normalized = bool(summary.get("site_widths"))
     key = "site_enrichment" if normalized else "site_fraction"
