@@ -10,7 +10,8 @@ from memkern.experiments.localize.run import LocalizeResult, localize
 from memkern.experiments.localize.scan import ablation_scan, naive_ablation_scan
 from memkern.experiments.localize.summary import format_table, summarize, write_summary
 
-__all__ = ["BoundedArgmin", "ChannelSpace", "LocalizationObjective", "Localization", "LocalizeResult",
-           "ReferenceCache", "ablation_scan", "bounded_argmin", "channel_space", "exhaustive_localize",
-           "format_table", "greedy_localize", "localize", "naive_ablation_scan",
-           "reference_indices", "summarize", "write_summary"]
+__all__ = ["BoundedArgmin", "ChannelSpace", "LocalizationObjective", "Localization",
+           "LocalizeResult", "ReferenceCache", "ablation_scan", "bounded_argmin",
+           "channel_space", "exhaustive_localize", "format_table", "greedy_localize",
+           "localize", "naive_ablation_scan", "reference_indices", "summarize",
+           "write_summary"]

@@ -49,7 +49,7 @@ def _resumable_rows(run: RunDir, settings: dict, *, overwrite: bool,
     csv_path, json_path = run.root / "retrain.csv", run.root / "retrain.json"
     if overwrite or not json_path.is_file():
         return []
-    # A retrain.json written before the optimizer was recorded came from SGD, whatever the run used.
+    # A retrain.json from before the optimizer was recorded: retrained with SGD, whatever the run.
     saved = {"optimizer": "sgd", **read_json_object(json_path)}
     differing = sorted(k for k in settings if saved.get(k) != settings[k])
     if differing:
