@@ -1,5 +1,6 @@
 """Neuron-level localization (docs/method.md, Experiment 4): greedy (first-order, many targets at
-once) and exhaustive (exact, candidates batched), per-example results and their summary."""
+once) and exhaustive (exact: an argmin pruned by a bound, candidates batched), per-example
+results and their summary."""
 from memkern.experiments.localize.exact_argmin import BoundedArgmin, bounded_argmin
 from memkern.experiments.localize.channels import ChannelSpace, channel_space
 from memkern.experiments.localize.exhaustive import exhaustive_localize
