@@ -14,7 +14,8 @@ from memkern.cli.options import (checkpoint_from, checkpoint_options, data_dir_o
               "insert ids [default: canaries].")
 @click.option("--limit", type=int, help="Localize at most N of the selected examples.")
 @click.option("--method", type=click.Choice(["greedy", "exhaustive"]), default="greedy",
-              show_default=True, help="greedy: gradient score (the paper's); exhaustive: exact.")
+              show_default=True, help="greedy: gradient score (the paper's); exhaustive: the "
+              "channel with the lowest true objective at each step (docs/method.md).")
 @click.option("--max-channels", type=int, default=50, show_default=True,
               help="Give up (flipped: false) after zeroing this many channels.")
 @click.option("--eot", type=int, default=0, show_default=True,
