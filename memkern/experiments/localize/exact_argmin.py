@@ -1,19 +1,22 @@
-"""Exact argmin of the localization objective over single-channel ablations, pruned by a bound.
+"""Exact argmin of the localization objective over single-channel ablations, pruned by bounds.
 
 Exhaustive localization needs only the channel whose zeroing gives the lowest objective, not
-every channel's value. The objective of a target is ``R(m) + P(m)``: ``R`` a mean of reference
-cross-entropies, never negative, and ``P`` the target part (``target_terms``), which the
-target's own rows alone determine. So ``P(c) <= L(c)`` for every candidate ``c``, and ``P``
-costs one scan of the target rows (one row per candidate without EoT) where ``L`` costs a scan
-of the target rows and every reference (513 rows per candidate at the default 512 references).
+every channel's value. The objective of a target is ``L = P + S / B'``: ``P`` the target part
+(``target_terms``), which the target's own rows alone determine, and ``S`` a sum of reference
+losses (cross-entropies), each never negative, over ``B'`` (``ref_counts``). So for every
+candidate ``c`` and every subset ``H`` of the references, ``P(c) <= P(c) + S_H(c) / B' <=
+L(c)``. ``P`` costs one row per candidate (without EoT) where ``L`` costs the target rows and
+every reference (513 rows at the default 512 references).
 
-:func:`bounded_argmin` scans ``P`` for every candidate, then evaluates ``L`` exactly for the
-few candidates of lowest ``P``, and then every other candidate whose ``P`` is not above the
-best ``L`` found: the rest cannot be lower. Two scans with the references at most: each call
-repeats the scan's planning and prefix pass, which rounds of growing size would multiply. The
-result is the argmin of the full scan (ties go to the candidate first in ``candidates``, as
-with ``argmin``); only near-ties within float rounding of the best value could differ, so the
-bound keeps a relative slack of :data:`SLACK` to keep those candidates in.
+:func:`bounded_argmin` scans ``P`` for every candidate, then ``L`` for the :data:`FIRST_ROUND`
+candidates of lowest ``P``; a candidate whose bound is above the best ``L`` found cannot win.
+When many are left in, the references that carry most of the loss are the ``1/``
+:data:`HEAVY_SHARE` with the largest loss under those first candidates, ``H``; if adding their
+share of the loss would rule out at least half of those left, the survivors are scanned with
+``H`` alone (1/8 of the rows) and pruned again. The rest are scanned in full. The result is the
+full scan's argmin (ties go to the candidate first in ``candidates``, as with ``argmin``); only
+near-ties within float rounding of the best value could differ, so every bound keeps a relative
+slack of :data:`SLACK`.
 """
 from __future__ import annotations
 
@@ -26,20 +29,23 @@ from memkern.experiments.localize.channels import ChannelSpace
 from memkern.experiments.localize.objective import LocalizationObjective
 from memkern.experiments.localize.scan import MAX_ROWS, ablation_scan
 
-# Float rounding differs between the target-only scan and the full scan (other batch shapes):
-# a candidate is pruned only when its bound exceeds the best value by more than this fraction.
+# Float rounding differs between scans of other row sets (other batch shapes): a candidate is
+# pruned only when its bound exceeds the best value by more than this fraction.
 SLACK = 1e-5
 FIRST_ROUND = 4  # candidates with the lowest bounds evaluated in full to set the bar
+HEAVY_SHARE = 8  # the second bound reads this fraction (1/8) of the references
 
 
 @dataclass(frozen=True)
 class BoundedArgmin:
     """``channel``: the flat index of the best candidate; ``value``: its objective;
-    ``evaluated``: candidates whose objective was computed in full (the rest were pruned)."""
+    ``evaluated``: candidates whose objective was computed in full (the rest were pruned);
+    ``heavy``: candidates scanned with the heaviest references only (0: that bound not used)."""
 
     channel: int
     value: float
     evaluated: int
+    heavy: int = 0
 
 
 def bounded_argmin(model: nn.Module, objective: LocalizationObjective, target: torch.Tensor,
@@ -51,24 +57,47 @@ def bounded_argmin(model: nn.Module, objective: LocalizationObjective, target: t
     ``ids`` are all the target's rows, ``objective.inputs(target[None])`` and its ids, target
     rows first."""
     own = objective.target_rows
+    count = float(objective.ref_counts(target[None])[0])
     scan = dict(sites=space, base_mask=base_mask, max_rows=max_rows)
-    bound = ablation_scan(
-        model, x[:own], lambda lg: objective.target_terms(lg, target.expand(len(lg)))[0],
-        candidates=candidates, ids=ids[:own], **scan).values[candidates]
+    losses: list[torch.Tensor] = []  # per-reference losses under the first candidates
+
+    def part(lg: torch.Tensor) -> torch.Tensor:
+        return objective.target_terms(lg[:, :own], target.expand(len(lg)))[0]
+
+    def whole(lg: torch.Tensor) -> torch.Tensor:
+        losses.append(objective.ref_losses(lg[:, own:]).double().mean(0))
+        return objective(lg, target.expand(len(lg)))[0]
+
+    def scanned(fn, rows: torch.Tensor | None, chosen: torch.Tensor) -> torch.Tensor:
+        xs, ids_ = (x, ids) if rows is None else (x[rows], ids[rows])
+        return ablation_scan(model, xs, fn, candidates=candidates[chosen], ids=ids_,
+                             **scan).values[candidates[chosen]]
+
+    def kept(chosen: torch.Tensor, lower: torch.Tensor, best: float) -> torch.Tensor:
+        return chosen[lower <= best + SLACK * (1 + abs(best))]
+
+    everything = torch.arange(len(candidates))
+    bound = scanned(part, torch.arange(own), everything)
     order = torch.argsort(bound, stable=True)
     values = torch.full((len(candidates),), float("inf"), dtype=torch.float64)
-
-    def evaluate(chosen: torch.Tensor) -> float:
-        values[chosen] = ablation_scan(
-            model, x, lambda lg: objective(lg, target.expand(len(lg)))[0],
-            candidates=candidates[chosen], ids=ids, **scan).values[candidates[chosen]]
-        return float(values.min())
-
-    best = evaluate(order[:FIRST_ROUND])
-    rest = order[FIRST_ROUND:]
-    left_in = rest[bound[rest] <= best + SLACK * (1 + abs(best))]
+    values[order[:FIRST_ROUND]] = scanned(whole, None, order[:FIRST_ROUND])
+    best = float(values.min())
+    left_in = kept(order[FIRST_ROUND:], bound[order[FIRST_ROUND:]], best)
+    heavy_scanned = 0
+    if len(left_in) > FIRST_ROUND and losses and len(losses[0]):
+        mean = torch.stack(losses).mean(0)
+        heavy = mean.argsort(descending=True)[:max(1, len(mean) // HEAVY_SHARE)]
+        # Worth a scan only if the heavy references' loss, as under the first candidates,
+        # would rule out half of those left in (a guess that picks the path, not the result).
+        if int((bound[left_in] + float(mean[heavy].sum()) / count <= best).sum()) \
+                <= len(left_in) // 2:
+            rows = torch.cat([torch.arange(own), own + heavy])
+            tighter = scanned(lambda lg: part(lg) + objective.ref_losses(
+                lg[:, own:], heavy).sum(1) / count, rows, left_in)
+            heavy_scanned = len(left_in)
+            left_in = kept(left_in, tighter, best)
     if len(left_in):  # a lower value found among them only shrinks the set: one more scan
-        evaluate(left_in)
+        values[left_in] = scanned(whole, None, left_in)
     pick = int(values.argmin())  # the first of equal values in ``candidates`` order
     return BoundedArgmin(int(candidates[pick]), float(values[pick]),
-                         int(torch.isfinite(values).sum()))
+                         int(torch.isfinite(values).sum()), heavy_scanned)

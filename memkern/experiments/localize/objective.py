@@ -99,11 +99,19 @@ class LocalizationObjective:
         return -in_ref * ce_clean / self.ref_counts(targets).to(logits.device, logits.dtype) \
             - ce_own, logits[:, 0]
 
+    def ref_losses(self, logits: torch.Tensor, positions: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Logits of reference rows under U masks ``[U, B, classes]`` -> each row's
+        cross-entropy ``[U, B]``; ``positions``: the rows are those references only (int64
+        positions in ``ref``)."""
+        u, b, k = logits.shape
+        ref = self.ref if positions is None else self.ref[positions.cpu()]
+        y = self.labels[ref].to(logits.device).repeat(u)
+        return F.cross_entropy(logits.reshape(-1, k), y, reduction="none").view(u, b)
+
     def ref_sums(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits of reference rows under U masks ``[U, B, classes]`` -> ``S`` per mask, ``[U]``."""
-        u, b, k = logits.shape
-        y = self.labels[self.ref].to(logits.device).repeat(u)
-        return F.cross_entropy(logits.reshape(-1, k), y, reduction="none").view(u, b).sum(1)
+        return self.ref_losses(logits).sum(1)
 
     def flipped(self, clean: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """bool ``[T]``: the clean prediction has left the target's training label."""

@@ -99,15 +99,23 @@ class TextObjective:
         chosen, own = self._scored(clean, targets)
         return ~chosen.extracted(own).cpu()
 
+    def ref_losses(self, logits: torch.Tensor, positions: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+        """Logits of reference rows under U masks ``[U, B, length, vocab]`` -> each window's
+        mean NLL ``[U, B]``; ``positions``: the rows are those windows only (int64 positions
+        in ``ref``)."""
+        u, b, _, v = logits.shape
+        t = self._ref_positions
+        windows = self._ref_windows if positions is None else self._ref_windows[positions.cpu()]
+        y = windows[:, 1:t + 1].to(logits.device).repeat(u, 1)
+        nll = F.cross_entropy(logits[:, :, :t].reshape(u * b, t, v).transpose(1, 2), y,
+                              reduction="none")
+        return nll.mean(1).view(u, b)
+
     def ref_sums(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits of reference rows under U masks ``[U, B, length, vocab]`` -> the sum of the
         windows' mean NLL per mask, ``[U]``."""
-        u, b, _, v = logits.shape
-        t = self._ref_positions
-        y = self._ref_windows[:, 1:t + 1].to(logits.device).repeat(u, 1)
-        nll = F.cross_entropy(logits[:, :, :t].reshape(u * b, t, v).transpose(1, 2), y,
-                              reduction="none")
-        return nll.mean(1).view(u, b).sum(1)
+        return self.ref_losses(logits).sum(1)
 
     def in_ref(self, targets: torch.Tensor) -> torch.Tensor:
         return torch.zeros(len(targets), dtype=torch.bool)  # references are clean windows
