@@ -348,33 +348,28 @@ def test_greedy_chunks_shared_cache(benchmark, chunked_case, context_info):
 
 
 EXHAUSTIVE_TARGETS = 2 if QUICK else 6
-_ARGMINS: dict[str, list[int]] = {}
 
 
 def _step_peers(model, objective, space):
     """One exhaustive step (the first) per target: the channel whose zeroing gives the lowest
     objective over all channels, found by a full forward per channel, by the full scan, or by
-    the bounded argmin."""
-    on = torch.ones(space.total, dtype=torch.bool)
+    the bounded argmin (its whole result)."""
     pool = torch.arange(space.total)
 
-    def rows(t):
-        return objective.inputs(t[None]), objective.ids(t[None])
-
-    def full(t, scan):
-        x, ids = rows(t)
-        values = scan(model, x, lambda lg: objective(lg, t.expand(len(lg)))[0], sites=space,
-                      candidates=pool, ids=ids)
-        return int((values if torch.is_tensor(values) else values.values).argmin())
+    def argmin(values):
+        return lambda t: int(values(model, objective.inputs(t[None]),
+                                    lambda lg: objective(lg, t.expand(len(lg)))[0], sites=space,
+                                    candidates=pool, ids=objective.ids(t[None])).argmin())
 
     def bounded(t):
-        x, ids = rows(t)
-        return bounded_argmin(model, objective, t, x, ids, space=space, base_mask=on,
+        return bounded_argmin(model, objective, t, objective.inputs(t[None]),
+                              objective.ids(t[None]), space=space,
+                              base_mask=torch.ones(space.total, dtype=torch.bool),
                               candidates=pool)
 
-    return {"naive_loop": lambda t: full(t, naive_ablation_scan),
-            "full_scan": lambda t: full(t, ablation_scan),
-            "bounded": lambda t: bounded(t).channel}, bounded
+    return {"naive_loop": argmin(naive_ablation_scan),
+            "full_scan": argmin(lambda *a, **k: ablation_scan(*a, **k).values),
+            "bounded": bounded}
 
 
 @pytest.fixture(scope="module")
@@ -383,10 +378,11 @@ def exhaustive_case(digits_run):
     each, and the bounded argmin's evaluated counts are kept for the record."""
     model, data, space, objective, _ = digits_run
     targets = select_examples(data, "noisy", limit=EXHAUSTIVE_TARGETS)
-    peers, bounded = _step_peers(model, objective, space)
+    peers = _step_peers(model, objective, space)
     with torch.no_grad():
         picks = {name: [fn(t) for t in targets] for name, fn in peers.items()}
-        evaluated = [bounded(t).evaluated for t in targets]
+    evaluated = [r.evaluated for r in picks["bounded"]]
+    picks["bounded"] = [r.channel for r in picks["bounded"]]
     assert picks["naive_loop"] == picks["full_scan"] == picks["bounded"], picks
     # The 30-epoch run fits its references (measured: 4 to 10 of 480 scanned with them); the
     # quick run's 3 epochs do not, and there every channel is scanned (its cost: the bound's).

@@ -65,8 +65,11 @@ def bounded_argmin(model: nn.Module, objective: LocalizationObjective, target: t
         return objective.target_terms(lg[:, :own], target.expand(len(lg)))[0]
 
     def whole(lg: torch.Tensor) -> torch.Tensor:
-        losses.append(objective.ref_losses(lg[:, own:]).double().mean(0))
         return objective(lg, target.expand(len(lg)))[0]
+
+    def whole_recorded(lg: torch.Tensor) -> torch.Tensor:  # the first round only
+        losses.append(objective.ref_losses(lg[:, own:]).double().mean(0))
+        return whole(lg)
 
     def scanned(fn, rows: torch.Tensor | None, chosen: torch.Tensor) -> torch.Tensor:
         xs, ids_ = (x, ids) if rows is None else (x[rows], ids[rows])
@@ -80,7 +83,7 @@ def bounded_argmin(model: nn.Module, objective: LocalizationObjective, target: t
     bound = scanned(part, torch.arange(own), everything)
     order = torch.argsort(bound, stable=True)
     values = torch.full((len(candidates),), float("inf"), dtype=torch.float64)
-    values[order[:FIRST_ROUND]] = scanned(whole, None, order[:FIRST_ROUND])
+    values[order[:FIRST_ROUND]] = scanned(whole_recorded, None, order[:FIRST_ROUND])
     best = float(values.min())
     left_in = kept(order[FIRST_ROUND:], bound[order[FIRST_ROUND:]], best)
     heavy_scanned = 0

@@ -2,10 +2,10 @@
 
 At each step the channel whose zeroing gives the lowest true objective is zeroed: exactly the
 argmin of :func:`memkern.experiments.localize.scan.ablation_scan` over the candidates, found by
-:func:`memkern.experiments.localize.exact_argmin.bounded_argmin` (a scan of the target's own
-rows bounds every candidate; only those the bound cannot rule out are scanned with the
-references). Candidates: every channel still on, or the top K by the
-greedy gradient score. Targets run one after another; the batching is over candidates.
+:func:`memkern.experiments.localize.exact_argmin.bounded_argmin` (scans of the target's own
+rows, then of the heaviest references, bound every candidate; only those the bounds cannot
+rule out are scanned with every reference). Candidates: every channel still on, or the top K
+by the greedy gradient score. Targets run one after another; the batching is over candidates.
 """
 from __future__ import annotations
 
